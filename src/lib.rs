@@ -1,0 +1,34 @@
+//! secureforms: secure forms for live chat. An agent sends a form, the visitor fills it in an
+//! accessible page, the answers are tokenized into a vault only the sending agent can open, while the
+//! conversation is live. Kafka is the system of record; everything here is a projection of it.
+//!
+//! # Layout
+//!
+//! - [`domain`]: the pure core (form issuing, one-time keys, PCI policy, templates). No I/O.
+//! - [`events`]: the Avro event contract (`schemas/`) and its single-object codec.
+//! - [`topics`]: topics as code (`topics/`), and the pure drift check.
+//! - [`config`]: settings and the sites catalogue (file, `SECUREFORMS_*` env, flags).
+//! - [`crypto`]: the key hierarchy (master key, per-site per-period data keys) and AES-SIV sealing.
+//! - [`vault`]: sealing at the edge, vault records, off-the-record memory, detokenizing.
+//! - [`store`]: the sled database: projections, vault, consumed offsets and outbox in atomic batches.
+//! - [`kafka`]: producer, admin, and the consumer runtime that gives handlers exactly-once effects.
+//! - [`handlers`]: event handlers on that runtime, one per file (issuer, keys, tokenizer, retrieval).
+//! - [`broker`]: the embedded default broker process for a single machine.
+//! - [`service`]: wires it all for `secureforms serve`.
+//! - [`cli`]: the `secureforms` commands; `src/main.rs` only calls [`cli::main`].
+//!
+//! docs/ARCHITECTURE.md shows how the parts run as tasks and where backpressure lives.
+
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod crypto;
+pub mod domain;
+pub mod events;
+pub mod handlers;
+pub mod kafka;
+pub mod logging;
+pub mod service;
+pub mod store;
+pub mod topics;
+pub mod vault;
