@@ -1,0 +1,226 @@
+//! Topics as code: each file in `topics/` declares one topic. The specs are compiled into the binary;
+//! `secureforms topics apply` creates what is missing and reports drift, `topics list` shows them.
+//! The comparison is pure ([`plan`]); talking to the broker is in `kafka::admin`.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// The topics the service knows. The full name is `<prefix><suffix>` (prefix from configuration,
+/// `secureforms.` by default) so several deployments or test runs can share one cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Topic {
+    ChatEvents,
+    FormLinks,
+    Submissions,
+    AgentEvents,
+    Templates,
+    Keys,
+    DeadLetters,
+}
+
+impl Topic {
+    pub const ALL: &'static [Topic] = &[
+        Topic::ChatEvents,
+        Topic::FormLinks,
+        Topic::Submissions,
+        Topic::AgentEvents,
+        Topic::Templates,
+        Topic::Keys,
+        Topic::DeadLetters,
+    ];
+
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Topic::ChatEvents => "chat-events",
+            Topic::FormLinks => "form-links",
+            Topic::Submissions => "submissions",
+            Topic::AgentEvents => "agent-events",
+            Topic::Templates => "templates",
+            Topic::Keys => "keys",
+            Topic::DeadLetters => "dead-letters",
+        }
+    }
+
+    fn source(self) -> &'static str {
+        match self {
+            Topic::ChatEvents => include_str!("../topics/chat-events.toml"),
+            Topic::FormLinks => include_str!("../topics/form-links.toml"),
+            Topic::Submissions => include_str!("../topics/submissions.toml"),
+            Topic::AgentEvents => include_str!("../topics/agent-events.toml"),
+            Topic::Templates => include_str!("../topics/templates.toml"),
+            Topic::Keys => include_str!("../topics/keys.toml"),
+            Topic::DeadLetters => include_str!("../topics/dead-letters.toml"),
+        }
+    }
+
+    /// The declared spec. The files are compiled in and checked by the unit tests.
+    pub fn spec(self) -> TopicSpec {
+        let spec: TopicSpec = toml::from_str(self.source()).expect("topic spec parses (checked by unit tests)");
+        debug_assert_eq!(spec.name, self.suffix());
+        spec
+    }
+
+    pub fn from_suffix(s: &str) -> Option<Topic> {
+        Topic::ALL.iter().copied().find(|t| t.suffix() == s)
+    }
+}
+
+/// Topic names resolved with a prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicNames {
+    prefix: String,
+}
+
+impl TopicNames {
+    pub fn new(prefix: impl Into<String>) -> TopicNames {
+        TopicNames { prefix: prefix.into() }
+    }
+
+    pub fn name(&self, topic: Topic) -> String {
+        format!("{}{}", self.prefix, topic.suffix())
+    }
+
+    /// The topic a full name refers to, if it is one of ours.
+    pub fn parse(&self, full: &str) -> Option<Topic> {
+        full.strip_prefix(&self.prefix).and_then(Topic::from_suffix)
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicSpec {
+    pub name: String,
+    pub partitions: i32,
+    pub cleanup_policy: String,
+    pub retention_ms: i64,
+    pub key: String,
+    #[serde(default)]
+    pub producers: Vec<String>,
+    #[serde(default)]
+    pub consumers: Vec<String>,
+    /// Further topic configs, passed to the broker as they are.
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+}
+
+impl TopicSpec {
+    /// The broker-level configs this spec asks for.
+    pub fn configs(&self) -> BTreeMap<String, String> {
+        let mut c = self.config.clone();
+        c.insert("cleanup.policy".into(), self.cleanup_policy.clone());
+        c.insert("retention.ms".into(), self.retention_ms.to_string());
+        c
+    }
+}
+
+/// What the broker says a topic looks like.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObservedTopic {
+    pub partitions: i32,
+    /// `None` when the broker could not describe the configs.
+    pub configs: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopicAction {
+    Create { name: String, spec: TopicSpec },
+    UpToDate { name: String },
+    Drift { name: String, differences: Vec<String> },
+}
+
+/// Compares the declared topics with what the broker has. Drift is reported, never "fixed" by
+/// deleting data: partition counts and configs are changed by ops on purpose.
+pub fn plan(names: &TopicNames, observed: &BTreeMap<String, ObservedTopic>) -> Vec<TopicAction> {
+    Topic::ALL
+        .iter()
+        .map(|&t| {
+            let name = names.name(t);
+            let spec = t.spec();
+            match observed.get(&name) {
+                None => TopicAction::Create { name, spec },
+                Some(o) => {
+                    let mut differences = Vec::new();
+                    if o.partitions != spec.partitions {
+                        differences.push(format!("partitions: declared {}, broker has {}", spec.partitions, o.partitions));
+                    }
+                    match &o.configs {
+                        Some(configs) => {
+                            for (k, v) in spec.configs() {
+                                match configs.get(&k) {
+                                    Some(actual) if *actual == v => {}
+                                    Some(actual) => differences.push(format!("{k}: declared {v}, broker has {actual}")),
+                                    None => differences.push(format!("{k}: declared {v}, broker does not report it")),
+                                }
+                            }
+                        }
+                        None => differences.push("configs: broker did not describe them".into()),
+                    }
+                    if differences.is_empty() { TopicAction::UpToDate { name } } else { TopicAction::Drift { name, differences } }
+                }
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn observed_as_declared(names: &TopicNames) -> BTreeMap<String, ObservedTopic> {
+        Topic::ALL
+            .iter()
+            .map(|&t| (names.name(t), ObservedTopic { partitions: t.spec().partitions, configs: Some(t.spec().configs()) }))
+            .collect()
+    }
+
+    #[test]
+    fn every_spec_parses_and_names_its_file() {
+        for &t in Topic::ALL {
+            let spec = t.spec();
+            assert_eq!(spec.name, t.suffix());
+            assert!(spec.partitions >= 1, "{} has no partitions", spec.name);
+            assert!(["delete", "compact"].contains(&spec.cleanup_policy.as_str()));
+        }
+    }
+
+    #[test]
+    fn missing_topics_are_created_present_ones_are_left_alone() {
+        let names = TopicNames::new("t.");
+        let mut observed = observed_as_declared(&names);
+        observed.remove("t.keys");
+        let actions = plan(&names, &observed);
+        let creates: Vec<_> = actions.iter().filter_map(|a| if let TopicAction::Create { name, .. } = a { Some(name.as_str()) } else { None }).collect();
+        assert_eq!(creates, vec!["t.keys"]);
+        assert_eq!(actions.iter().filter(|a| matches!(a, TopicAction::UpToDate { .. })).count(), Topic::ALL.len() - 1);
+    }
+
+    #[test]
+    fn drift_in_partitions_and_configs_is_reported() {
+        let names = TopicNames::new("");
+        let mut observed = observed_as_declared(&names);
+        let chat = observed.get_mut("chat-events").unwrap();
+        chat.partitions = 3;
+        chat.configs.as_mut().unwrap().insert("retention.ms".into(), "1000".into());
+        let drift = plan(&names, &observed)
+            .into_iter()
+            .find_map(|a| if let TopicAction::Drift { name, differences } = a { Some((name, differences)) } else { None })
+            .expect("drift reported");
+        assert_eq!(drift.0, "chat-events");
+        assert_eq!(drift.1.len(), 2, "{:?}", drift.1);
+        assert!(drift.1[0].contains("partitions: declared 6, broker has 3"));
+    }
+
+    #[test]
+    fn names_round_trip_through_the_prefix() {
+        let names = TopicNames::new("acme.");
+        for &t in Topic::ALL {
+            assert_eq!(names.parse(&names.name(t)), Some(t));
+        }
+        assert_eq!(names.parse("other.keys"), None);
+    }
+}
