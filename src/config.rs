@@ -1,0 +1,316 @@
+//! Configuration: service settings and the sites catalogue (sites, their PCI account policy, agent
+//! profiles and form templates), from one optional TOML file, `SECUREFORMS_*` environment variables
+//! and command-line flags, in that order of precedence (flags win). `config/secureforms.example.toml`
+//! documents every key.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::domain::template::{Template, TemplateError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path} does not exist; pass an existing file with --config or unset SECUREFORMS_CONFIG")]
+    MissingFile { path: PathBuf },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    #[error("site {site:?}: {message}")]
+    Site { site: String, message: String },
+    #[error("site {site:?}, template {template:?}: {source}")]
+    Template {
+        site: String,
+        template: String,
+        #[source]
+        source: TemplateError,
+    },
+}
+
+/// Service settings. Every key can be set in the file, as `SECUREFORMS_<KEY>` (upper case), or by
+/// the flag of the same name.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Kafka bootstrap servers (`host:port,...`). Empty: use the embedded broker.
+    pub brokers: Option<String>,
+    /// Where the vault, projections and the embedded broker keep their data.
+    pub data_dir: PathBuf,
+    /// Prefix of every topic name.
+    pub topic_prefix: String,
+    /// Prefix of every consumer group id.
+    pub group_prefix: String,
+    /// This node's name (appears in FormSubmitted.off_record_node).
+    pub node_id: String,
+    /// Base URL of the visitor gateway, used to build form links.
+    pub public_url: String,
+    /// Replication factor for topics created by `topics apply` (3 in production).
+    pub replication_factor: i32,
+    /// Path of the broker binary for the embedded default (found on PATH or in ~/.cargo/bin if unset).
+    pub broker_bin: Option<PathBuf>,
+    /// Port of the embedded broker; 0 picks a free one.
+    pub embedded_broker_port: u16,
+    /// `text` or `json`.
+    pub log_format: String,
+    /// File holding the master key (base64). `SECUREFORMS_MASTER_KEY` takes precedence.
+    pub master_key_file: Option<PathBuf>,
+    /// Sites, keyed by site id.
+    #[serde(default)]
+    pub sites: BTreeMap<String, SiteConfig>,
+}
+
+/// The keys of [`Settings`] that may come from `SECUREFORMS_<KEY>` variables.
+const SETTING_KEYS: &[&str] = &[
+    "brokers",
+    "data_dir",
+    "topic_prefix",
+    "group_prefix",
+    "node_id",
+    "public_url",
+    "replication_factor",
+    "broker_bin",
+    "embedded_broker_port",
+    "log_format",
+    "master_key_file",
+];
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            brokers: None,
+            data_dir: PathBuf::from("secureforms-data"),
+            topic_prefix: "secureforms.".into(),
+            group_prefix: "secureforms".into(),
+            node_id: "node-1".into(),
+            public_url: "http://127.0.0.1:8080".into(),
+            replication_factor: 1,
+            broker_bin: None,
+            embedded_broker_port: 0,
+            log_format: "text".into(),
+            master_key_file: None,
+            sites: BTreeMap::new(),
+        }
+    }
+}
+
+/// One site (a brand's account).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SiteConfig {
+    /// Secure forms are switched on for this site.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Origins allowed to frame the form (the chat window).
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+    /// How many times a visitor may open a form before submitting it.
+    #[serde(default = "defaults::reopen_limit")]
+    pub reopen_limit: i32,
+    #[serde(default = "defaults::open_key_ttl_secs")]
+    pub open_key_ttl_secs: u64,
+    #[serde(default = "defaults::submit_key_ttl_secs")]
+    pub submit_key_ttl_secs: u64,
+    #[serde(default = "defaults::retrieve_key_ttl_secs")]
+    pub retrieve_key_ttl_secs: u64,
+    #[serde(default = "defaults::off_record_ttl_secs")]
+    pub off_record_ttl_secs: u64,
+    #[serde(default = "defaults::retention_months")]
+    pub retention_months: u32,
+    /// The account's login policy; must meet the PCI settings for forms to be sent.
+    pub pci_policy: Option<PciPolicy>,
+    /// Agent permission profiles. `agent` (may use secure forms) and `agent_manager` exist unless
+    /// redefined here.
+    #[serde(default)]
+    pub profiles: BTreeMap<String, Profile>,
+    #[serde(default)]
+    pub templates: Vec<Template>,
+}
+
+mod defaults {
+    pub fn reopen_limit() -> i32 {
+        3
+    }
+    pub fn open_key_ttl_secs() -> u64 {
+        300
+    }
+    pub fn submit_key_ttl_secs() -> u64 {
+        1800
+    }
+    pub fn retrieve_key_ttl_secs() -> u64 {
+        60
+    }
+    pub fn off_record_ttl_secs() -> u64 {
+        300
+    }
+    pub fn retention_months() -> u32 {
+        13
+    }
+}
+
+/// The account settings the seed requires before secure forms may be used.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PciPolicy {
+    pub min_password_length: u32,
+    pub failed_logins_before_disable: u32,
+    /// `logout` is the only compliant value.
+    pub idle_operator_action: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    /// "Use secure form within a conversation".
+    #[serde(default)]
+    pub use_secure_form: bool,
+    /// "View secure form responses in conversation history" (off by default).
+    #[serde(default)]
+    pub view_secure_form_responses_in_history: bool,
+}
+
+impl SiteConfig {
+    /// The profile named `name`, with the built-in defaults for `agent` and `agent_manager`.
+    pub fn profile(&self, name: &str) -> Option<Profile> {
+        if let Some(p) = self.profiles.get(name) {
+            return Some(p.clone());
+        }
+        match name {
+            "agent" => Some(Profile { use_secure_form: true, view_secure_form_responses_in_history: false }),
+            "agent_manager" => Some(Profile::default()),
+            _ => None,
+        }
+    }
+
+    pub fn template(&self, id: &str) -> Option<&Template> {
+        self.templates.iter().find(|t| t.id == id)
+    }
+}
+
+impl Settings {
+    /// Loads settings: defaults, then the file (if any), then `SECUREFORMS_*` variables, then
+    /// `overrides` (the flags that were given). Validates the sites catalogue.
+    pub fn load(file: Option<&Path>, overrides: &impl Serialize) -> Result<Settings, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::MissingFile { path: path.to_path_buf() });
+            }
+            fig = fig.merge(Toml::file(path));
+        }
+        // SECUREFORMS_CONFIG names the file itself and is not a setting.
+        // Only the variables that name a setting: others (SECUREFORMS_CONFIG, SECUREFORMS_MASTER_KEY,
+        // ...) belong to other parts of the program.
+        let env = Env::prefixed("SECUREFORMS_").filter(|k| SETTING_KEYS.iter().any(|s| k == *s));
+        fig = fig.merge(env).merge(Serialized::defaults(overrides));
+        let settings: Settings = fig.extract().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.topic_prefix.chars().any(|c| !(c.is_ascii_alphanumeric() || "._-".contains(c))) {
+            return Err(ConfigError::Invalid(format!(
+                "topic_prefix {:?} may only hold letters, digits, '.', '_' and '-'",
+                self.topic_prefix
+            )));
+        }
+        if !["text", "json"].contains(&self.log_format.as_str()) {
+            return Err(ConfigError::Invalid(format!("log_format must be text or json, not {:?}", self.log_format)));
+        }
+        url::Url::parse(&self.public_url)
+            .map_err(|e| ConfigError::Invalid(format!("public_url {:?} is not a URL ({e})", self.public_url)))?;
+        for (site, cfg) in &self.sites {
+            let bad = |message: String| ConfigError::Site { site: site.clone(), message };
+            if site.is_empty() || site.chars().any(|c| !(c.is_ascii_alphanumeric() || "_-".contains(c))) {
+                return Err(bad("site ids may only hold letters, digits, '_' and '-'".into()));
+            }
+            if cfg.reopen_limit < 1 {
+                return Err(bad("reopen_limit must be at least 1 (1 = open once)".into()));
+            }
+            for (name, v) in [
+                ("open_key_ttl_secs", cfg.open_key_ttl_secs),
+                ("submit_key_ttl_secs", cfg.submit_key_ttl_secs),
+                ("retrieve_key_ttl_secs", cfg.retrieve_key_ttl_secs),
+                ("off_record_ttl_secs", cfg.off_record_ttl_secs),
+            ] {
+                if v == 0 || v > 86_400 {
+                    return Err(bad(format!("{name} must be between 1 and 86400 seconds, not {v}")));
+                }
+            }
+            if cfg.retention_months == 0 || cfg.retention_months > 120 {
+                return Err(bad(format!("retention_months must be between 1 and 120, not {}", cfg.retention_months)));
+            }
+            let mut seen = std::collections::BTreeSet::new();
+            for t in &cfg.templates {
+                if !seen.insert(t.id.as_str()) {
+                    return Err(bad(format!("template id {:?} is defined twice", t.id)));
+                }
+                t.validate().map_err(|source| ConfigError::Template { site: site.clone(), template: t.id.clone(), source })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &tempfile::TempDir, text: &str) -> PathBuf {
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn example_config_loads() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/secureforms.example.toml");
+        let s = Settings::load(Some(&p), &serde_json::json!({})).expect("example config is valid");
+        let site = s.sites.get("acme").expect("example defines acme");
+        assert!(site.enabled);
+        assert!(site.profile("agent").unwrap().use_secure_form);
+        assert!(!site.profile("agent_manager").unwrap().view_secure_form_responses_in_history);
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(&dir, "node_id = \"from-file\"\ntopic_prefix = \"f.\"\n");
+        let s = Settings::load(Some(&p), &serde_json::json!({"node_id": "from-flag"})).unwrap();
+        assert_eq!(s.node_id, "from-flag");
+        assert_eq!(s.topic_prefix, "f.");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused_with_the_key_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(&dir, "nod_id = \"x\"\n");
+        let e = Settings::load(Some(&p), &serde_json::json!({})).unwrap_err().to_string();
+        assert!(e.contains("nod_id"), "{e}");
+
+        let p = write(&dir, "[sites.acme]\nenabled = true\nreopen_limit = 0\n");
+        let e = Settings::load(Some(&p), &serde_json::json!({})).unwrap_err().to_string();
+        assert!(e.contains("acme") && e.contains("reopen_limit"), "{e}");
+    }
+
+    #[test]
+    fn environment_variables_set_settings_and_flags_beat_them() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("SECUREFORMS_GROUP_PREFIX", "from-env");
+            jail.set_env("SECUREFORMS_NODE_ID", "env-node");
+            jail.set_env("SECUREFORMS_MASTER_KEY", "not a setting, ignored here");
+            let s = Settings::load(None, &serde_json::json!({"node_id": "flag-node"})).map_err(|e| e.to_string())?;
+            assert_eq!(s.group_prefix, "from-env");
+            assert_eq!(s.node_id, "flag-node");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_missing_file_says_so() {
+        let e = Settings::load(Some(Path::new("/nonexistent/sf.toml")), &serde_json::json!({})).unwrap_err();
+        assert!(matches!(e, ConfigError::MissingFile { .. }));
+    }
+}
