@@ -1,0 +1,87 @@
+//! Topic administration: what the broker has, and `topics apply`.
+
+use std::collections::BTreeMap;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::types::RDKafkaErrorCode;
+
+use super::{ADMIN_TIMEOUT, KafkaError, KafkaSettings};
+use crate::topics::{ObservedTopic, TopicAction, TopicNames, plan};
+
+pub struct Admin {
+    client: AdminClient<DefaultClientContext>,
+    settings: KafkaSettings,
+}
+
+impl Admin {
+    pub fn new(settings: &KafkaSettings) -> Result<Admin, KafkaError> {
+        let client = settings.client_config().create().map_err(|e| settings.client_error(e))?;
+        Ok(Admin { client, settings: settings.clone() })
+    }
+
+    /// Every topic the broker has, with partition counts.
+    pub async fn topic_partitions(&self) -> Result<BTreeMap<String, i32>, KafkaError> {
+        let client = self.client.inner();
+        let md = tokio::task::block_in_place(|| client.fetch_metadata(None, ADMIN_TIMEOUT))
+            .map_err(|e| self.settings.client_error(e))?;
+        Ok(md.topics().iter().map(|t| (t.name().to_string(), t.partitions().len() as i32)).collect())
+    }
+
+    /// Our topics as the broker has them, configs included where the broker describes them.
+    pub async fn observe(&self, names: &TopicNames) -> Result<BTreeMap<String, ObservedTopic>, KafkaError> {
+        let partitions = self.topic_partitions().await?;
+        let mut out = BTreeMap::new();
+        for (name, count) in partitions {
+            if names.parse(&name).is_none() {
+                continue;
+            }
+            let spec = [ResourceSpecifier::Topic(&name)];
+            let configs = match self.client.describe_configs(&spec, &AdminOptions::new().request_timeout(Some(ADMIN_TIMEOUT))).await {
+                Ok(results) => results.into_iter().next().and_then(|r| r.ok()).map(|res| {
+                    res.entries.into_iter().filter_map(|e| e.value.map(|v| (e.name, v))).collect::<BTreeMap<_, _>>()
+                }),
+                Err(error) => {
+                    tracing::warn!(%error, topic = %name, "broker did not describe topic configs; drift in configs is not checked");
+                    None
+                }
+            };
+            out.insert(name, ObservedTopic { partitions: count, configs });
+        }
+        Ok(out)
+    }
+
+    /// Creates missing topics and reports drift. Idempotent; a topic another node created meanwhile
+    /// counts as present.
+    pub async fn apply(&self, replication_factor: i32) -> Result<Vec<TopicAction>, KafkaError> {
+        let names = &self.settings.names;
+        let actions = plan(names, &self.observe(names).await?);
+        let creates: Vec<_> = actions
+            .iter()
+            .filter_map(|a| if let TopicAction::Create { name, spec } = a { Some((name.clone(), spec.configs(), spec.partitions)) } else { None })
+            .collect();
+        if !creates.is_empty() {
+            let new_topics: Vec<NewTopic<'_>> = creates
+                .iter()
+                .map(|(name, configs, partitions)| {
+                    configs.iter().fold(
+                        NewTopic::new(name, *partitions, TopicReplication::Fixed(replication_factor)),
+                        |t, (k, v)| t.set(k, v),
+                    )
+                })
+                .collect();
+            let results = self
+                .client
+                .create_topics(&new_topics, &AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT)))
+                .await
+                .map_err(|e| self.settings.client_error(e))?;
+            for r in results {
+                match r {
+                    Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((topic, code)) => return Err(KafkaError::Topic { topic, message: format!("create failed: {code}") }),
+                }
+            }
+        }
+        Ok(actions)
+    }
+}

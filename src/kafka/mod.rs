@@ -1,0 +1,65 @@
+//! Kafka adapters: client configuration, the idempotent event producer, topic administration and the
+//! consumer runtime that gives handlers exactly-once effects.
+
+pub mod admin;
+pub mod producer;
+pub mod reader;
+pub mod runtime;
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+
+pub use producer::EventProducer;
+pub use runtime::{ApplyError, Handler, RecordMeta};
+
+use crate::topics::TopicNames;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaError {
+    #[error("kafka client error: {0}; check the brokers ({1}) are reachable")]
+    Client(#[source] rdkafka::error::KafkaError, String),
+    #[error("could not deliver to {topic}: {source}")]
+    Delivery {
+        topic: String,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    #[error("cannot encode event: {0}")]
+    Codec(#[from] crate::events::CodecError),
+    #[error("topic {topic}: {message}")]
+    Topic { topic: String, message: String },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// Where the cluster is and how our topics are named.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    pub brokers: String,
+    pub names: TopicNames,
+    pub group_prefix: String,
+    pub client_id: String,
+}
+
+impl KafkaSettings {
+    pub fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("client.id", &self.client_id)
+            // librdkafka logs through our `log` bridge at warn and above only.
+            .set("log_level", "4");
+        c
+    }
+
+    pub fn group_id(&self, handler: &str) -> String {
+        format!("{}-{}", self.group_prefix, handler)
+    }
+
+    pub fn client_error(&self, e: rdkafka::error::KafkaError) -> KafkaError {
+        KafkaError::Client(e, self.brokers.clone())
+    }
+}
+
+/// How long admin and metadata calls may take.
+pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(15);

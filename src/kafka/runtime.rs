@@ -1,0 +1,468 @@
+//! The consumer runtime: runs one [`Handler`] over its topics with exactly-once effects (ADR 0004).
+//!
+//! Per batch of records:
+//! 1. each record is decoded and handed to the handler, which stages state writes in a [`Tx`] and
+//!    returns the events it causes; a record that cannot be decoded or applied becomes a DeadLetter;
+//! 2. the state, the outputs (in the outbox) and the next offset of every partition are committed
+//!    to sled in one atomic, flushed write;
+//! 3. the outbox is produced (idempotent producer, acks=all) and emptied;
+//! 4. offsets are committed to Kafka too, for lag monitoring only.
+//!
+//! sled's offsets are the truth: on assignment each partition starts at the offset sled holds (or at
+//! the beginning when this node has no state for it, which rebuilds the state by replay), and a
+//! record below it is skipped. While rebuilding, records below the group's offset committed in Kafka
+//! (committed only after their outputs were delivered) are applied with `replay` set and their
+//! outputs dropped, so a rebuild changes state but emits nothing already emitted. A crash anywhere re-runs at most the unfinished batch: its state was
+//! not committed, so nothing is applied twice, and outbox entries left from a committed batch are
+//! produced again at start with the same event ids (consumers dedupe on them).
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use futures::FutureExt;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::watch;
+
+use super::{EventProducer, KafkaError, KafkaSettings};
+use crate::events::{Codec, DeadLetter, Event, EventHeader, EventKind};
+use crate::store::{Store, StoreError, Tx, trees};
+use crate::topics::Topic;
+
+/// Where a record came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordMeta {
+    pub topic: Topic,
+    pub partition: i32,
+    pub offset: i64,
+    /// The record is being re-applied to rebuild state: its outputs were produced before and are
+    /// dropped this time.
+    pub replay: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The record can never be applied as it is: it goes to the dead-letter topic with this reason.
+    #[error("{0}")]
+    Unprocessable(String),
+    /// The node's storage failed: the batch is not committed and the runtime stops.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A consumer of events: pure apart from the staged writes it makes in `tx`.
+pub trait Handler: Send + 'static {
+    /// Names the consumer group (`<group_prefix>-<name>`) and the offsets in sled.
+    fn name(&self) -> &'static str;
+    fn topics(&self) -> Vec<Topic>;
+    /// Applies one event. Returns the events it causes, to be produced once the batch is durable.
+    /// `now_ms` is the processing time (injected so tests control it).
+    fn apply(&mut self, tx: &mut Tx<'_>, event: &Event, meta: &RecordMeta, now_ms: i64) -> Result<Vec<Event>, ApplyError>;
+}
+
+/// Most records taken into one batch.
+const MAX_BATCH: usize = 500;
+
+/// The clock the runtime hands to handlers.
+pub type Clock = std::sync::Arc<dyn Fn() -> i64 + Send + Sync>;
+
+pub fn system_clock() -> Clock {
+    std::sync::Arc::new(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    })
+}
+
+fn offset_key(group: &str, topic: &str, partition: i32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(group.len() + topic.len() + 6);
+    k.extend_from_slice(group.as_bytes());
+    k.push(0);
+    k.extend_from_slice(topic.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&partition.to_be_bytes());
+    k
+}
+
+fn read_offset(bytes: &[u8]) -> Option<i64> {
+    bytes.try_into().ok().map(i64::from_be_bytes)
+}
+
+/// The next offset this node will apply for a partition, if it has state for it.
+pub fn stored_offset(store: &Store, group: &str, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
+    Ok(store.tree(trees::OFFSETS)?.get(offset_key(group, topic, partition))?.and_then(|v| read_offset(&v)))
+}
+
+/// One event waiting in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEntry {
+    pub topic: Topic,
+    pub key: Vec<u8>,
+    pub payload: Vec<u8>,
+}
+
+impl OutboxEntry {
+    fn encode(&self) -> Vec<u8> {
+        let topic = self.topic.suffix().as_bytes();
+        let mut out = Vec::with_capacity(8 + topic.len() + self.key.len() + self.payload.len());
+        out.extend_from_slice(&(topic.len() as u32).to_be_bytes());
+        out.extend_from_slice(topic);
+        out.extend_from_slice(&(self.key.len() as u32).to_be_bytes());
+        out.extend_from_slice(&self.key);
+        out.extend_from_slice(&self.payload);
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<OutboxEntry> {
+        let take = |b: &[u8]| -> Option<(usize, usize)> {
+            let n = u32::from_be_bytes(b.get(..4)?.try_into().ok()?) as usize;
+            (b.len() >= 4 + n).then_some((4, 4 + n))
+        };
+        let (s, e) = take(bytes)?;
+        let topic = Topic::from_suffix(std::str::from_utf8(&bytes[s..e]).ok()?)?;
+        let rest = &bytes[e..];
+        let (s, e) = take(rest)?;
+        Some(OutboxEntry { topic, key: rest[s..e].to_vec(), payload: rest[e..].to_vec() })
+    }
+}
+
+/// Consumer context: assigns each partition at the offset sled holds.
+struct OffsetsFromStore {
+    store: Store,
+    group: String,
+}
+
+impl ClientContext for OffsetsFromStore {}
+
+impl ConsumerContext for OffsetsFromStore {
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let mut assigned = Vec::new();
+                for elem in tpl.elements() {
+                    let (topic, partition) = (elem.topic().to_string(), elem.partition());
+                    let offset = match stored_offset(&self.store, &self.group, &topic, partition) {
+                        Ok(Some(o)) => Offset::Offset(o),
+                        Ok(None) => Offset::Beginning,
+                        Err(error) => {
+                            tracing::error!(%error, topic, partition, "cannot read stored offset; starting the partition from the beginning (state is rebuilt by replay)");
+                            Offset::Beginning
+                        }
+                    };
+                    assigned.push((topic, partition, offset));
+                }
+                for (topic, partition, offset) in &assigned {
+                    if let Err(error) = tpl.set_partition_offset(topic, *partition, *offset) {
+                        tracing::error!(%error, topic, partition, "cannot set start offset");
+                    }
+                }
+                tracing::info!(group = %self.group, partitions = assigned.len(), "partitions assigned");
+                if let Err(error) = consumer.assign(tpl) {
+                    tracing::error!(%error, group = %self.group, "assign failed; the consumer will rejoin the group");
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                // The loop applies and commits a whole batch before it polls again, so nothing is in
+                // flight here: releasing is safe.
+                tracing::info!(group = %self.group, partitions = tpl.count(), "partitions revoked");
+                if let Err(error) = consumer.unassign() {
+                    tracing::error!(%error, group = %self.group, "unassign failed");
+                }
+            }
+            other => {
+                tracing::error!(code = ?other, group = %self.group, "rebalance error; releasing partitions");
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
+/// Runs a handler until `shutdown` turns true. Returns an error only for failures it cannot ride out
+/// (the node's storage failing); the caller stops the service and says so.
+pub async fn run<H: Handler>(
+    settings: KafkaSettings,
+    store: Store,
+    producer: EventProducer,
+    mut handler: H,
+    clock: Clock,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), KafkaError> {
+    let group = settings.group_id(handler.name());
+    // Outputs of batches committed before a crash go out before anything new is read.
+    drain_outbox(&store, &producer, &group).await?;
+
+    let consumer: StreamConsumer<OffsetsFromStore> = settings
+        .client_config()
+        .set("group.id", &group)
+        // Static membership: a restarted node takes its partitions back at once instead of waiting
+        // for its dead session to time out. Node ids must therefore be unique.
+        .set("group.instance.id", format!("{}-{}", settings.client_id, handler.name()))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "50")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .create_with_context(OffsetsFromStore { store: store.clone(), group: group.clone() })
+        .map_err(|e| settings.client_error(e))?;
+    let topic_names: Vec<String> = handler.topics().iter().map(|t| settings.names.name(*t)).collect();
+    let refs: Vec<&str> = topic_names.iter().map(String::as_str).collect();
+    consumer.subscribe(&refs).map_err(|e| settings.client_error(e))?;
+    tracing::info!(%group, topics = ?topic_names, "consumer started");
+
+    // Partition -> first offset whose outputs were not yet delivered (from Kafka's committed offsets).
+    let mut emitted: HashMap<(String, i32), i64> = HashMap::new();
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = shutdown.changed() => break,
+            m = consumer.recv() => m,
+        };
+        let mut batch = Vec::new();
+        match first {
+            Ok(m) => batch.push(m.detach()),
+            Err(error) => {
+                tracing::warn!(%error, %group, "consume error; retrying");
+                continue;
+            }
+        }
+        while batch.len() < MAX_BATCH {
+            match consumer.recv().now_or_never() {
+                Some(Ok(m)) => batch.push(m.detach()),
+                _ => break,
+            }
+        }
+        learn_emitted_offsets(&consumer, &batch, &mut emitted);
+        let committed = process_batch(&settings, &store, &mut handler, &group, &batch, &emitted, clock()).await?;
+        produce_outbox(&store, &producer, &committed, &mut shutdown).await?;
+        commit_to_kafka(&consumer, &batch, CommitMode::Async);
+    }
+
+    if let Ok(assignment) = consumer.assignment() {
+        // Final synchronous commit so lag reports are exact after a clean stop.
+        let mut tpl = TopicPartitionList::new();
+        for elem in assignment.elements() {
+            if let Ok(Some(o)) = stored_offset(&store, &group, elem.topic(), elem.partition()) {
+                let _ = tpl.add_partition_offset(elem.topic(), elem.partition(), Offset::Offset(o));
+            }
+        }
+        if tpl.count() > 0
+            && let Err(error) = consumer.commit(&tpl, CommitMode::Sync)
+        {
+            tracing::warn!(%error, %group, "final offset commit failed; sled holds the true offsets");
+        }
+    }
+    store.flush().await?;
+    tracing::info!(%group, "consumer stopped");
+    Ok(())
+}
+
+/// Looks up, once per partition, the offset the group committed in Kafka: everything below it had
+/// its outputs delivered already.
+fn learn_emitted_offsets(consumer: &StreamConsumer<OffsetsFromStore>, batch: &[OwnedMessage], emitted: &mut HashMap<(String, i32), i64>) {
+    let mut tpl = TopicPartitionList::new();
+    for m in batch {
+        let k = (m.topic().to_string(), m.partition());
+        if !emitted.contains_key(&k) && tpl.find_partition(m.topic(), m.partition()).is_none() {
+            tpl.add_partition(m.topic(), m.partition());
+        }
+    }
+    if tpl.count() == 0 {
+        return;
+    }
+    match tokio::task::block_in_place(|| consumer.committed_offsets(tpl.clone(), super::ADMIN_TIMEOUT)) {
+        Ok(committed) => {
+            for e in committed.elements() {
+                let o = if let Offset::Offset(o) = e.offset() { o } else { 0 };
+                emitted.insert((e.topic().to_string(), e.partition()), o);
+            }
+        }
+        Err(error) => {
+            // Without it, a rebuild may re-send outputs (same event ids; consumers dedupe them).
+            tracing::warn!(%error, "cannot read committed offsets; outputs of replayed records will be sent again");
+            for e in tpl.elements() {
+                emitted.insert((e.topic().to_string(), e.partition()), 0);
+            }
+        }
+    }
+}
+
+fn commit_to_kafka(consumer: &StreamConsumer<OffsetsFromStore>, batch: &[OwnedMessage], mode: CommitMode) {
+    let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    for m in batch {
+        let e = next.entry((m.topic().to_string(), m.partition())).or_insert(0);
+        *e = (*e).max(m.offset() + 1);
+    }
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), offset) in next {
+        let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(offset));
+    }
+    if let Err(error) = consumer.commit(&tpl, mode) {
+        tracing::debug!(%error, "offset commit to kafka failed; sled holds the true offsets");
+    }
+}
+
+/// Applies a batch and commits it to sled. Returns the outbox keys it wrote, in order.
+async fn process_batch<H: Handler>(
+    settings: &KafkaSettings,
+    store: &Store,
+    handler: &mut H,
+    group: &str,
+    batch: &[OwnedMessage],
+    emitted: &HashMap<(String, i32), i64>,
+    now_ms: i64,
+) -> Result<Vec<(Vec<u8>, OutboxEntry)>, KafkaError> {
+    let mut tx = store.begin();
+    let mut outbox = Vec::new();
+    for m in batch {
+        let okey = offset_key(group, m.topic(), m.partition());
+        let next = tx.get(trees::OFFSETS, &okey)?.and_then(|v| read_offset(&v)).unwrap_or(0);
+        if m.offset() < next {
+            tracing::debug!(topic = m.topic(), partition = m.partition(), offset = m.offset(), "already applied; skipped");
+            continue;
+        }
+        let outputs = match settings.names.parse(m.topic()) {
+            None => vec![dead_letter(m, group, "apply", format!("topic {} is not one this consumer knows", m.topic()))],
+            Some(topic) => {
+                let replay = emitted.get(&(m.topic().to_string(), m.partition())).is_some_and(|&e| m.offset() < e);
+                let meta = RecordMeta { topic, partition: m.partition(), offset: m.offset(), replay };
+                let outputs = apply_one(handler, &mut tx, m, &meta, group, now_ms)?;
+                if replay { Vec::new() } else { outputs }
+            }
+        };
+        for (i, event) in outputs.iter().enumerate() {
+            let payload = Codec::get().encode(event)?;
+            let entry = OutboxEntry { topic: event.kind().topic(), key: event.record_key().into_bytes(), payload };
+            let mut k = okey.clone();
+            k.extend_from_slice(&m.offset().to_be_bytes());
+            k.extend_from_slice(&(i as u32).to_be_bytes());
+            tx.insert(trees::OUTBOX, k.clone(), entry.encode());
+            outbox.push((k, entry));
+        }
+        tx.insert(trees::OFFSETS, okey, (m.offset() + 1).to_be_bytes().to_vec());
+    }
+    store.commit(tx).await?;
+    Ok(outbox)
+}
+
+fn apply_one<H: Handler>(
+    handler: &mut H,
+    tx: &mut Tx<'_>,
+    m: &OwnedMessage,
+    meta: &RecordMeta,
+    group: &str,
+    now_ms: i64,
+) -> Result<Vec<Event>, KafkaError> {
+    let Some(payload) = m.payload() else {
+        if meta.topic.spec().cleanup_policy == "compact" {
+            return Ok(vec![]); // a tombstone
+        }
+        return Ok(vec![dead_letter(m, group, "decode", "record has no value".into())]);
+    };
+    let event = match Codec::get().decode(payload) {
+        Ok(e) => e,
+        Err(error) => {
+            tracing::warn!(%error, topic = m.topic(), partition = m.partition(), offset = m.offset(), "undecodable record sent to the dead-letter topic; fix the producer, then re-drive it");
+            return Ok(vec![dead_letter(m, group, error.kind(), error.to_string())]);
+        }
+    };
+    match handler.apply(tx, &event, meta, now_ms) {
+        Ok(outputs) => Ok(outputs),
+        Err(ApplyError::Unprocessable(reason)) => {
+            tracing::warn!(%reason, event_type = event.kind().name(), topic = m.topic(), partition = m.partition(), offset = m.offset(), "record could not be applied and was sent to the dead-letter topic");
+            Ok(vec![dead_letter(m, group, "apply", reason)])
+        }
+        Err(ApplyError::Store(e)) => Err(e.into()),
+    }
+}
+
+/// The dead-letter record for a message. Its id is derived from where the message sits, so the same
+/// failure dead-letters once however often it is re-read.
+fn dead_letter(m: &OwnedMessage, group: &str, kind: &str, reason: String) -> Event {
+    let site = m.payload().and_then(|p| Codec::get().decode(p).ok()).map(|e| e.header().site_id.clone()).unwrap_or_default();
+    let key = m.key().map(|k| String::from_utf8_lossy(k).to_string()).unwrap_or_default();
+    let id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, format!("dlq/{group}/{}/{}/{}", m.topic(), m.partition(), m.offset()).as_bytes());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+    Event::DeadLetter(DeadLetter {
+        header: EventHeader::new(EventKind::DeadLetter, id, now, &site, &key, &format!("{}/{}/{}", m.topic(), m.partition(), m.offset())),
+        source_topic: m.topic().to_string(),
+        source_partition: m.partition(),
+        source_offset: m.offset(),
+        source_key: m.key().map(|k| k.to_vec()),
+        payload: m.payload().unwrap_or_default().to_vec(),
+        error_kind: kind.to_string(),
+        reason,
+        consumer_group: group.to_string(),
+        redrive_count: 0,
+    })
+}
+
+/// Produces committed outbox entries: all sent at once (the idempotent producer keeps their order
+/// per partition), then any that failed retried one by one until delivered or shut down.
+async fn produce_outbox(
+    store: &Store,
+    producer: &EventProducer,
+    entries: &[(Vec<u8>, OutboxEntry)],
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), KafkaError> {
+    let sends = entries.iter().map(|(_, e)| producer.send_raw(e.topic, &e.key, &e.payload));
+    let results = futures::future::join_all(sends).await;
+    for ((key, entry), result) in entries.iter().zip(results) {
+        let mut result = result.map(|_| ());
+        let mut backoff = Duration::from_millis(100);
+        while let Err(error) = result {
+            tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "outbox delivery failed; retrying (check the brokers)");
+            if *shutdown.borrow() {
+                // Left in the outbox; produced at next start.
+                return Ok(());
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            result = producer.send_raw(entry.topic, &entry.key, &entry.payload).await.map(|_| ());
+        }
+        store.remove_lazy(trees::OUTBOX, key)?;
+    }
+    Ok(())
+}
+
+/// Produces whatever a previous run committed but did not deliver.
+async fn drain_outbox(store: &Store, producer: &EventProducer, group: &str) -> Result<(), KafkaError> {
+    let mut prefix = group.as_bytes().to_vec();
+    prefix.push(0);
+    let tree = store.tree(trees::OUTBOX).map_err(KafkaError::Store)?;
+    let mut pending = Vec::new();
+    for row in tree.scan_prefix(&prefix) {
+        let (k, v) = row.map_err(StoreError::from)?;
+        match OutboxEntry::decode(&v) {
+            Some(e) => pending.push((k.to_vec(), e)),
+            None => {
+                return Err(StoreError::Corrupt { tree: trees::OUTBOX.into(), detail: "undecodable outbox entry".into() }.into());
+            }
+        }
+    }
+    if !pending.is_empty() {
+        tracing::info!(%group, entries = pending.len(), "re-sending outbox entries left by the previous run");
+        let (_tx, mut never) = watch::channel(false);
+        produce_outbox(store, producer, &pending, &mut never).await?;
+        store.flush().await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outbox_entries_round_trip() {
+        let e = OutboxEntry { topic: Topic::FormLinks, key: b"conv-1".to_vec(), payload: vec![0xC3, 1, 2, 3] };
+        assert_eq!(OutboxEntry::decode(&e.encode()), Some(e));
+        assert_eq!(OutboxEntry::decode(&[0, 0, 0, 9, b'x']), None);
+    }
+
+    #[test]
+    fn offset_keys_separate_groups_topics_and_partitions() {
+        assert_ne!(offset_key("g", "t", 1), offset_key("g", "t", 2));
+        assert_ne!(offset_key("g1", "t", 1), offset_key("g", "1t", 1));
+    }
+}
