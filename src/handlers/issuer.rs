@@ -1,0 +1,98 @@
+//! The issuer: consumes the chat bus's events and answers each FormSent with FormIssued or
+//! FormRejected (step 1 of the flow).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+
+use crate::config::SiteConfig;
+use crate::domain::issue::{IssueInput, decide};
+use crate::domain::otk::OtkSecret;
+use crate::events::Event;
+use crate::kafka::{ApplyError, Handler, RecordMeta};
+use crate::store::Tx;
+use crate::topics::Topic;
+
+/// `site \0 form` -> what the issuer decided, so a FormSent the chat bus sends twice is answered once.
+pub const FORMS_TREE: &str = "issuer.forms";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuedForm {
+    pub conversation_id: String,
+    pub agent_id: String,
+    pub outcome_event_id: String,
+    pub issued: bool,
+}
+
+pub struct Issuer {
+    sites: Arc<BTreeMap<String, SiteConfig>>,
+    public_url: String,
+    rng: StdRng,
+}
+
+impl Issuer {
+    pub fn new(sites: Arc<BTreeMap<String, SiteConfig>>, public_url: String) -> Issuer {
+        Issuer { sites, public_url, rng: StdRng::from_os_rng() }
+    }
+}
+
+pub fn form_key(site: &str, form: &str) -> Vec<u8> {
+    let mut k = site.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(form.as_bytes());
+    k
+}
+
+impl Handler for Issuer {
+    fn name(&self) -> &'static str {
+        "issuer"
+    }
+
+    fn topics(&self) -> Vec<Topic> {
+        vec![Topic::ChatEvents]
+    }
+
+    fn apply(&mut self, tx: &mut Tx<'_>, event: &Event, meta: &RecordMeta, now_ms: i64) -> Result<Vec<Event>, ApplyError> {
+        match event {
+            Event::FormSent(sent) => {
+                let key = form_key(&sent.header.site_id, &sent.form_id);
+                if let Some(prev) = tx.get_json::<IssuedForm>(FORMS_TREE, &key)? {
+                    tracing::info!(form_id = %sent.form_id, previous = %prev.outcome_event_id, "form already answered; duplicate FormSent ignored");
+                    return Ok(vec![]);
+                }
+                if sent.form_id.is_empty() || sent.header.conversation_id.is_empty() {
+                    return Err(ApplyError::Unprocessable("FormSent needs a form_id and a conversation_id".into()));
+                }
+                let open_key = OtkSecret::generate(&mut self.rng);
+                let outcome = decide(&self.sites, &IssueInput { sent, now_ms, open_key: &open_key, public_url: &self.public_url });
+                let issued = matches!(outcome, Event::FormIssued(_));
+                match &outcome {
+                    Event::FormRejected(r) => tracing::info!(form_id = %sent.form_id, site_id = %sent.header.site_id, reason = %r.reason, "form rejected"),
+                    _ => tracing::info!(form_id = %sent.form_id, site_id = %sent.header.site_id, "form issued"),
+                }
+                tx.insert_json(
+                    FORMS_TREE,
+                    key,
+                    &IssuedForm {
+                        conversation_id: sent.header.conversation_id.clone(),
+                        agent_id: sent.agent_id.clone(),
+                        outcome_event_id: outcome.header().event_id.clone(),
+                        issued,
+                    },
+                );
+                Ok(vec![outcome])
+            }
+            Event::ConversationTransferred(_) | Event::ConversationClosed(_) | Event::AgentSessionEnded(_) => Ok(vec![]),
+            other if other.kind().topic() != meta.topic => Err(ApplyError::Unprocessable(format!(
+                "{} does not belong on {}; it is produced to {}",
+                other.kind().name(),
+                meta.topic.suffix(),
+                other.kind().topic().suffix()
+            ))),
+            _ => Ok(vec![]),
+        }
+    }
+}
