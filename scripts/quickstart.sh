@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The whole flow on one machine with nothing else installed: installs the broker if missing, builds,
+# runs `secureforms serve` on the embedded default, plays the chat bus, and prints what comes out.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+scripts/install-broker.sh
+cargo build --locked
+sf="$CARGO_TARGET_DIR/debug/secureforms"
+
+data="secureforms-data/quickstart"
+rm -rf "$data"
+mkdir -p "$data"
+"$sf" serve --config config/demo.toml --data-dir "$data" >"$data/serve.log" 2>&1 &
+serve_pid=$!
+trap 'kill -TERM $serve_pid 2>/dev/null; wait $serve_pid 2>/dev/null' EXIT
+
+deadline=$((SECONDS + 90))
+until grep -q "service starting" "$data/serve.log"; do
+  if ! kill -0 "$serve_pid" 2>/dev/null || ((SECONDS > deadline)); then
+    echo "secureforms serve did not start; its log:" >&2
+    cat "$data/serve.log" >&2
+    exit 1
+  fi
+  sleep 0.2
+done
+echo "== secureforms serve is running on the embedded broker ($(cat "$data/broker.addr")), data in $data"
+
+run() { echo "\$ secureforms $*"; "$sf" --data-dir "$data" --config config/demo.toml "$@"; }
+
+echo
+echo "== the chat bus sends forms"
+run chatbus send-form --site acme --conversation conv-1 --agent agent-7 --template card-payment --form-id form-1
+run chatbus send-form --site acme --conversation conv-2 --agent agent-8 --profile trainee --template card-payment --form-id form-2
+run chatbus send-form --site weakco --conversation conv-3 --agent agent-9 --template card-payment --form-id form-3
+run chatbus raw --key conv-4 --text 'this is not an Avro record'
+
+echo
+echo "== what the service answered on form-links (FormIssued carries the visitor link)"
+run tail form-links --max 3 --idle-exit 30
+echo
+echo "== the bad record, kept with its reason on dead-letters"
+run tail dead-letters --max 1 --idle-exit 30
+echo
+echo "== done; stopping the service (its log: $data/serve.log)"

@@ -1,0 +1,178 @@
+//! Shared test harness: a real Kafka-protocol broker process, unique topic prefixes per test, and
+//! helpers to act as the chat bus and to read topics with a deadline (never a fixed sleep).
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use secureforms::config::Settings;
+use secureforms::events::{Codec, Event, EventHeader, EventKind, FormSent};
+use secureforms::kafka::{EventProducer, KafkaSettings};
+use secureforms::topics::{Topic, TopicNames};
+
+/// The broker for this test binary: `SF_TEST_BROKERS` if set (scripts/test.sh starts one), else a
+/// tansu process of our own, stopped when the test process exits.
+pub fn brokers() -> String {
+    static BROKER: OnceLock<(String, Option<Child>, Option<tempfile::TempDir>)> = OnceLock::new();
+    BROKER
+        .get_or_init(|| {
+            if let Ok(b) = std::env::var("SF_TEST_BROKERS") {
+                return (b, None, None);
+            }
+            let bin = secureforms::broker::find_binary(None).expect("tansu installed (scripts/install-broker.sh) or SF_TEST_BROKERS set");
+            let dir = tempfile::tempdir().unwrap();
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let addr = format!("127.0.0.1:{port}");
+            let child = spawn_tansu(&bin, dir.path(), &addr);
+            wait_for_port(&addr, Duration::from_secs(60));
+            (addr, Some(child), Some(dir))
+        })
+        .0
+        .clone()
+}
+
+pub fn spawn_tansu(bin: &Path, dir: &Path, addr: &str) -> Child {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(bin);
+    cmd.current_dir(dir)
+        .args(["broker", "--storage-engine", "sqlite://broker.db"])
+        .args(["--listener-url", &format!("tcp://{addr}"), "--advertised-listener-url", &format!("tcp://{addr}")])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: prctl is async-signal-safe; the broker stops when the test process does.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    cmd.spawn().expect("spawn tansu")
+}
+
+pub fn wait_for_port(addr: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "broker at {addr} not reachable within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A topic prefix no other test uses.
+pub fn unique_prefix(test: &str) -> String {
+    format!("t{}-{}.", &uuid::Uuid::new_v4().simple().to_string()[..8], test)
+}
+
+pub fn kafka(prefix: &str) -> KafkaSettings {
+    KafkaSettings { brokers: brokers(), names: TopicNames::new(prefix), group_prefix: prefix.trim_end_matches('.').to_string(), client_id: "test".into() }
+}
+
+/// Writes a fresh master key into `dir` (once) and returns its path.
+pub fn master_key_file(dir: &Path) -> PathBuf {
+    let path = dir.join("master.key");
+    if !path.exists() {
+        std::fs::write(&path, secureforms::crypto::MasterKey::generate_base64().as_bytes()).unwrap();
+    }
+    path
+}
+
+/// Settings for an in-process service on the test broker, with the example sites.
+pub fn settings(prefix: &str, data_dir: &Path) -> Settings {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/secureforms.example.toml");
+    let overrides = serde_json::json!({
+        "brokers": brokers(),
+        "topic_prefix": prefix,
+        "group_prefix": prefix.trim_end_matches('.'),
+        "data_dir": data_dir,
+        "public_url": "http://127.0.0.1:8080",
+        "master_key_file": master_key_file(data_dir),
+    });
+    Settings::load(Some(&example), &overrides).expect("example config loads")
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+pub fn form_sent(site: &str, conversation: &str, form: &str, agent: &str, profile: &str, template: &str) -> Event {
+    Event::FormSent(FormSent {
+        header: EventHeader::new(EventKind::FormSent, uuid::Uuid::new_v4(), now_ms(), site, conversation, form),
+        form_id: form.into(),
+        agent_id: agent.into(),
+        agent_profile: profile.into(),
+        template_id: template.into(),
+        visitor_ref: None,
+    })
+}
+
+pub async fn producer(prefix: &str) -> EventProducer {
+    EventProducer::new(&kafka(prefix)).unwrap()
+}
+
+/// Reads a topic from the beginning (no group) until `done` says so or the deadline passes.
+pub struct TopicReader {
+    consumer: StreamConsumer,
+    pub records: Vec<OwnedMessage>,
+}
+
+impl TopicReader {
+    pub async fn new(prefix: &str, topic: Topic) -> TopicReader {
+        let name = TopicNames::new(prefix).name(topic);
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "50")
+            .create()
+            .unwrap();
+        let partitions = topic.spec().partitions;
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(&name, p, Offset::Beginning).unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        TopicReader { consumer, records: Vec::new() }
+    }
+
+    /// Reads until `done(records)` or `timeout`; returns whether `done` was reached.
+    pub async fn read_until(&mut self, timeout: Duration, done: impl Fn(&[OwnedMessage]) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        while !done(&self.records) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            if let Ok(Ok(m)) = tokio::time::timeout(left.min(Duration::from_millis(500)), self.consumer.recv()).await {
+                self.records.push(m.detach());
+            }
+        }
+        true
+    }
+
+    pub fn events(&self) -> Vec<Event> {
+        self.records.iter().filter_map(|m| m.payload().and_then(|p| Codec::get().decode(p).ok())).collect()
+    }
+}
+
+pub fn count_of(records: &[OwnedMessage], kind: EventKind) -> usize {
+    records.iter().filter_map(|m| m.payload().and_then(|p| Codec::get().decode(p).ok())).filter(|e| e.kind() == kind).count()
+}
+
+/// Every event of a kind keyed by correlation id (the form id for form events).
+pub fn by_correlation(events: &[Event]) -> BTreeMap<String, Vec<Event>> {
+    let mut m: BTreeMap<String, Vec<Event>> = BTreeMap::new();
+    for e in events {
+        m.entry(e.header().correlation_id.clone()).or_default().push(e.clone());
+    }
+    m
+}
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_secureforms"))
+}
