@@ -1,0 +1,209 @@
+//! The key hierarchy (ADR 6). A master key (64 bytes, from `SECUREFORMS_MASTER_KEY` or a file, never
+//! logged) wraps data keys; each data key serves one site for one period (a calendar month, UTC) and
+//! carries an id `<site>.<period>.g<generation>`. Answers are sealed with AES-SIV under the data key,
+//! with associated data binding them to site, form, submission, field and key id, so a ciphertext
+//! moved anywhere else fails to open. Wrapped data keys live on the compacted keys topic (durable
+//! beyond one disk) and in the node's key ring; destroying one makes everything it sealed unreadable.
+
+pub mod keyring;
+
+use std::fmt;
+use std::path::Path;
+
+use aes_siv::KeyInit;
+use aes_siv::siv::Aes256Siv;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use sha2::{Digest, Sha256};
+use zeroize::{Zeroize, Zeroizing};
+
+pub use keyring::KeyRing;
+
+/// AES-256-SIV takes a 512-bit key (two 256-bit halves: MAC and CTR).
+pub const KEY_LEN: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error(
+        "no master key: set SECUREFORMS_MASTER_KEY to 64 random bytes in base64, or master_key_file to a file holding it; generate one with `secureforms keys generate-master`"
+    )]
+    MissingMaster,
+    #[error("the master key is malformed ({0}); it must be 64 bytes in standard base64 (88 characters); generate one with `secureforms keys generate-master`")]
+    MalformedMaster(String),
+    #[error("cannot read the master key file {path}: {source}")]
+    MasterFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("data key {0} cannot be unwrapped with master key {1}: wrong master key or a tampered record")]
+    Unwrap(String, String),
+    #[error("data key {0} is not known to this node")]
+    UnknownKey(String),
+    #[error("data key {0} was destroyed; data sealed with it is gone")]
+    Destroyed(String),
+    #[error("cannot seal: {0}")]
+    Seal(String),
+    #[error("ciphertext does not open under its key and associated data (moved, swapped or tampered)")]
+    Open,
+}
+
+/// Key material that is zeroized on drop and never printed.
+#[derive(Clone)]
+pub struct KeyMaterial(Zeroizing<[u8; KEY_LEN]>);
+
+impl fmt::Debug for KeyMaterial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeyMaterial(..)")
+    }
+}
+
+impl KeyMaterial {
+    pub fn random() -> KeyMaterial {
+        let mut k = Zeroizing::new([0u8; KEY_LEN]);
+        rand::TryRngCore::try_fill_bytes(&mut rand::rngs::OsRng, k.as_mut()).expect("the OS random source is available");
+        KeyMaterial(k)
+    }
+
+    fn from_slice(bytes: &[u8]) -> Option<KeyMaterial> {
+        let arr: [u8; KEY_LEN] = bytes.try_into().ok()?;
+        Some(KeyMaterial(Zeroizing::new(arr)))
+    }
+
+    fn cipher(&self) -> Aes256Siv {
+        Aes256Siv::new_from_slice(self.0.as_ref()).expect("64-byte key")
+    }
+
+    /// AES-SIV seal; `ad` components are bound to the ciphertext.
+    pub fn seal(&self, ad: &[&[u8]], plaintext: &[u8]) -> Result<Vec<u8>, KeyError> {
+        self.cipher().encrypt(ad, plaintext).map_err(|e| KeyError::Seal(e.to_string()))
+    }
+
+    pub fn open(&self, ad: &[&[u8]], ciphertext: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        self.cipher().decrypt(ad, ciphertext).map(Zeroizing::new).map_err(|_| KeyError::Open)
+    }
+}
+
+/// The root of the hierarchy. Its id is a fingerprint, so wrapped keys say which master wraps them.
+#[derive(Clone, Debug)]
+pub struct MasterKey {
+    id: String,
+    material: KeyMaterial,
+}
+
+const WRAP_TAG: &[u8] = b"secureforms-data-key-v1";
+
+impl MasterKey {
+    /// Parses base64 text (surrounding whitespace ignored).
+    pub fn from_base64(text: &str) -> Result<MasterKey, KeyError> {
+        let mut bytes = STANDARD.decode(text.trim()).map_err(|e| KeyError::MalformedMaster(format!("not base64: {e}")))?;
+        let material = KeyMaterial::from_slice(&bytes);
+        let len = bytes.len();
+        bytes.zeroize();
+        let material = material.ok_or_else(|| KeyError::MalformedMaster(format!("{len} bytes instead of {KEY_LEN}")))?;
+        let id = format!("mk-{}", &hex::encode(Sha256::digest([b"secureforms-master-id".as_slice(), material.0.as_ref()].concat()))[..12]);
+        Ok(MasterKey { id, material })
+    }
+
+    /// From `SECUREFORMS_MASTER_KEY`, else from `file`.
+    pub fn load(env_value: Option<&str>, file: Option<&Path>) -> Result<MasterKey, KeyError> {
+        if let Some(v) = env_value.filter(|v| !v.trim().is_empty()) {
+            return MasterKey::from_base64(v);
+        }
+        let path = file.ok_or(KeyError::MissingMaster)?;
+        let text = Zeroizing::new(
+            std::fs::read_to_string(path).map_err(|source| KeyError::MasterFile { path: path.display().to_string(), source })?,
+        );
+        MasterKey::from_base64(&text)
+    }
+
+    /// A new random master key, base64.
+    pub fn generate_base64() -> Zeroizing<String> {
+        Zeroizing::new(STANDARD.encode(KeyMaterial::random().0.as_ref()))
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn wrap(&self, key_id: &str, key: &KeyMaterial) -> Result<Vec<u8>, KeyError> {
+        self.material.seal(&[WRAP_TAG, key_id.as_bytes()], key.0.as_ref())
+    }
+
+    pub fn unwrap_key(&self, key_id: &str, wrapped: &[u8]) -> Result<KeyMaterial, KeyError> {
+        let plain = self.material.open(&[WRAP_TAG, key_id.as_bytes()], wrapped).map_err(|_| KeyError::Unwrap(key_id.into(), self.id.clone()))?;
+        KeyMaterial::from_slice(&plain).ok_or_else(|| KeyError::Unwrap(key_id.into(), self.id.clone()))
+    }
+}
+
+/// The calendar month (UTC) of an instant in ms: the period a data key serves, e.g. `2026-11`.
+pub fn period_of(ms: i64) -> String {
+    let dt = time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000)).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!("{:04}-{:02}", dt.year(), u8::from(dt.month()))
+}
+
+pub fn data_key_id(site: &str, period: &str, generation: i32) -> String {
+    format!("{site}.{period}.g{generation}")
+}
+
+/// Associated data for one sealed answer.
+pub fn answer_ad<'a>(site: &'a str, form: &'a str, submission: &'a str, field: &'a str, key_id: &'a str) -> [&'a [u8]; 6] {
+    [b"secureforms-answer-v1", site.as_bytes(), form.as_bytes(), submission.as_bytes(), field.as_bytes(), key_id.as_bytes()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn master() -> MasterKey {
+        MasterKey::from_base64(&MasterKey::generate_base64()).unwrap()
+    }
+
+    #[test]
+    fn sealing_is_deterministic_and_bound_to_its_associated_data() {
+        let k = KeyMaterial::random();
+        let ad = answer_ad("acme", "f1", "s1", "pan", "acme.2026-11.g1");
+        let a = k.seal(&ad, b"4111111111111111").unwrap();
+        assert_eq!(a, k.seal(&ad, b"4111111111111111").unwrap(), "AES-SIV is deterministic");
+        assert_eq!(k.open(&ad, &a).unwrap().as_slice(), b"4111111111111111");
+        for other in [
+            answer_ad("other", "f1", "s1", "pan", "acme.2026-11.g1"),
+            answer_ad("acme", "f2", "s1", "pan", "acme.2026-11.g1"),
+            answer_ad("acme", "f1", "s2", "pan", "acme.2026-11.g1"),
+            answer_ad("acme", "f1", "s1", "ssn", "acme.2026-11.g1"),
+            answer_ad("acme", "f1", "s1", "pan", "acme.2026-11.g2"),
+        ] {
+            assert!(matches!(k.open(&other, &a), Err(KeyError::Open)));
+        }
+        assert!(KeyMaterial::random().open(&ad, &a).is_err(), "another key cannot open it");
+    }
+
+    #[test]
+    fn data_keys_wrap_under_the_master_and_are_bound_to_their_id() {
+        let m = master();
+        let dk = KeyMaterial::random();
+        let w = m.wrap("acme.2026-11.g1", &dk).unwrap();
+        assert_eq!(m.unwrap_key("acme.2026-11.g1", &w).unwrap().0.as_ref(), dk.0.as_ref());
+        assert!(m.unwrap_key("acme.2026-12.g1", &w).is_err(), "a wrapped key cannot be relabelled");
+        assert!(master().unwrap_key("acme.2026-11.g1", &w).is_err(), "another master cannot unwrap it");
+    }
+
+    #[test]
+    fn master_key_errors_say_how_to_fix_them() {
+        assert!(matches!(MasterKey::load(None, None), Err(KeyError::MissingMaster)));
+        let e = MasterKey::from_base64("c2hvcnQ=").unwrap_err().to_string();
+        assert!(e.contains("5 bytes instead of 64") && e.contains("generate-master"), "{e}");
+        assert!(MasterKey::from_base64("not base64!").is_err());
+        let text = MasterKey::generate_base64();
+        let a = MasterKey::from_base64(&text).unwrap();
+        assert!(a.id().starts_with("mk-"));
+        assert!(!format!("{a:?}").contains(text.as_str()), "debug output never shows the key");
+    }
+
+    #[test]
+    fn periods_are_utc_months() {
+        assert_eq!(period_of(0), "1970-01");
+        assert_eq!(period_of(1_795_000_000_000), "2026-11");
+        assert_eq!(data_key_id("acme", "2026-11", 2), "acme.2026-11.g2");
+    }
+}

@@ -1,0 +1,167 @@
+//! Detokenizing (seed step 7, library side): a submission UUID and a retrieve key give the answers,
+//! or a typed refusal. The HTTP API and the visibility rules (who may ask) sit on top of this.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use dashmap::DashSet;
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::{KeyError, KeyRing, answer_ad};
+use crate::domain::otk::{OtkSecret, Purpose};
+use crate::store::{Store, StoreError};
+use crate::vault::offrecord::{OffRecord, OffRecordStore, Secret};
+use crate::vault::record::{VaultRecord, submission_key};
+use crate::vault::trees;
+
+/// Why a retrieval was refused. The codes go into FormRetrieved and HTTP responses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("no such submission")]
+    UnknownSubmission,
+    #[error("the submission belongs to another site")]
+    WrongSite,
+    #[error("the key is not a valid retrieve key for this submission")]
+    InvalidKey,
+    #[error("the key is a submit key; only a retrieve key can retrieve")]
+    WrongPurpose,
+    #[error("the retrieve key has expired; ask for a fresh one")]
+    KeyExpired,
+    #[error("the retrieve key was already used; ask for a fresh one")]
+    KeySpent,
+    #[error("the submission was purged")]
+    Purged,
+}
+
+impl Refusal {
+    pub fn code(self) -> &'static str {
+        match self {
+            Refusal::UnknownSubmission => "unknown_submission",
+            Refusal::WrongSite => "wrong_site",
+            Refusal::InvalidKey => "invalid_key",
+            Refusal::WrongPurpose => "wrong_purpose",
+            Refusal::KeyExpired => "key_expired",
+            Refusal::KeySpent => "key_spent",
+            Refusal::Purged => "purged",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DetokenizeError {
+    #[error("refused: {0}")]
+    Refused(Refusal),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("vault record for {0} is corrupt: {1}")]
+    Corrupt(String, String),
+    #[error(transparent)]
+    Key(KeyError),
+}
+
+impl From<Refusal> for DetokenizeError {
+    fn from(r: Refusal) -> Self {
+        DetokenizeError::Refused(r)
+    }
+}
+
+/// The retrieve key state the retrieval projection keeps per submission (from FormReady).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetrieveKeyState {
+    pub key_hash: String,
+    pub expires_at: i64,
+    pub agent_id: String,
+    pub form_id: String,
+    pub site_id: String,
+    pub conversation_id: String,
+}
+
+/// Trees of the retrieval projection (`<data_dir>/state/retrieval`).
+pub mod retrieval_trees {
+    /// submission UUID (16 bytes) -> [`super::RetrieveKeyState`] (JSON).
+    pub const KEYS: &str = "retrieval.keys";
+    /// retrieve key hash -> empty: keys already used (from FormRetrieved granted).
+    pub const SPENT: &str = "retrieval.spent";
+    /// `site \0 form` -> submit key hash (from FormOpened): to tell a submit key used to retrieve.
+    pub const SUBMIT_KEYS: &str = "retrieval.submit_keys";
+}
+
+#[derive(Debug)]
+pub struct Retrieved {
+    pub submission_id: uuid::Uuid,
+    pub record: VaultRecord,
+    pub answers: BTreeMap<String, Secret>,
+    pub off_record: OffRecord,
+    /// Hash of the key that was spent (for the FormRetrieved audit and durable spending).
+    pub spent_key_hash: String,
+}
+
+pub struct Detokenizer {
+    vault: Store,
+    retrieval: Store,
+    ring: Arc<KeyRing>,
+    off_record: Arc<OffRecordStore>,
+    /// Keys spent on this node and not yet seen back as FormRetrieved: one use, at once.
+    spent_here: DashSet<String>,
+}
+
+impl Detokenizer {
+    pub fn new(vault: Store, retrieval: Store, ring: Arc<KeyRing>, off_record: Arc<OffRecordStore>) -> Detokenizer {
+        Detokenizer { vault, retrieval, ring, off_record, spent_here: DashSet::new() }
+    }
+
+    /// Checks the key and, if it is good, spends it and opens the answers.
+    pub fn detokenize(&self, site_id: &str, submission_id: uuid::Uuid, presented_key: &str, now_ms: i64) -> Result<Retrieved, DetokenizeError> {
+        let record = self.record(&submission_id)?.ok_or(Refusal::UnknownSubmission)?;
+        if record.site_id != site_id {
+            return Err(Refusal::WrongSite.into());
+        }
+        let key = OtkSecret::parse(presented_key).ok_or(Refusal::InvalidKey)?;
+        let submission = submission_id.to_string();
+        let state: Option<RetrieveKeyState> = self
+            .retrieval
+            .tree(retrieval_trees::KEYS)?
+            .get(submission_key(&submission_id))
+            .map_err(StoreError::from)?
+            .and_then(|v| serde_json::from_slice(&v).ok());
+        let Some(state) = state.filter(|s| key.verify(&s.key_hash, Purpose::Retrieve, site_id, &submission)) else {
+            let mut form_key = site_id.as_bytes().to_vec();
+            form_key.push(0);
+            form_key.extend_from_slice(record.form_id.as_bytes());
+            let submit = self.retrieval.tree(retrieval_trees::SUBMIT_KEYS)?.get(form_key).map_err(StoreError::from)?;
+            if let Some(h) = submit
+                && key.verify(&String::from_utf8_lossy(&h), Purpose::Submit, site_id, &record.form_id)
+            {
+                return Err(Refusal::WrongPurpose.into());
+            }
+            return Err(Refusal::InvalidKey.into());
+        };
+        if now_ms >= state.expires_at {
+            return Err(Refusal::KeyExpired.into());
+        }
+        let spent_tree = self.retrieval.tree(retrieval_trees::SPENT)?;
+        if spent_tree.contains_key(state.key_hash.as_bytes()).map_err(StoreError::from)? || !self.spent_here.insert(state.key_hash.clone()) {
+            return Err(Refusal::KeySpent.into());
+        }
+        let data_key = match self.ring.get(&record.key_id) {
+            Ok(k) => k,
+            Err(KeyError::Destroyed(_)) => return Err(Refusal::Purged.into()),
+            Err(e) => return Err(DetokenizeError::Key(e)),
+        };
+        let mut answers = BTreeMap::new();
+        for (field, ct) in &record.answers {
+            let ad = answer_ad(&record.site_id, &record.form_id, &submission, field, &record.key_id);
+            let plain = data_key.material.open(&ad, ct).map_err(DetokenizeError::Key)?;
+            let text = String::from_utf8(plain.to_vec()).map_err(|_| DetokenizeError::Corrupt(submission.clone(), "answer is not UTF-8".into()))?;
+            answers.insert(field.clone(), Secret::new(text));
+        }
+        let off_record =
+            if record.off_record_field_ids.is_empty() { OffRecord::Present(BTreeMap::new()) } else { self.off_record.get(&submission_id, now_ms) };
+        Ok(Retrieved { submission_id, record, answers, off_record, spent_key_hash: state.key_hash })
+    }
+
+    pub fn record(&self, submission_id: &uuid::Uuid) -> Result<Option<VaultRecord>, DetokenizeError> {
+        let raw = self.vault.tree(trees::SUBMISSIONS)?.get(submission_key(submission_id)).map_err(StoreError::from)?;
+        raw.map(|v| VaultRecord::decode(&v).map_err(|e| DetokenizeError::Corrupt(submission_id.to_string(), e.to_string()))).transpose()
+    }
+}
