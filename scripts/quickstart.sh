@@ -12,6 +12,10 @@ sf="$CARGO_TARGET_DIR/debug/secureforms"
 data="secureforms-data/quickstart"
 rm -rf "$data"
 mkdir -p "$data"
+# A throwaway master key for the demo. In production it comes from your secret store
+# (SECUREFORMS_MASTER_KEY or master_key_file); `secureforms keys generate-master` makes one.
+(umask 077 && "$sf" keys generate-master >"$data/master.key")
+export SECUREFORMS_MASTER_KEY_FILE="$data/master.key"
 "$sf" serve --config config/demo.toml --data-dir "$data" >"$data/serve.log" 2>&1 &
 serve_pid=$!
 trap 'kill -TERM $serve_pid 2>/dev/null; wait $serve_pid 2>/dev/null' EXIT
