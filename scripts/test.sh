@@ -15,7 +15,7 @@ cleanup() {
 trap cleanup EXIT
 
 start_broker "$work/broker"
-export SF_TEST_BROKERS="$BROKER"
+export SF_TEST_BROKERS="$BROKER" SF_TEST_BROKER_DIR="$work/broker"
 echo "test broker: tansu on $BROKER"
 
 cargo build --locked --all-targets

@@ -56,6 +56,8 @@ pub struct Settings {
     pub log_format: String,
     /// File holding the master key (base64). `SECUREFORMS_MASTER_KEY` takes precedence.
     pub master_key_file: Option<PathBuf>,
+    /// Most records a consumer applies in one atomic batch (one sled flush per batch).
+    pub max_batch: usize,
     /// Sites, keyed by site id.
     #[serde(default)]
     pub sites: BTreeMap<String, SiteConfig>,
@@ -74,6 +76,7 @@ const SETTING_KEYS: &[&str] = &[
     "embedded_broker_port",
     "log_format",
     "master_key_file",
+    "max_batch",
 ];
 
 impl Default for Settings {
@@ -90,6 +93,7 @@ impl Default for Settings {
             embedded_broker_port: 0,
             log_format: "text".into(),
             master_key_file: None,
+            max_batch: 500,
             sites: BTreeMap::new(),
         }
     }
@@ -215,6 +219,9 @@ impl Settings {
                 "topic_prefix {:?} may only hold letters, digits, '.', '_' and '-'",
                 self.topic_prefix
             )));
+        }
+        if self.max_batch == 0 || self.max_batch > 100_000 {
+            return Err(ConfigError::Invalid(format!("max_batch must be between 1 and 100000, not {}", self.max_batch)));
         }
         if !["text", "json"].contains(&self.log_format.as_str()) {
             return Err(ConfigError::Invalid(format!("log_format must be text or json, not {:?}", self.log_format)));

@@ -26,8 +26,11 @@ use crate::kafka::runtime::{self, Clock};
 use crate::kafka::{EventProducer, Handler, KafkaError, KafkaSettings};
 use crate::store::{Store, StoreError};
 use crate::topics::{TopicAction, TopicNames};
+use crate::domain::template::Template;
 use crate::vault::detokenize::Detokenizer;
-use crate::vault::offrecord::OffRecordStore;
+use crate::vault::offrecord::{OffRecordStore, Secret};
+use crate::vault::seal::{SealError, SubmissionContext, seal_submission};
+use std::collections::BTreeMap;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -41,6 +44,20 @@ pub enum ServiceError {
     Key(#[from] KeyError),
     #[error("handler {0} stopped unexpectedly: {1}")]
     HandlerStopped(&'static str, String),
+    #[error(transparent)]
+    Seal(#[from] SealError),
+    #[error("site {0:?} is not configured")]
+    UnknownSite(String),
+}
+
+/// A visitor's submission as the gateway hands it over: already validated, not yet sealed.
+pub struct Submission<'a> {
+    pub site_id: &'a str,
+    pub conversation_id: &'a str,
+    pub form_id: &'a str,
+    pub agent_id: &'a str,
+    pub template: &'a Template,
+    pub answers: BTreeMap<String, Secret>,
 }
 
 /// Kafka settings for a set of bootstrap servers.
@@ -50,6 +67,7 @@ pub fn kafka_settings(settings: &Settings, brokers: String, client: &str) -> Kaf
         names: TopicNames::new(settings.topic_prefix.clone()),
         group_prefix: settings.group_prefix.clone(),
         client_id: format!("secureforms-{}-{client}", settings.node_id),
+        max_batch: settings.max_batch,
     }
 }
 
@@ -126,6 +144,8 @@ pub struct Service {
     pub ring: Arc<KeyRing>,
     pub off_record: Arc<OffRecordStore>,
     pub detokenizer: Arc<Detokenizer>,
+    /// The tokenizer's store (the vault), for inspection.
+    pub vault: Store,
     pub clock: Clock,
     stop: watch::Sender<bool>,
     tasks: JoinSet<(&'static str, Result<(), KafkaError>)>,
@@ -149,14 +169,62 @@ impl Service {
         let off_record = Arc::new(OffRecordStore::new());
         let detokenizer = Arc::new(Detokenizer::new(stores["tokenizer"].clone(), stores["retrieval"].clone(), ring.clone(), off_record.clone()));
         let (stop, stop_rx) = watch::channel(false);
-        let mut service = Service { settings, kafka, producer, ring, off_record, detokenizer, clock, stop, tasks: JoinSet::new() };
+        let vault = stores["tokenizer"].clone();
+        let mut service = Service { settings, kafka, producer, ring, off_record, detokenizer, vault, clock, stop, tasks: JoinSet::new() };
         let sites = Arc::new(service.settings.sites.clone());
         service.spawn(KeysHandler::new(service.ring.clone()), &stores["keys"], &stop_rx);
         service.spawn(Issuer::new(sites.clone(), service.settings.public_url.clone()), &stores["issuer"], &stop_rx);
         service.spawn(Tokenizer::new(sites), &stores["tokenizer"], &stop_rx);
         service.spawn(RetrievalProjection, &stores["retrieval"], &stop_rx);
+        {
+            // Expired off-the-record answers are dropped (and zeroized) within seconds.
+            let (store, clock, mut stop) = (service.off_record.clone(), service.clock.clone(), stop_rx.clone());
+            service.tasks.spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+                loop {
+                    tokio::select! {
+                        biased;
+                        _ = stop.changed() => return ("off-record sweeper", Ok(())),
+                        _ = tick.tick() => {
+                            let dropped = store.sweep(clock());
+                            if dropped > 0 {
+                                tracing::debug!(dropped, "expired off-the-record answers dropped");
+                            }
+                        }
+                    }
+                }
+            });
+        }
         tracing::info!(templates_published = n, keys_loaded, brokers = %service.kafka.brokers, master_key_id = %service.ring.master().id(), "service starting");
         Ok(service)
+    }
+
+    /// Seals a submission at the edge and produces it (acks=all) before returning, so the visitor is
+    /// told it worked only once it is durable. Off-the-record answers stay in this node's memory.
+    pub async fn submit(&self, s: Submission<'_>) -> Result<uuid::Uuid, ServiceError> {
+        let site = self.settings.sites.get(s.site_id).ok_or_else(|| ServiceError::UnknownSite(s.site_id.to_string()))?;
+        let now = (self.clock)();
+        let key = crate::handlers::keys::current_key(&self.ring, &self.producer, s.site_id, now).await?;
+        let submission_id = uuid::Uuid::new_v4();
+        let ctx = SubmissionContext {
+            site_id: s.site_id,
+            conversation_id: s.conversation_id,
+            form_id: s.form_id,
+            agent_id: s.agent_id,
+            template: s.template,
+            submission_id,
+            event_id: uuid::Uuid::new_v4(),
+            now_ms: now,
+            node_id: &self.settings.node_id,
+        };
+        let sealed = seal_submission(&key, &ctx, s.answers)?;
+        self.off_record.hold(submission_id, sealed.off_record, now + (site.off_record_ttl_secs as i64) * 1000);
+        if let Err(e) = self.producer.send(&Event::FormSubmitted(sealed.event)).await {
+            self.off_record.forget(&submission_id);
+            return Err(e.into());
+        }
+        tracing::info!(%submission_id, form_id = %s.form_id, site_id = %s.site_id, key_id = %key.id, "submission sealed and produced");
+        Ok(submission_id)
     }
 
     fn spawn<H: Handler>(&mut self, handler: H, store: &Store, stop: &watch::Receiver<bool>) {

@@ -40,6 +40,8 @@ pub struct KafkaSettings {
     pub names: TopicNames,
     pub group_prefix: String,
     pub client_id: String,
+    /// Most records applied in one batch.
+    pub max_batch: usize,
 }
 
 impl KafkaSettings {

@@ -62,8 +62,28 @@ pub trait Handler: Send + 'static {
     fn apply(&mut self, tx: &mut Tx<'_>, event: &Event, meta: &RecordMeta, now_ms: i64) -> Result<Vec<Event>, ApplyError>;
 }
 
-/// Most records taken into one batch.
-const MAX_BATCH: usize = 500;
+/// Crash injection for tests: `SECUREFORMS_FAILPOINT=<handler>:<point>:<n>` aborts the process the
+/// n-th time `handler` reaches `point` (`before-commit`, `after-commit`, `after-produce`). Unset in
+/// production; read once.
+fn failpoint(handler: &str, point: &str) {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SPEC: OnceLock<Option<(String, String, u64)>> = OnceLock::new();
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    let spec = SPEC.get_or_init(|| {
+        let v = std::env::var("SECUREFORMS_FAILPOINT").ok()?;
+        let mut parts = v.splitn(3, ':');
+        Some((parts.next()?.to_string(), parts.next()?.to_string(), parts.next()?.parse().ok()?))
+    });
+    if let Some((h, p, n)) = spec
+        && h == handler
+        && p == point
+        && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *n
+    {
+        eprintln!("failpoint {handler}:{point}:{n} reached; aborting");
+        std::process::abort();
+    }
+}
 
 /// The clock the runtime hands to handlers.
 pub type Clock = std::sync::Arc<dyn Fn() -> i64 + Send + Sync>;
@@ -226,15 +246,18 @@ pub async fn run<H: Handler>(
                 continue;
             }
         }
-        while batch.len() < MAX_BATCH {
+        while batch.len() < settings.max_batch {
             match consumer.recv().now_or_never() {
                 Some(Ok(m)) => batch.push(m.detach()),
                 _ => break,
             }
         }
         learn_emitted_offsets(&consumer, &batch, &mut emitted);
+        let name = handler.name();
         let committed = process_batch(&settings, &store, &mut handler, &group, &batch, &emitted, clock()).await?;
+        failpoint(name, "after-commit");
         produce_outbox(&store, &producer, &committed, &mut shutdown).await?;
+        failpoint(name, "after-produce");
         commit_to_kafka(&consumer, &batch, CommitMode::Async);
     }
 
@@ -341,6 +364,7 @@ async fn process_batch<H: Handler>(
         }
         tx.insert(trees::OFFSETS, okey, (m.offset() + 1).to_be_bytes().to_vec());
     }
+    failpoint(handler.name(), "before-commit");
     store.commit(tx).await?;
     Ok(outbox)
 }

@@ -71,6 +71,11 @@ impl OffRecordStore {
         }
     }
 
+    /// Drops a submission's answers at once (e.g. when its FormSubmitted could not be produced).
+    pub fn forget(&self, submission: &uuid::Uuid) {
+        self.held.remove(submission);
+    }
+
     /// Drops every expired entry; returns how many. Run periodically.
     pub fn sweep(&self, now_ms: i64) -> usize {
         let before = self.held.len();

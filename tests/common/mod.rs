@@ -19,6 +19,18 @@ use secureforms::topics::{Topic, TopicNames};
 /// The broker for this test binary: `SF_TEST_BROKERS` if set (scripts/test.sh starts one), else a
 /// tansu process of our own, stopped when the test process exits.
 pub fn brokers() -> String {
+    broker().0.clone()
+}
+
+/// Where the test broker keeps its data (to scan its raw bytes).
+pub fn broker_dir() -> PathBuf {
+    match std::env::var("SF_TEST_BROKER_DIR") {
+        Ok(d) if std::env::var("SF_TEST_BROKERS").is_ok() => PathBuf::from(d),
+        _ => broker().2.as_ref().expect("own broker has a dir").path().to_path_buf(),
+    }
+}
+
+fn broker() -> &'static (String, Option<Child>, Option<tempfile::TempDir>) {
     static BROKER: OnceLock<(String, Option<Child>, Option<tempfile::TempDir>)> = OnceLock::new();
     BROKER
         .get_or_init(|| {
@@ -33,8 +45,6 @@ pub fn brokers() -> String {
             wait_for_port(&addr, Duration::from_secs(60));
             (addr, Some(child), Some(dir))
         })
-        .0
-        .clone()
 }
 
 pub fn spawn_tansu(bin: &Path, dir: &Path, addr: &str) -> Child {
@@ -70,7 +80,7 @@ pub fn unique_prefix(test: &str) -> String {
 }
 
 pub fn kafka(prefix: &str) -> KafkaSettings {
-    KafkaSettings { brokers: brokers(), names: TopicNames::new(prefix), group_prefix: prefix.trim_end_matches('.').to_string(), client_id: "test".into() }
+    KafkaSettings { brokers: brokers(), names: TopicNames::new(prefix), group_prefix: prefix.trim_end_matches('.').to_string(), client_id: "test".into(), max_batch: 500 }
 }
 
 /// Writes a fresh master key into `dir` (once) and returns its path.
