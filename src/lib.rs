@@ -19,6 +19,7 @@
 //!
 //! docs/ARCHITECTURE.md shows how the parts run as tasks and where backpressure lives.
 
+pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod config;

@@ -124,9 +124,13 @@ pub async fn publish_templates(settings: &Settings, producer: &EventProducer, st
 /// Creates missing topics and logs drift.
 pub async fn apply_topics(kafka: &KafkaSettings, replication_factor: i32) -> Result<Vec<TopicAction>, KafkaError> {
     let actions = Admin::new(kafka)?.apply(replication_factor).await?;
+    let created = actions.iter().filter(|a| matches!(a, TopicAction::Create { .. })).count();
+    if created > 0 {
+        tracing::info!(created, prefix = %kafka.names.prefix(), "topics created");
+    }
     for a in &actions {
         match a {
-            TopicAction::Create { name, .. } => tracing::info!(topic = %name, "topic created"),
+            TopicAction::Create { name, .. } => tracing::debug!(topic = %name, "topic created"),
             TopicAction::Drift { name, differences } => {
                 tracing::warn!(topic = %name, differences = %differences.join("; "), "topic differs from its declaration in topics/; change it on the broker or in the file")
             }
@@ -223,7 +227,7 @@ impl Service {
             self.off_record.forget(&submission_id);
             return Err(e.into());
         }
-        tracing::info!(%submission_id, form_id = %s.form_id, site_id = %s.site_id, key_id = %key.id, "submission sealed and produced");
+        tracing::debug!(%submission_id, form_id = %s.form_id, site_id = %s.site_id, key_id = %key.id, "submission sealed and produced");
         Ok(submission_id)
     }
 

@@ -2,6 +2,7 @@
 //! settings and calls the library. Errors end the process with a non-zero exit and a message that
 //! says what to fix.
 
+mod bench;
 mod chatbus;
 mod keys;
 mod schemas;
@@ -77,6 +78,7 @@ pub enum Command {
     Chatbus(chatbus::ChatbusCommand),
     #[command(subcommand)]
     Keys(keys::KeysCommand),
+    Bench(bench::Args),
 }
 
 impl GlobalArgs {
@@ -115,5 +117,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Schemas(a) => schemas::run(a),
         Command::Chatbus(c) => chatbus::run(&cli.global, c).await,
         Command::Keys(c) => keys::run(&cli.global, c).await,
+        Command::Bench(a) => bench::run(&cli.global, a).await,
     }
 }

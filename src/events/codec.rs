@@ -61,17 +61,31 @@ pub struct SchemaEntry {
     pub kind: EventKind,
     pub version: i32,
     pub file: &'static str,
-    pub schema: Schema,
+    pub schema: &'static Schema,
     pub fingerprint: [u8; 8],
     pub current: bool,
 }
 
 /// Encoder and decoder for every event, built once from the embedded schemas.
-#[derive(Debug)]
 pub struct Codec {
     entries: Vec<SchemaEntry>,
     by_fingerprint: HashMap<[u8; 8], usize>,
     current: HashMap<EventKind, usize>,
+    /// Built once: resolving a writer schema to the reader schema is the costly part of decoding.
+    readers: HashMap<[u8; 8], GenericDatumReader<'static>>,
+    writers: HashMap<[u8; 8], GenericDatumWriter<'static>>,
+}
+
+impl std::fmt::Debug for Codec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Codec").field("entries", &self.entries).finish_non_exhaustive()
+    }
+}
+
+/// The codec lives for the whole process, so its schemas do too; leaking them lets the prepared
+/// readers and writers borrow them.
+fn leak(schema: Schema) -> &'static Schema {
+    Box::leak(Box::new(schema))
 }
 
 fn fingerprint(schema: &Schema) -> [u8; 8] {
@@ -92,23 +106,30 @@ impl Codec {
     fn build() -> Result<Codec, apache_avro::Error> {
         let mut entries = Vec::new();
         for &kind in EventKind::ALL {
-            let schema = Schema::parse_str(kind.schema_source())?;
+            let schema = leak(Schema::parse_str(kind.schema_source())?);
             entries.push(SchemaEntry {
                 kind,
                 version: kind.version(),
                 file: kind.schema_file(),
-                fingerprint: fingerprint(&schema),
+                fingerprint: fingerprint(schema),
                 schema,
                 current: true,
             });
         }
         for &(kind, version, file, source) in HISTORY {
-            let schema = Schema::parse_str(source)?;
-            entries.push(SchemaEntry { kind, version, file, fingerprint: fingerprint(&schema), schema, current: false });
+            let schema = leak(Schema::parse_str(source)?);
+            entries.push(SchemaEntry { kind, version, file, fingerprint: fingerprint(schema), schema, current: false });
         }
         let by_fingerprint = entries.iter().enumerate().map(|(i, e)| (e.fingerprint, i)).collect();
-        let current = entries.iter().enumerate().filter(|(_, e)| e.current).map(|(i, e)| (e.kind, i)).collect();
-        Ok(Codec { entries, by_fingerprint, current })
+        let current: HashMap<EventKind, usize> = entries.iter().enumerate().filter(|(_, e)| e.current).map(|(i, e)| (e.kind, i)).collect();
+        let mut readers = HashMap::new();
+        let mut writers = HashMap::new();
+        for e in &entries {
+            let reader_schema = entries[current[&e.kind]].schema;
+            readers.insert(e.fingerprint, GenericDatumReader::builder(e.schema).maybe_reader_schema(Some(reader_schema)).build()?);
+            writers.insert(e.fingerprint, GenericDatumWriter::builder(e.schema).build()?);
+        }
+        Ok(Codec { entries, by_fingerprint, current, readers, writers })
     }
 
     pub fn entries(&self) -> &[SchemaEntry] {
@@ -130,8 +151,8 @@ impl Codec {
     /// and tools).
     pub fn encode_value(&self, entry: &SchemaEntry, value: Value) -> Result<Vec<u8>, CodecError> {
         let err = |source| CodecError::Encode { schema: format!("{} v{}", entry.kind.name(), entry.version), source };
-        let value = value.resolve(&entry.schema).map_err(err)?;
-        let body = GenericDatumWriter::builder(&entry.schema).build().and_then(|w| w.write_value_to_vec(value)).map_err(err)?;
+        let value = value.resolve(entry.schema).map_err(err)?;
+        let body = self.writers[&entry.fingerprint].write_value_to_vec(value).map_err(err)?;
         let mut out = Vec::with_capacity(HEADER_LEN + body.len());
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&entry.fingerprint);
@@ -154,12 +175,9 @@ impl Codec {
             .get(&fp)
             .map(|&i| &self.entries[i])
             .ok_or_else(|| CodecError::UnknownSchema(hex::encode(fp)))?;
-        let reader = self.current(writer.kind);
         let mut body = &bytes[HEADER_LEN..];
-        let value = GenericDatumReader::builder(&writer.schema)
-            .maybe_reader_schema(Some(&reader.schema))
-            .build()
-            .and_then(|r| r.read_value(&mut body))
+        let value = self.readers[&fp]
+            .read_value(&mut body)
             .map_err(|source| CodecError::Body { schema: writer.kind.name().into(), source })?;
         if !body.is_empty() {
             return Err(CodecError::TrailingBytes { schema: writer.kind.name().into(), count: body.len() });
@@ -271,7 +289,7 @@ mod tests {
             prop_assert_eq!(&again, &event);
             if entry.current {
                 let (_, decoded) = codec.decode_value(&bytes).unwrap();
-                prop_assert_eq!(decoded, value.resolve(&entry.schema).unwrap());
+                prop_assert_eq!(decoded, value.resolve(entry.schema).unwrap());
             }
         }
 
@@ -371,7 +389,7 @@ mod tests {
         for &k in EventKind::ALL {
             let cur = codec.current(k);
             assert_eq!(cur.version, k.version());
-            let S::Record(r) = &cur.schema else { panic!("{} is not a record", k.name()) };
+            let S::Record(r) = cur.schema else { panic!("{} is not a record", k.name()) };
             assert_eq!(r.name.name(), k.name(), "schema file of {} names another record", k.name());
             assert_eq!(r.fields[0].name, "header", "{} must start with the header", k.name());
         }

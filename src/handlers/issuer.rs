@@ -70,8 +70,8 @@ impl Handler for Issuer {
                 let outcome = decide(&self.sites, &IssueInput { sent, now_ms, open_key: &open_key, public_url: &self.public_url });
                 let issued = matches!(outcome, Event::FormIssued(_));
                 match &outcome {
-                    Event::FormRejected(r) => tracing::info!(form_id = %sent.form_id, site_id = %sent.header.site_id, reason = %r.reason, "form rejected"),
-                    _ => tracing::info!(form_id = %sent.form_id, site_id = %sent.header.site_id, "form issued"),
+                    Event::FormRejected(r) => tracing::debug!(form_id = %sent.form_id, site_id = %sent.header.site_id, reason = %r.reason, "form rejected"),
+                    _ => tracing::debug!(form_id = %sent.form_id, site_id = %sent.header.site_id, "form issued"),
                 }
                 tx.insert_json(
                     FORMS_TREE,

@@ -74,7 +74,7 @@ impl Handler for Tokenizer {
                     retrieve_expires_at: now_ms + (ttl as i64) * 1000,
                     off_record_field_ids: s.off_record_field_ids.clone(),
                 };
-                tracing::info!(submission_id = %id, form_id = %s.form_id, site_id = %h.site_id, answers = s.answers.len(), "submission stored in the vault");
+                tracing::debug!(submission_id = %id, form_id = %s.form_id, site_id = %h.site_id, answers = s.answers.len(), "submission stored in the vault");
                 Ok(vec![Event::FormReady(ready)])
             }
             Event::FormOpened(_) | Event::KeyRefused(_) | Event::SubmissionPurged(_) => Ok(vec![]),

@@ -220,7 +220,7 @@ pub async fn run<H: Handler>(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "50")
+        .set("fetch.wait.max.ms", "20")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
         .create_with_context(OffsetsFromStore { store: store.clone(), group: group.clone() })

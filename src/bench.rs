@@ -1,0 +1,351 @@
+//! `secureforms bench`: measures, in one run against the same broker,
+//! 1. raw passthrough: consume FormSubmitted-sized records and produce each to another topic
+//!    (same batching, same producer settings, no state, no durability);
+//! 2. the tokenizer: consume FormSubmitted -> vault durable in sled -> FormReady produced -> offsets
+//!    durable, through the real consumer runtime;
+//! 3. latency from FormSubmitted produced to FormReady consumed, at a steady rate.
+//!
+//! Each phase uses fresh topics (a unique prefix), so phases do not disturb each other.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::watch;
+
+use crate::config::{Settings, SiteConfig};
+use crate::crypto::{KeyMaterial, data_key_id, period_of};
+use crate::events::{Codec, Event};
+use crate::handlers::tokenizer::Tokenizer;
+use crate::kafka::runtime::{self, system_clock};
+use crate::kafka::{EventProducer, KafkaError, KafkaSettings};
+use crate::service::{apply_topics, kafka_settings};
+use crate::store::Store;
+use crate::topics::{Topic, TopicNames};
+use crate::vault::offrecord::Secret;
+use crate::vault::seal::{SubmissionContext, seal_submission};
+
+pub struct BenchOptions {
+    pub records: usize,
+    pub latency_rate: u32,
+    pub latency_secs: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchReport {
+    pub brokers: String,
+    pub records: usize,
+    pub record_bytes: usize,
+    pub passthrough_per_sec: f64,
+    pub tokenizer_per_sec: f64,
+    pub ratio: f64,
+    pub latency_rate: u32,
+    pub latency_samples: usize,
+    pub latency_p50_ms: f64,
+    pub latency_p99_ms: f64,
+    pub latency_max_ms: f64,
+}
+
+fn names(prefix: &str) -> TopicNames {
+    TopicNames::new(prefix)
+}
+
+fn fresh(settings: &Settings, brokers: &str, phase: &str) -> KafkaSettings {
+    let mut k = kafka_settings(settings, brokers.to_string(), "bench");
+    let p = format!("bench-{}-{phase}.", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    k.names = names(&p);
+    k.group_prefix = p.trim_end_matches('.').to_string();
+    k
+}
+
+/// Sealed FormSubmitted records like the gateway produces (4 answers, one off the record).
+fn submissions(n: usize) -> Vec<(uuid::Uuid, Event)> {
+    let now = system_clock()();
+    let id = data_key_id("bench", &period_of(now), 1);
+    let material = KeyMaterial::random();
+    let key = crate::crypto::keyring::DataKey { id: id.clone(), site: "bench".into(), period: period_of(now), generation: 1, material };
+    let template: crate::domain::template::Template = toml::from_str(
+        r#"id = "card-payment"
+           title = "Card payment"
+           [[questions]]
+           id = "cardholder"
+           label = "Name on card"
+           kind = "short_text"
+           [[questions]]
+           id = "pan"
+           label = "Card number"
+           kind = "card_number"
+           [[questions]]
+           id = "expiry"
+           label = "Expiry"
+           kind = "card_expiry"
+           [[questions]]
+           id = "cvv"
+           label = "CVV"
+           kind = "cvv""#,
+    )
+    .expect("bench template parses");
+    (0..n)
+        .map(|i| {
+            let sid = uuid::Uuid::new_v4();
+            let (conv, form) = (format!("conv-{}", i % 97), format!("form-{i}"));
+            let ctx = SubmissionContext {
+                site_id: "bench",
+                conversation_id: &conv,
+                form_id: &form,
+                agent_id: "agent-1",
+                template: &template,
+                submission_id: sid,
+                event_id: uuid::Uuid::new_v4(),
+                now_ms: now,
+                node_id: "bench",
+            };
+            let answers: BTreeMap<String, Secret> = [("cardholder", "A Visitor"), ("pan", "4111111111111111"), ("expiry", "12/30"), ("cvv", "123")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), Secret::new(v.to_string())))
+                .collect();
+            let sealed = seal_submission(&key, &ctx, answers).expect("bench sealing");
+            (sid, Event::FormSubmitted(sealed.event))
+        })
+        .collect()
+}
+
+async fn produce_all(producer: &EventProducer, events: &[(uuid::Uuid, Event)]) -> Result<(), KafkaError> {
+    for chunk in events.chunks(1000) {
+        for r in futures::future::join_all(chunk.iter().map(|(_, e)| producer.send(e))).await {
+            r?;
+        }
+    }
+    Ok(())
+}
+
+fn reader(k: &KafkaSettings, topic: &str, partitions: i32) -> Result<StreamConsumer, KafkaError> {
+    let c: StreamConsumer = k
+        .client_config()
+        .set("group.id", format!("{}-reader", k.group_prefix))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .map_err(|e| k.client_error(e))?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning).map_err(|e| k.client_error(e))?;
+    }
+    c.assign(&tpl).map_err(|e| k.client_error(e))?;
+    Ok(c)
+}
+
+/// Waits until `n` records arrived on `topic`; returns when the last one did.
+async fn wait_for(c: &StreamConsumer, n: usize) -> Instant {
+    let mut seen = 0;
+    while seen < n {
+        if c.recv().await.is_ok() {
+            seen += 1;
+        }
+    }
+    Instant::now()
+}
+
+/// Runs the copier (consume -> produce, no state) until `n` records moved.
+async fn copy(consumer: &StreamConsumer, producer: &EventProducer, max_batch: usize, n: usize) -> Result<(), KafkaError> {
+    let mut moved = 0;
+    while moved < n {
+        let mut batch = Vec::new();
+        if let Ok(m) = consumer.recv().await {
+            batch.push(m.detach());
+        }
+        while batch.len() < max_batch {
+            match consumer.recv().now_or_never() {
+                Some(Ok(m)) => batch.push(m.detach()),
+                _ => break,
+            }
+        }
+        let sends = batch.iter().map(|m| producer.send_raw(Topic::AgentEvents, m.key().unwrap_or_default(), m.payload().unwrap_or_default()));
+        for r in futures::future::join_all(sends).await {
+            r?;
+        }
+        moved += batch.len();
+    }
+    Ok(())
+}
+
+/// Passthrough: a consumer that copies each record to the output topic. Warmed with one record,
+/// then timed from the first produce to the last copy seen on the output.
+async fn passthrough(k: &KafkaSettings, events: &[(uuid::Uuid, Event)]) -> Result<f64, KafkaError> {
+    apply_topics(k, 1).await?;
+    let producer = EventProducer::new(k)?;
+    let consumer = reader(k, &k.names.name(Topic::Submissions), Topic::Submissions.spec().partitions)?;
+    let out_reader = reader(k, &k.names.name(Topic::AgentEvents), Topic::AgentEvents.spec().partitions)?;
+    let warm = submissions(1);
+    produce_all(&producer, &warm).await?;
+    let (copied, _) = tokio::join!(copy(&consumer, &producer, k.max_batch, 1), wait_for(&out_reader, 1));
+    copied?;
+    let n = events.len();
+    let start = Instant::now();
+    let (produced, copied, end) = tokio::join!(produce_all(&producer, events), copy(&consumer, &producer, k.max_batch, n), wait_for(&out_reader, n));
+    produced?;
+    copied?;
+    Ok(n as f64 / (end - start).as_secs_f64())
+}
+
+fn bench_sites() -> Arc<BTreeMap<String, SiteConfig>> {
+    Arc::new(BTreeMap::new())
+}
+
+/// The tokenizer on the real runtime. Warmed with one record (group joined, partitions assigned),
+/// then timed like the passthrough.
+async fn tokenizer(k: &KafkaSettings, dir: &std::path::Path, events: &[(uuid::Uuid, Event)]) -> Result<f64, KafkaError> {
+    apply_topics(k, 1).await?;
+    let producer = EventProducer::new(k)?;
+    let out_reader = reader(k, &k.names.name(Topic::AgentEvents), Topic::AgentEvents.spec().partitions)?;
+    let store = Store::open(&dir.join("tokenizer"))?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(runtime::run(k.clone(), store, producer.clone(), Tokenizer::new(bench_sites()), system_clock(), stop_rx));
+    produce_all(&producer, &submissions(1)).await?;
+    wait_for(&out_reader, 1).await;
+    let start = Instant::now();
+    let (produced, end) = tokio::join!(produce_all(&producer, events), wait_for(&out_reader, events.len()));
+    produced?;
+    let _ = stop_tx.send(true);
+    task.await.map_err(|e| KafkaError::Topic { topic: "bench".into(), message: e.to_string() })??;
+    Ok(events.len() as f64 / (end - start).as_secs_f64())
+}
+
+async fn latency(k: &KafkaSettings, dir: &std::path::Path, rate: u32, secs: u64) -> Result<Vec<f64>, KafkaError> {
+    apply_topics(k, 1).await?;
+    let producer = EventProducer::new(k)?;
+    let store = Store::open(&dir.join("latency"))?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(runtime::run(k.clone(), store, producer.clone(), Tokenizer::new(bench_sites()), system_clock(), stop_rx));
+    let out_reader = reader(k, &k.names.name(Topic::AgentEvents), Topic::AgentEvents.spec().partitions)?;
+    // Warm up: one record through the whole path before measuring.
+    let warm = submissions(1);
+    produce_all(&producer, &warm).await?;
+    wait_for(&out_reader, 1).await;
+
+    let n = (rate as u64 * secs) as usize;
+    let events = submissions(n);
+    let sent: Arc<dashmap::DashMap<String, Instant>> = Arc::new(dashmap::DashMap::new());
+    let sender = {
+        let (producer, sent) = (producer.clone(), sent.clone());
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut inflight = Vec::new();
+            for (sid, e) in &events {
+                tick.tick().await;
+                sent.insert(sid.to_string(), Instant::now());
+                let p = producer.clone();
+                let e = e.clone();
+                inflight.push(tokio::spawn(async move { p.send(&e).await }));
+            }
+            for f in inflight {
+                let _ = f.await;
+            }
+        }
+    };
+    let receiver = async {
+        let mut samples = Vec::with_capacity(n);
+        while samples.len() < n {
+            if let Ok(m) = out_reader.recv().await
+                && let Some(Ok(Event::FormReady(r))) = m.payload().map(|p| Codec::get().decode(p))
+            {
+                let at = Instant::now();
+                // The record may arrive before the sender noted its time only in theory; wait for it.
+                loop {
+                    if let Some(t) = sent.get(&r.submission_id) {
+                        samples.push((at - *t).as_secs_f64() * 1000.0);
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+        samples
+    };
+    let ((), samples) = tokio::join!(sender, receiver);
+    let _ = stop_tx.send(true);
+    task.await.map_err(|e| KafkaError::Topic { topic: "bench".into(), message: e.to_string() })??;
+    Ok(samples)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+pub async fn run(settings: &Settings, brokers: &str, opts: &BenchOptions) -> Result<BenchReport, KafkaError> {
+    let events = submissions(opts.records);
+    let record_bytes = Codec::get().encode(&events[0].1)?.len();
+    let dir = tempfile_dir()?;
+    let pass = passthrough(&fresh(settings, brokers, "pass"), &events).await?;
+    let tok = tokenizer(&fresh(settings, brokers, "tok"), dir.path(), &submissions(opts.records)).await?;
+    let mut lat = latency(&fresh(settings, brokers, "lat"), dir.path(), opts.latency_rate, opts.latency_secs).await?;
+    lat.sort_by(|a, b| a.total_cmp(b));
+    Ok(BenchReport {
+        brokers: brokers.to_string(),
+        records: opts.records,
+        record_bytes,
+        passthrough_per_sec: pass,
+        tokenizer_per_sec: tok,
+        ratio: tok / pass,
+        latency_rate: opts.latency_rate,
+        latency_samples: lat.len(),
+        latency_p50_ms: percentile(&lat, 0.50),
+        latency_p99_ms: percentile(&lat, 0.99),
+        latency_max_ms: lat.last().copied().unwrap_or(f64::NAN),
+    })
+}
+
+/// A scratch directory for the bench's sled stores, removed when dropped.
+pub struct ScratchDir(std::path::PathBuf);
+
+impl ScratchDir {
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempfile_dir() -> Result<ScratchDir, KafkaError> {
+    let p = std::env::temp_dir().join(format!("secureforms-bench-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&p).map_err(|e| KafkaError::Topic { topic: "bench".into(), message: format!("cannot create {}: {e}", p.display()) })?;
+    Ok(ScratchDir(p))
+}
+
+impl BenchReport {
+    pub fn render(&self) -> String {
+        format!(
+            "secureforms bench against {}\n\
+             records: {} FormSubmitted of {} bytes each\n\
+             passthrough (consume -> produce)                                  {:>9.0} records/s\n\
+             tokenizer   (consume -> vault durable -> FormReady -> offsets)    {:>9.0} records/s\n\
+             ratio tokenizer / passthrough                                     {:>9.2}   (goal >= 0.80)\n\
+             latency FormSubmitted produced -> FormReady consumed, {} records/s, {} samples:\n\
+             \x20 p50 {:.1} ms   p99 {:.1} ms   max {:.1} ms\n",
+            self.brokers,
+            self.records,
+            self.record_bytes,
+            self.passthrough_per_sec,
+            self.tokenizer_per_sec,
+            self.ratio,
+            self.latency_rate,
+            self.latency_samples,
+            self.latency_p50_ms,
+            self.latency_p99_ms,
+            self.latency_max_ms
+        )
+    }
+}
