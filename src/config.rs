@@ -58,6 +58,13 @@ pub struct Settings {
     pub master_key_file: Option<PathBuf>,
     /// Most records a consumer applies in one atomic batch (one sled flush per batch).
     pub max_batch: usize,
+    /// Address of the visitor gateway (HTTP/HTTPS); empty: no gateway on this node.
+    pub http_listen: Option<String>,
+    /// PEM certificate chain and private key for HTTPS.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Serve HTTPS with a certificate generated at start for localhost (local use only).
+    pub tls_self_signed: bool,
     /// Sites, keyed by site id.
     #[serde(default)]
     pub sites: BTreeMap<String, SiteConfig>,
@@ -77,6 +84,10 @@ const SETTING_KEYS: &[&str] = &[
     "log_format",
     "master_key_file",
     "max_batch",
+    "http_listen",
+    "tls_cert",
+    "tls_key",
+    "tls_self_signed",
 ];
 
 impl Default for Settings {
@@ -94,6 +105,10 @@ impl Default for Settings {
             log_format: "text".into(),
             master_key_file: None,
             max_batch: 500,
+            http_listen: Some("127.0.0.1:8080".into()),
+            tls_cert: None,
+            tls_key: None,
+            tls_self_signed: false,
             sites: BTreeMap::new(),
         }
     }
@@ -219,6 +234,19 @@ impl Settings {
                 "topic_prefix {:?} may only hold letters, digits, '.', '_' and '-'",
                 self.topic_prefix
             )));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(ConfigError::Invalid("tls_cert and tls_key go together: set both (PEM files) or neither".into()));
+        }
+        if let Some(listen) = self.http_listen.as_deref().filter(|l| !l.is_empty()) {
+            let addr: std::net::SocketAddr =
+                listen.parse().map_err(|_| ConfigError::Invalid(format!("http_listen {listen:?} is not an address like 127.0.0.1:8080")))?;
+            let tls = self.tls_cert.is_some() || self.tls_self_signed;
+            if !tls && !addr.ip().is_loopback() {
+                return Err(ConfigError::Invalid(format!(
+                    "http_listen {listen} is not a loopback address, so the gateway needs HTTPS: set tls_cert and tls_key (or listen on 127.0.0.1 behind a TLS proxy)"
+                )));
+            }
         }
         if self.max_batch == 0 || self.max_batch > 100_000 {
             return Err(ConfigError::Invalid(format!("max_batch must be between 1 and 100000, not {}", self.max_batch)));

@@ -13,6 +13,7 @@
 //! - [`store`]: the sled database: projections, vault, consumed offsets and outbox in atomic batches.
 //! - [`kafka`]: producer, admin, and the consumer runtime that gives handlers exactly-once effects.
 //! - [`handlers`]: event handlers on that runtime, one per file (issuer, keys, tokenizer, retrieval).
+//! - [`http`]: the visitor gateway (axum): the secure form page, open and submit keys.
 //! - [`broker`]: the embedded default broker process for a single machine.
 //! - [`service`]: wires it all for `secureforms serve`.
 //! - [`cli`]: the `secureforms` commands; `src/main.rs` only calls [`cli::main`].
@@ -27,6 +28,7 @@ pub mod crypto;
 pub mod domain;
 pub mod events;
 pub mod handlers;
+pub mod http;
 pub mod kafka;
 pub mod logging;
 pub mod service;

@@ -6,6 +6,7 @@
 //! batch, commits, and returns, and the service waits for all of them before stopping the embedded
 //! broker.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use crate::broker::{self, BrokerError, EmbeddedBroker};
 use crate::config::Settings;
 use crate::crypto::{KeyError, KeyRing, MasterKey};
 use crate::events::{Event, EventHeader, EventKind, FormTemplateDefined};
+use crate::handlers::gateway::GatewayProjection;
 use crate::handlers::issuer::Issuer;
 use crate::handlers::keys::{KeysHandler, load_ring};
 use crate::handlers::retrieval::RetrievalProjection;
@@ -30,7 +32,6 @@ use crate::domain::template::Template;
 use crate::vault::detokenize::Detokenizer;
 use crate::vault::offrecord::{OffRecordStore, Secret};
 use crate::vault::seal::{SealError, SubmissionContext, seal_submission};
-use std::collections::BTreeMap;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -48,6 +49,8 @@ pub enum ServiceError {
     Seal(#[from] SealError),
     #[error("site {0:?} is not configured")]
     UnknownSite(String),
+    #[error(transparent)]
+    Http(#[from] crate::http::HttpError),
 }
 
 /// A visitor's submission as the gateway hands it over: already validated, not yet sealed.
@@ -140,8 +143,8 @@ pub async fn apply_topics(kafka: &KafkaSettings, replication_factor: i32) -> Res
     Ok(actions)
 }
 
-/// A running service: its parts (for the HTTP layer and tests) and its handler tasks.
-pub struct Service {
+/// The parts of a running node that request handlers share.
+pub struct Node {
     pub settings: Settings,
     pub kafka: KafkaSettings,
     pub producer: EventProducer,
@@ -150,22 +153,39 @@ pub struct Service {
     pub detokenizer: Arc<Detokenizer>,
     /// The tokenizer's store (the vault), for inspection.
     pub vault: Store,
+    /// The gateway projection's store (form key state).
+    pub gateway: Store,
     pub clock: Clock,
+}
+
+/// A running service: its shared parts and its tasks (handlers, sweeper, HTTP server).
+pub struct Service {
+    pub node: Arc<Node>,
+    /// Where the HTTP gateway listens, when it runs.
+    pub http_addr: Option<std::net::SocketAddr>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<(&'static str, Result<(), KafkaError>)>,
 }
 
+impl std::ops::Deref for Service {
+    type Target = Node;
+    fn deref(&self) -> &Node {
+        &self.node
+    }
+}
+
 impl Service {
-    /// Starts every handler against `brokers`. The master key must be configured.
+    /// Starts every handler against `brokers`, and the HTTP gateway when `http_listen` is set. The
+    /// master key must be configured.
     pub async fn start(settings: Settings, brokers: String, clock: Clock) -> Result<Service, ServiceError> {
         let master = master_key(&settings)?;
         let kafka = kafka_settings(&settings, brokers, "service");
         apply_topics(&kafka, settings.replication_factor).await?;
         let producer = EventProducer::new(&kafka)?;
-        let stores = ["issuer", "keys", "tokenizer", "retrieval"]
+        let stores = ["issuer", "keys", "tokenizer", "retrieval", "gateway"]
             .into_iter()
             .map(|h| Ok((h, Store::open(&store_dir(&settings, h))?)))
-            .collect::<Result<std::collections::BTreeMap<_, _>, StoreError>>()?;
+            .collect::<Result<BTreeMap<_, _>, StoreError>>()?;
         let n = publish_templates(&settings, &producer, &stores["issuer"], clock()).await?;
 
         let ring = Arc::new(KeyRing::new(master));
@@ -173,16 +193,27 @@ impl Service {
         let off_record = Arc::new(OffRecordStore::new());
         let detokenizer = Arc::new(Detokenizer::new(stores["tokenizer"].clone(), stores["retrieval"].clone(), ring.clone(), off_record.clone()));
         let (stop, stop_rx) = watch::channel(false);
-        let vault = stores["tokenizer"].clone();
-        let mut service = Service { settings, kafka, producer, ring, off_record, detokenizer, vault, clock, stop, tasks: JoinSet::new() };
-        let sites = Arc::new(service.settings.sites.clone());
-        service.spawn(KeysHandler::new(service.ring.clone()), &stores["keys"], &stop_rx);
-        service.spawn(Issuer::new(sites.clone(), service.settings.public_url.clone()), &stores["issuer"], &stop_rx);
+        let node = Arc::new(Node {
+            settings,
+            kafka,
+            producer,
+            ring,
+            off_record,
+            detokenizer,
+            vault: stores["tokenizer"].clone(),
+            gateway: stores["gateway"].clone(),
+            clock,
+        });
+        let mut service = Service { node: node.clone(), http_addr: None, stop, tasks: JoinSet::new() };
+        let sites = Arc::new(node.settings.sites.clone());
+        service.spawn(KeysHandler::new(node.ring.clone()), &stores["keys"], &stop_rx);
+        service.spawn(Issuer::new(sites.clone(), node.settings.public_url.clone()), &stores["issuer"], &stop_rx);
         service.spawn(Tokenizer::new(sites), &stores["tokenizer"], &stop_rx);
         service.spawn(RetrievalProjection, &stores["retrieval"], &stop_rx);
+        service.spawn(GatewayProjection, &stores["gateway"], &stop_rx);
         {
             // Expired off-the-record answers are dropped (and zeroized) within seconds.
-            let (store, clock, mut stop) = (service.off_record.clone(), service.clock.clone(), stop_rx.clone());
+            let (store, clock, mut stop) = (node.off_record.clone(), node.clock.clone(), stop_rx.clone());
             service.tasks.spawn(async move {
                 let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
                 loop {
@@ -199,10 +230,57 @@ impl Service {
                 }
             });
         }
-        tracing::info!(templates_published = n, keys_loaded, brokers = %service.kafka.brokers, master_key_id = %service.ring.master().id(), "service starting");
+        if let Some(listen) = node.settings.http_listen.clone().filter(|l| !l.is_empty()) {
+            let server = crate::http::bind(node.clone(), &listen).await?;
+            service.http_addr = Some(server.local_addr());
+            let mut stop = stop_rx.clone();
+            service.tasks.spawn(async move {
+                let result = server.run(async move { let _ = stop.changed().await; }).await;
+                ("http gateway", result.map_err(|e| KafkaError::Topic { topic: "http".into(), message: e.to_string() }))
+            });
+        }
+        tracing::info!(templates_published = n, keys_loaded, brokers = %node.kafka.brokers, http = ?service.http_addr, master_key_id = %node.ring.master().id(), "service starting");
         Ok(service)
     }
 
+    fn spawn<H: Handler>(&mut self, handler: H, store: &Store, stop: &watch::Receiver<bool>) {
+        let name = handler.name();
+        let n = &self.node;
+        let (k, s, p, c, r) = (n.kafka.clone(), store.clone(), n.producer.clone(), n.clock.clone(), stop.clone());
+        self.tasks.spawn(async move { (name, runtime::run(k, s, p, handler, c, r).await) });
+    }
+
+    /// Waits until `shutdown` resolves or a task fails, then stops everything.
+    pub async fn run_until(mut self, shutdown: impl Future<Output = ()>) -> Result<(), ServiceError> {
+        let failure = tokio::select! {
+            _ = shutdown => { tracing::info!("shutdown requested; finishing in-flight batches"); None }
+            Some(joined) = self.tasks.join_next() => Some(match joined {
+                Ok((name, Ok(()))) => ServiceError::HandlerStopped(name, "it returned without being asked to stop".into()),
+                Ok((name, Err(e))) => ServiceError::HandlerStopped(name, e.to_string()),
+                Err(e) => ServiceError::HandlerStopped("unknown", e.to_string()),
+            }),
+        };
+        self.stop().await;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Asks every task to stop after its batch, and waits for them.
+    pub async fn stop(&mut self) {
+        let _ = self.stop.send(true);
+        while let Some(joined) = self.tasks.join_next().await {
+            if let Ok((name, Err(error))) = joined {
+                tracing::error!(%error, handler = name, "task failed while stopping");
+            }
+        }
+        self.node.producer.flush(std::time::Duration::from_secs(10));
+        tracing::info!("service stopped");
+    }
+}
+
+impl Node {
     /// Seals a submission at the edge and produces it (acks=all) before returning, so the visitor is
     /// told it worked only once it is durable. Off-the-record answers stay in this node's memory.
     pub async fn submit(&self, s: Submission<'_>) -> Result<uuid::Uuid, ServiceError> {
@@ -229,41 +307,6 @@ impl Service {
         }
         tracing::debug!(%submission_id, form_id = %s.form_id, site_id = %s.site_id, key_id = %key.id, "submission sealed and produced");
         Ok(submission_id)
-    }
-
-    fn spawn<H: Handler>(&mut self, handler: H, store: &Store, stop: &watch::Receiver<bool>) {
-        let name = handler.name();
-        let (k, s, p, c, r) = (self.kafka.clone(), store.clone(), self.producer.clone(), self.clock.clone(), stop.clone());
-        self.tasks.spawn(async move { (name, runtime::run(k, s, p, handler, c, r).await) });
-    }
-
-    /// Waits until `shutdown` resolves or a handler fails, then stops everything.
-    pub async fn run_until(mut self, shutdown: impl Future<Output = ()>) -> Result<(), ServiceError> {
-        let failure = tokio::select! {
-            _ = shutdown => { tracing::info!("shutdown requested; finishing in-flight batches"); None }
-            Some(joined) = self.tasks.join_next() => Some(match joined {
-                Ok((name, Ok(()))) => ServiceError::HandlerStopped(name, "it returned without being asked to stop".into()),
-                Ok((name, Err(e))) => ServiceError::HandlerStopped(name, e.to_string()),
-                Err(e) => ServiceError::HandlerStopped("unknown", e.to_string()),
-            }),
-        };
-        self.stop().await;
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
-
-    /// Asks every handler to stop after its batch, and waits for them.
-    pub async fn stop(&mut self) {
-        let _ = self.stop.send(true);
-        while let Some(joined) = self.tasks.join_next().await {
-            if let Ok((name, Err(error))) = joined {
-                tracing::error!(%error, handler = name, "handler failed while stopping");
-            }
-        }
-        self.producer.flush(std::time::Duration::from_secs(10));
-        tracing::info!("service stopped");
     }
 }
 

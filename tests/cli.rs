@@ -112,6 +112,7 @@ fn serve_embedded(data_dir: &Path) -> Serve {
         .arg("--master-key-file")
         .arg(common::master_key_file(data_dir))
         .env_remove("SECUREFORMS_BROKERS")
+        .env("SECUREFORMS_HTTP_LISTEN", "127.0.0.1:0")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

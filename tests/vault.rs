@@ -379,6 +379,7 @@ async fn a_tokenizer_killed_at_any_point_keeps_every_submission_once_with_one_fo
                 .arg("--master-key-file")
                 .arg(master_key_file(dir.path()))
                 .env("SECUREFORMS_GROUP_PREFIX", prefix.trim_end_matches('.'))
+            .env("SECUREFORMS_HTTP_LISTEN", "127.0.0.1:0")
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null());
             if let Some(f) = failpoint {

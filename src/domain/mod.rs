@@ -6,3 +6,5 @@ pub mod issue;
 pub mod otk;
 pub mod policy;
 pub mod template;
+pub mod validate;
+pub mod visitor;

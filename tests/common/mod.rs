@@ -102,6 +102,8 @@ pub fn settings(prefix: &str, data_dir: &Path) -> Settings {
         "data_dir": data_dir,
         "public_url": "http://127.0.0.1:8080",
         "master_key_file": master_key_file(data_dir),
+        // No gateway unless a test asks for one: tests run side by side.
+        "http_listen": "",
     });
     Settings::load(Some(&example), &overrides).expect("example config loads")
 }

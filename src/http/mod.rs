@@ -1,0 +1,199 @@
+//! The visitor gateway over HTTP(S), with axum: the secure form page (`/f/{site}/{form}`), its
+//! static assets, and security headers on every response. `router(state)` is what tests call with
+//! `tower::ServiceExt::oneshot`; [`bind`] serves it with TLS or, on loopback only, plain HTTP.
+
+pub mod pages;
+pub mod visitor;
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderValue, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use dashmap::DashMap;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+
+use crate::domain::visitor::FormState;
+use crate::service::Node;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("cannot listen on {addr}: {source}; is another process using it?")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot load the TLS certificate or key: {0}; tls_cert and tls_key must be PEM files")]
+    Tls(String),
+    #[error("http server failed: {0}")]
+    Serve(String),
+}
+
+/// Largest request body the gateway reads (a 20-question form is a few KiB).
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// What every request handler shares.
+pub struct AppState {
+    pub node: Arc<Node>,
+    /// Form key state written by this node's requests, ahead of the projection catching up.
+    pub overlay: DashMap<Vec<u8>, FormState>,
+    /// One request at a time per form: open and submit are read-check-write sequences.
+    pub locks: DashMap<Vec<u8>, Arc<tokio::sync::Mutex<()>>>,
+    pub per_client: DefaultKeyedRateLimiter<String>,
+    pub per_form: DefaultKeyedRateLimiter<String>,
+    pub https: bool,
+}
+
+impl AppState {
+    pub fn new(node: Arc<Node>, https: bool) -> Arc<AppState> {
+        let quota = |per_minute: u32, burst: u32| {
+            Quota::per_minute(NonZeroU32::new(per_minute).expect("non-zero")).allow_burst(NonZeroU32::new(burst).expect("non-zero"))
+        };
+        Arc::new(AppState {
+            node,
+            overlay: DashMap::new(),
+            locks: DashMap::new(),
+            per_client: RateLimiter::keyed(quota(120, 60)),
+            per_form: RateLimiter::keyed(quota(30, 20)),
+            https,
+        })
+    }
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/f/{site}/{form}", get(visitor::open).post(visitor::submit))
+        .route("/static/form.css", get(|| async { static_file("text/css; charset=utf-8", include_str!("../../static/form.css")) }))
+        .route("/static/form.js", get(|| async { static_file("text/javascript; charset=utf-8", include_str!("../../static/form.js")) }))
+        .route("/healthz", get(|| async { "ok" }))
+        .fallback(visitor::not_found)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn_with_state(state.clone(), security_headers))
+        .with_state(state)
+}
+
+fn static_file(content_type: &'static str, body: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
+}
+
+/// The frame-ancestors sources for a path: a form may be framed by its site's chat origins only.
+fn frame_ancestors(state: &AppState, path: &str) -> String {
+    let site = path.strip_prefix("/f/").and_then(|rest| rest.split('/').next());
+    let origins = site.and_then(|s| state.node.settings.sites.get(s)).map(|s| s.allowed_origins.clone()).unwrap_or_default();
+    if origins.is_empty() { "'none'".to_string() } else { origins.join(" ") }
+}
+
+/// Security headers on every response, errors included.
+async fn security_headers(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let ancestors = frame_ancestors(&state, request.uri().path());
+    let mut response = next.run(request).await;
+    let h = response.headers_mut();
+    let csp = format!(
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors {ancestors}"
+    );
+    if let Ok(v) = HeaderValue::from_str(&csp) {
+        h.insert(header::CONTENT_SECURITY_POLICY, v);
+    }
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert("cross-origin-opener-policy", HeaderValue::from_static("same-origin"));
+    if state.https {
+        h.insert(header::STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=31536000; includeSubDomains"));
+    }
+    response
+}
+
+/// A bound server, ready to run.
+pub struct Server {
+    addr: SocketAddr,
+    kind: ServerKind,
+}
+
+enum ServerKind {
+    Plain(tokio::net::TcpListener, Router),
+    Tls(std::net::TcpListener, axum_server::tls_rustls::RustlsConfig, Router),
+}
+
+/// Binds the gateway: HTTPS with the configured or a self-signed certificate, else plain HTTP
+/// (allowed on loopback only; configuration refuses anything else).
+pub async fn bind(node: Arc<Node>, listen: &str) -> Result<Server, HttpError> {
+    // rustls needs a process-wide crypto provider before any TLS config is built.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let s = &node.settings;
+    let tls = match (&s.tls_cert, &s.tls_key, s.tls_self_signed) {
+        (Some(cert), Some(key), _) => Some(
+            axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key).await.map_err(|e| HttpError::Tls(format!("{}: {e}", cert.display())))?,
+        ),
+        (_, _, true) => {
+            let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+                .map_err(|e| HttpError::Tls(e.to_string()))?;
+            tracing::warn!("serving HTTPS with a self-signed certificate generated at start; browsers will warn. Use tls_cert and tls_key outside local testing");
+            Some(
+                axum_server::tls_rustls::RustlsConfig::from_pem(generated.cert.pem().into_bytes(), generated.signing_key.serialize_pem().into_bytes())
+                    .await
+                    .map_err(|e| HttpError::Tls(e.to_string()))?,
+            )
+        }
+        _ => None,
+    };
+    let state = AppState::new(node.clone(), tls.is_some());
+    let app = router(state);
+    let bind_err = |source| HttpError::Bind { addr: listen.to_string(), source };
+    match tls {
+        Some(config) => {
+            let listener = std::net::TcpListener::bind(listen).map_err(bind_err)?;
+            listener.set_nonblocking(true).map_err(bind_err)?;
+            let addr = listener.local_addr().map_err(bind_err)?;
+            Ok(Server { addr, kind: ServerKind::Tls(listener, config, app) })
+        }
+        None => {
+            let listener = tokio::net::TcpListener::bind(listen).await.map_err(bind_err)?;
+            let addr = listener.local_addr().map_err(bind_err)?;
+            tracing::warn!(%addr, "serving the visitor gateway over plain HTTP on loopback; put it behind TLS or set tls_cert and tls_key before exposing it");
+            Ok(Server { addr, kind: ServerKind::Plain(listener, app) })
+        }
+    }
+}
+
+impl Server {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until `shutdown` resolves, then lets in-flight requests finish.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), HttpError> {
+        match self.kind {
+            ServerKind::Plain(listener, app) => axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+                .with_graceful_shutdown(shutdown)
+                .await
+                .map_err(|e| HttpError::Serve(e.to_string())),
+            ServerKind::Tls(listener, config, app) => {
+                let handle = axum_server::Handle::new();
+                let h = handle.clone();
+                tokio::spawn(async move {
+                    shutdown.await;
+                    h.graceful_shutdown(Some(std::time::Duration::from_secs(10)));
+                });
+                axum_server::from_tcp_rustls(listener, config)
+                    .map_err(|e| HttpError::Serve(e.to_string()))?
+                    .handle(handle)
+                    .serve(app.into_make_service_with_connect_info::<SocketAddr>())
+                    .await
+                    .map_err(|e| HttpError::Serve(e.to_string()))
+            }
+        }
+    }
+}
+
+/// A response body for tests and errors.
+pub fn text(status: axum::http::StatusCode, body: String) -> Response {
+    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], Body::from(body)).into_response()
+}

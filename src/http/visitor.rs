@@ -1,0 +1,283 @@
+//! The visitor's requests. `GET /f/{site}/{form}?k=<open key>` spends an open (up to the reopen
+//! limit) and shows the form with a fresh submit key; `POST` validates, seals and produces the
+//! answers, then thanks the visitor. Every refused key gets a clear page that reveals nothing, and a
+//! KeyRefused audit event.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use askama::Template;
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use rand::SeedableRng;
+use sha2::{Digest, Sha256};
+
+use super::AppState;
+use super::pages::{FormPage, MessagePage};
+use crate::domain::otk::{OtkSecret, Purpose};
+use crate::domain::validate::{YearMonth, validate};
+use crate::domain::visitor::{FormState, KeyRefusal, check_open, check_submit};
+use crate::events::{Event, EventHeader, EventKind, FormOpened, KeyRefused};
+use crate::handlers::gateway::FORMS_TREE;
+use crate::handlers::issuer::form_key;
+use crate::service::Submission;
+use crate::vault::offrecord::Secret;
+
+fn html(status: StatusCode, page: impl Template) -> Response {
+    match page.render() {
+        Ok(body) => (status, Html(body)).into_response(),
+        Err(error) => {
+            tracing::error!(%error, "page failed to render; this is a bug in a template");
+            (StatusCode::INTERNAL_SERVER_ERROR, "The page could not be shown. Please try again.").into_response()
+        }
+    }
+}
+
+fn message(status: StatusCode, heading: &str, paragraphs: &[&str]) -> Response {
+    html(status, MessagePage::new(heading, paragraphs))
+}
+
+/// A 4xx for input the gateway cannot use, saying what is wrong.
+fn bad_request(status: StatusCode, what: &str) -> Response {
+    message(status, "The form could not be read", &[what, "Go back to the chat and open the form link again."])
+}
+
+fn refused_page(r: KeyRefusal) -> Response {
+    match r {
+        KeyRefusal::Invalid => message(
+            StatusCode::FORBIDDEN,
+            "This link cannot be used",
+            &["The link is not valid. It may have been copied incompletely.", "Ask your agent in the chat to send the form again."],
+        ),
+        KeyRefusal::Expired => message(
+            StatusCode::GONE,
+            "This form has expired",
+            &["For your security, secure forms are only open for a short time.", "Ask your agent in the chat to send the form again."],
+        ),
+        KeyRefusal::AlreadySubmitted => message(
+            StatusCode::CONFLICT,
+            "This form has already been sent",
+            &["Your answers were already sent to your agent; they were sent once.", "You can close this window and return to the chat."],
+        ),
+        KeyRefusal::ReopenLimit => message(
+            StatusCode::GONE,
+            "This form can no longer be opened",
+            &["It has been opened the maximum number of times.", "Ask your agent in the chat to send the form again."],
+        ),
+    }
+}
+
+fn too_many() -> Response {
+    let mut r = message(StatusCode::TOO_MANY_REQUESTS, "Too many attempts", &["Please wait a minute, then try again."]);
+    r.headers_mut().insert(header::RETRY_AFTER, axum::http::HeaderValue::from_static("60"));
+    r
+}
+
+/// A client reference for audit events: a hash of the address, never the address itself.
+fn client_ref(addr: &SocketAddr) -> String {
+    hex::encode(&Sha256::digest(format!("secureforms-client/{}", addr.ip()).as_bytes())[..8])
+}
+
+fn rate_limited(state: &AppState, addr: &SocketAddr, site: &str, form: &str) -> bool {
+    state.per_client.check_key(&addr.ip().to_string()).is_err() || state.per_form.check_key(&format!("{site}/{form}")).is_err()
+}
+
+/// The form's key state: this node's latest writes, else the projection.
+fn form_state(state: &AppState, key: &[u8]) -> Option<FormState> {
+    if let Some(s) = state.overlay.get(key) {
+        return Some(s.clone());
+    }
+    let tree = state.node.gateway.tree(FORMS_TREE).ok()?;
+    tree.get(key).ok().flatten().and_then(|v| serde_json::from_slice(&v).ok())
+}
+
+fn lock(state: &AppState, key: &[u8]) -> Arc<tokio::sync::Mutex<()>> {
+    state.locks.entry(key.to_vec()).or_default().clone()
+}
+
+/// Records a refusal (audit) without holding up the visitor's page.
+fn audit_refusal(state: &AppState, site: &str, form: &str, conversation: &str, purpose: Purpose, r: KeyRefusal, addr: &SocketAddr) {
+    let now = (state.node.clock)();
+    let event = Event::KeyRefused(KeyRefused {
+        header: EventHeader::new(EventKind::KeyRefused, uuid::Uuid::new_v4(), now, site, conversation, form),
+        form_id: form.to_string(),
+        purpose: purpose.as_str().to_string(),
+        reason: r.code().to_string(),
+        client_ref: client_ref(addr),
+    });
+    tracing::info!(site_id = site, form_id = form, purpose = purpose.as_str(), reason = r.code(), "one-time key refused");
+    let producer = state.node.producer.clone();
+    tokio::spawn(async move {
+        if let Err(error) = producer.send(&event).await {
+            tracing::warn!(%error, "could not record a key refusal; check the brokers");
+        }
+    });
+}
+
+fn current_month(ms: i64) -> YearMonth {
+    let dt = time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000)).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    YearMonth { year: dt.year(), month: u8::from(dt.month()) }
+}
+
+fn action(site: &str, form: &str) -> String {
+    format!("/f/{}/{}", urlencode(site), urlencode(form))
+}
+
+fn urlencode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// `GET /f/{site}/{form}?k=<open key>`
+pub async fn open(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    Path((site, form)): Path<(String, String)>,
+    Query(query): Query<BTreeMap<String, String>>,
+) -> Response {
+    if rate_limited(&state, &addr, &site, &form) {
+        return too_many();
+    }
+    let key = form_key(&site, &form);
+    let guard = lock(&state, &key);
+    let _held = guard.lock().await;
+    let now = (state.node.clock)();
+    let current = form_state(&state, &key);
+    let presented = query.get("k").and_then(|k| OtkSecret::parse(k));
+    if let Err(r) = check_open(current.as_ref(), &site, &form, presented.as_ref(), now) {
+        let conversation = current.as_ref().map(|s| s.conversation_id.clone()).unwrap_or_default();
+        audit_refusal(&state, &site, &form, &conversation, Purpose::Open, r, &addr);
+        return refused_page(r);
+    }
+    let mut fs = current.expect("checked above");
+    let Some(template) = state.node.settings.sites.get(&site).and_then(|s| s.template(&fs.template_id)).cloned() else {
+        tracing::error!(site_id = %site, template_id = %fs.template_id, "form refers to a template no longer configured; restore it in the config file");
+        return message(StatusCode::SERVICE_UNAVAILABLE, "This form is not available", &["Ask your agent in the chat to send the form again."]);
+    };
+    let submit_ttl = state.node.settings.sites.get(&site).map(|s| s.submit_key_ttl_secs).unwrap_or(1800);
+    let submit_key = OtkSecret::generate(&mut rand::rngs::StdRng::from_os_rng());
+    let opened = FormOpened {
+        header: EventHeader::new(EventKind::FormOpened, uuid::Uuid::new_v4(), now, &site, &fs.conversation_id, &form),
+        form_id: form.clone(),
+        open_count: fs.open_count + 1,
+        submit_key_hash: submit_key.hash(Purpose::Submit, &site, &form),
+        submit_expires_at: now + (submit_ttl as i64) * 1000,
+    };
+    if let Err(error) = state.node.producer.send(&Event::FormOpened(opened.clone())).await {
+        tracing::error!(%error, "could not record the form opening; check the brokers");
+        return message(StatusCode::SERVICE_UNAVAILABLE, "The form cannot be opened right now", &["Please try again in a minute."]);
+    }
+    fs.opened(&opened);
+    state.overlay.insert(key, fs);
+    html(StatusCode::OK, FormPage::new(&template, action(&site, &form), submit_key.expose().to_string(), &BTreeMap::new(), &[]))
+}
+
+/// Parses an `application/x-www-form-urlencoded` body into field -> values.
+fn parse_body(headers: &HeaderMap, body: &Bytes) -> Result<Vec<(String, String)>, Response> {
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !content_type.to_ascii_lowercase().starts_with("application/x-www-form-urlencoded") {
+        return Err(bad_request(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "The form must be sent as application/x-www-form-urlencoded, the way the page sends it.",
+        ));
+    }
+    parse_urlencoded(body).ok_or_else(|| bad_request(StatusCode::BAD_REQUEST, "The form data is not correctly encoded (it must be URL-encoded UTF-8)."))
+}
+
+/// Strict `application/x-www-form-urlencoded` parsing: any byte sequence that is not valid UTF-8
+/// once decoded is refused instead of being replaced.
+fn parse_urlencoded(body: &[u8]) -> Option<Vec<(String, String)>> {
+    let decode = |part: &[u8]| -> Option<String> {
+        let plus_as_space: Vec<u8> = part.iter().map(|&b| if b == b'+' { b' ' } else { b }).collect();
+        percent_encoding::percent_decode(&plus_as_space).decode_utf8().ok().map(|c| c.into_owned())
+    };
+    body.split(|&b| b == b'&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let mut kv = pair.splitn(2, |&b| b == b'=');
+            let k = decode(kv.next().unwrap_or_default())?;
+            let v = decode(kv.next().unwrap_or_default())?;
+            Some((k, v))
+        })
+        .collect()
+}
+
+/// `POST /f/{site}/{form}` with the submit key `k` and the answers.
+pub async fn submit(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    Path((site, form)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if rate_limited(&state, &addr, &site, &form) {
+        return too_many();
+    }
+    let pairs = match parse_body(&headers, &body) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let key = form_key(&site, &form);
+    let guard = lock(&state, &key);
+    let _held = guard.lock().await;
+    let now = (state.node.clock)();
+    let current = form_state(&state, &key);
+    let presented = pairs.iter().find(|(k, _)| k == "k").and_then(|(_, v)| OtkSecret::parse(v));
+    if let Err(r) = check_submit(current.as_ref(), &site, &form, presented.as_ref(), now) {
+        let conversation = current.as_ref().map(|s| s.conversation_id.clone()).unwrap_or_default();
+        audit_refusal(&state, &site, &form, &conversation, Purpose::Submit, r, &addr);
+        return refused_page(r);
+    }
+    let mut fs = current.expect("checked above");
+    let Some(template) = state.node.settings.sites.get(&site).and_then(|s| s.template(&fs.template_id)).cloned() else {
+        return message(StatusCode::SERVICE_UNAVAILABLE, "This form is not available", &["Ask your agent in the chat to send the form again."]);
+    };
+    let mut raw: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (k, v) in pairs {
+        if k == "k" {
+            continue;
+        }
+        if !template.questions.iter().any(|q| q.id == k) {
+            return bad_request(StatusCode::BAD_REQUEST, &format!("The form sent a field it does not have ({k:?})."));
+        }
+        raw.entry(k).or_default().push(v);
+    }
+    let answers = match validate(&template, &raw, current_month(now)) {
+        Ok(a) => a,
+        Err(errors) => {
+            let k = presented.expect("checked above");
+            return html(StatusCode::UNPROCESSABLE_ENTITY, FormPage::new(&template, action(&site, &form), k.expose().to_string(), &raw, &errors));
+        }
+    };
+    drop(raw);
+    let secrets: BTreeMap<String, Secret> = answers.into_iter().map(|(k, v)| (k, Secret::new(v))).collect();
+    let submission = Submission {
+        site_id: &site,
+        conversation_id: &fs.conversation_id,
+        form_id: &form,
+        agent_id: &fs.agent_id,
+        template: &template,
+        answers: secrets,
+    };
+    match state.node.submit(submission).await {
+        Ok(_) => {
+            fs.submitted = true;
+            state.overlay.insert(key, fs);
+            message(
+                StatusCode::OK,
+                "Thank you, your answers were sent",
+                &["They went securely to your agent and are not stored in the chat.", "You can close this window and return to the chat."],
+            )
+        }
+        Err(error) => {
+            tracing::error!(%error, site_id = %site, form_id = %form, "submission could not be stored; check the brokers and the master key");
+            message(StatusCode::SERVICE_UNAVAILABLE, "Your answers could not be sent", &["Nothing was sent. Please try again in a minute."])
+        }
+    }
+}
+
+pub async fn not_found() -> Response {
+    message(StatusCode::NOT_FOUND, "Page not found", &["Open the form from the link your agent sent in the chat."])
+}
