@@ -17,6 +17,7 @@ mkdir -p "$data"
 (umask 077 && "$sf" keys generate-master >"$data/master.key")
 export SECUREFORMS_MASTER_KEY_FILE="$data/master.key"
 "$sf" serve --config config/demo.toml --data-dir "$data" >"$data/serve.log" 2>&1 &
+# The visitor gateway listens on http://127.0.0.1:8080 (plain HTTP is allowed on loopback only).
 serve_pid=$!
 trap 'kill -TERM $serve_pid 2>/dev/null; wait $serve_pid 2>/dev/null' EXIT
 
@@ -46,5 +47,26 @@ run tail form-links --max 3 --idle-exit 30
 echo
 echo "== the bad record, kept with its reason on dead-letters"
 run tail dead-letters --max 1 --idle-exit 30
+
+echo
+echo "== the visitor opens form-1's link (the open key is spent; the page carries a submit key)"
+link=$("$sf" --data-dir "$data" tail form-links --max 3 --idle-exit 30 | python3 -c 'import json,sys
+for l in sys.stdin:
+    e=json.loads(l)
+    if e.get("type")=="FormIssued" and e["event"]["form_id"]=="form-1": print(e["event"]["link"])')
+echo "GET $link"
+page=$(curl -sS "$link")
+echo "$page" | grep -o '<h1>[^<]*</h1>'
+k=$(echo "$page" | python3 -c 'import re,sys; print(re.search(r"name=\"k\" value=\"([^\"]+)\"", sys.stdin.read()).group(1))')
+echo
+echo "== the visitor submits (answers are sealed before anything is written; the CVV stays in memory)"
+curl -sS -o /dev/null -w "POST -> HTTP %{http_code}\n" --data-urlencode "k=$k" \
+  --data-urlencode "pan=4111 1111 1111 1111" --data-urlencode "expiry=12/39" --data-urlencode "cvv=737" "${link%%\?*}"
+echo
+echo "== FormSubmitted on submissions: ciphertext only (answers base64), no CVV at all"
+run tail submissions --max 2 --idle-exit 30 | grep FormSubmitted
+echo
+echo "== FormReady for the agent workspace: submission UUID and a one-time retrieve key"
+run tail agent-events --max 1 --idle-exit 30
 echo
 echo "== done; stopping the service (its log: $data/serve.log)"

@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
 scripts/install-broker.sh
+scripts/install-browser.sh
 
 work=$(mktemp -d)
 cleanup() {
