@@ -65,6 +65,9 @@ pub struct Settings {
     pub tls_key: Option<PathBuf>,
     /// Serve HTTPS with a certificate generated at start for localhost (local use only).
     pub tls_self_signed: bool,
+    /// How agent tokens (JWT from the chat platform) are verified.
+    #[serde(default)]
+    pub agent_auth: AgentAuthConfig,
     /// Sites, keyed by site id.
     #[serde(default)]
     pub sites: BTreeMap<String, SiteConfig>,
@@ -109,9 +112,23 @@ impl Default for Settings {
             tls_cert: None,
             tls_key: None,
             tls_self_signed: false,
+            agent_auth: AgentAuthConfig::default(),
             sites: BTreeMap::new(),
         }
     }
+}
+
+/// Agent token verification. One of: `SECUREFORMS_JWT_SECRET` / `jwt_secret_file` (HS256 shared
+/// secret) or `jwks_file` (RS256, ES256 or EdDSA public keys, selected by the token's `kid`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AgentAuthConfig {
+    pub jwt_secret_file: Option<PathBuf>,
+    pub jwks_file: Option<PathBuf>,
+    /// Required `iss` claim, when set.
+    pub issuer: Option<String>,
+    /// Required `aud` claim, when set.
+    pub audience: Option<String>,
 }
 
 /// One site (a brand's account).

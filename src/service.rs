@@ -23,6 +23,7 @@ use crate::handlers::issuer::Issuer;
 use crate::handlers::keys::{KeysHandler, load_ring};
 use crate::handlers::retrieval::RetrievalProjection;
 use crate::handlers::tokenizer::Tokenizer;
+use crate::handlers::visibility::VisibilityProjection;
 use crate::kafka::admin::Admin;
 use crate::kafka::runtime::{self, Clock};
 use crate::kafka::{EventProducer, Handler, KafkaError, KafkaSettings};
@@ -155,6 +156,8 @@ pub struct Node {
     pub vault: Store,
     /// The gateway projection's store (form key state).
     pub gateway: Store,
+    /// The visibility projection's store (senders, live conversations, ended sessions).
+    pub visibility: Store,
     pub clock: Clock,
 }
 
@@ -182,7 +185,7 @@ impl Service {
         let kafka = kafka_settings(&settings, brokers, "service");
         apply_topics(&kafka, settings.replication_factor).await?;
         let producer = EventProducer::new(&kafka)?;
-        let stores = ["issuer", "keys", "tokenizer", "retrieval", "gateway"]
+        let stores = ["issuer", "keys", "tokenizer", "retrieval", "gateway", "visibility"]
             .into_iter()
             .map(|h| Ok((h, Store::open(&store_dir(&settings, h))?)))
             .collect::<Result<BTreeMap<_, _>, StoreError>>()?;
@@ -202,6 +205,7 @@ impl Service {
             detokenizer,
             vault: stores["tokenizer"].clone(),
             gateway: stores["gateway"].clone(),
+            visibility: stores["visibility"].clone(),
             clock,
         });
         let mut service = Service { node: node.clone(), http_addr: None, stop, tasks: JoinSet::new() };
@@ -211,6 +215,7 @@ impl Service {
         service.spawn(Tokenizer::new(sites), &stores["tokenizer"], &stop_rx);
         service.spawn(RetrievalProjection, &stores["retrieval"], &stop_rx);
         service.spawn(GatewayProjection, &stores["gateway"], &stop_rx);
+        service.spawn(VisibilityProjection, &stores["visibility"], &stop_rx);
         {
             // Expired off-the-record answers are dropped (and zeroized) within seconds.
             let (store, clock, mut stop) = (node.off_record.clone(), node.clock.clone(), stop_rx.clone());

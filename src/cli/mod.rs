@@ -7,6 +7,7 @@ mod chatbus;
 mod keys;
 mod schemas;
 mod serve;
+mod sites;
 mod tail;
 mod topics;
 
@@ -79,6 +80,8 @@ pub enum Command {
     #[command(subcommand)]
     Keys(keys::KeysCommand),
     Bench(bench::Args),
+    #[command(subcommand)]
+    Sites(sites::SitesCommand),
 }
 
 impl GlobalArgs {
@@ -118,5 +121,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Chatbus(c) => chatbus::run(&cli.global, c).await,
         Command::Keys(c) => keys::run(&cli.global, c).await,
         Command::Bench(a) => bench::run(&cli.global, a).await,
+        Command::Sites(c) => sites::run(&cli.global, c),
     }
 }

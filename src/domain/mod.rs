@@ -2,6 +2,7 @@
 //! needs (the time, a freshly generated key, the site's settings) is passed in, so every rule here is
 //! tested without a broker, a disk or a clock.
 
+pub mod access;
 pub mod issue;
 pub mod otk;
 pub mod policy;

@@ -6,3 +6,4 @@ pub mod issuer;
 pub mod keys;
 pub mod retrieval;
 pub mod tokenizer;
+pub mod visibility;

@@ -2,6 +2,8 @@
 //! static assets, and security headers on every response. `router(state)` is what tests call with
 //! `tower::ServiceExt::oneshot`; [`bind`] serves it with TLS or, on loopback only, plain HTTP.
 
+pub mod agent;
+pub mod auth;
 pub mod pages;
 pub mod visitor;
 
@@ -34,6 +36,8 @@ pub enum HttpError {
     Tls(String),
     #[error("http server failed: {0}")]
     Serve(String),
+    #[error("agent authentication is misconfigured: {0}")]
+    Auth(String),
 }
 
 /// Largest request body the gateway reads (a 20-question form is a few KiB).
@@ -49,21 +53,28 @@ pub struct AppState {
     pub per_client: DefaultKeyedRateLimiter<String>,
     pub per_form: DefaultKeyedRateLimiter<String>,
     pub https: bool,
+    pub auth: auth::AgentAuth,
 }
 
 impl AppState {
-    pub fn new(node: Arc<Node>, https: bool) -> Arc<AppState> {
+    pub fn new(node: Arc<Node>, https: bool) -> Result<Arc<AppState>, HttpError> {
+        let secret = std::env::var("SECUREFORMS_JWT_SECRET").ok();
+        let auth = auth::AgentAuth::load(&node.settings.agent_auth, secret.as_deref()).map_err(|e| HttpError::Auth(e.to_string()))?;
+        if !auth.is_configured() {
+            tracing::warn!("agent authentication is not configured: the agent API answers 401 auth_not_configured; set SECUREFORMS_JWT_SECRET or agent_auth.jwks_file");
+        }
         let quota = |per_minute: u32, burst: u32| {
             Quota::per_minute(NonZeroU32::new(per_minute).expect("non-zero")).allow_burst(NonZeroU32::new(burst).expect("non-zero"))
         };
-        Arc::new(AppState {
+        Ok(Arc::new(AppState {
+            auth,
             node,
             overlay: DashMap::new(),
             locks: DashMap::new(),
             per_client: RateLimiter::keyed(quota(120, 60)),
             per_form: RateLimiter::keyed(quota(30, 20)),
             https,
-        })
+        }))
     }
 }
 
@@ -72,6 +83,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/f/{site}/{form}", get(visitor::open).post(visitor::submit))
         .route("/static/form.css", get(|| async { static_file("text/css; charset=utf-8", include_str!("../../static/form.css")) }))
         .route("/static/form.js", get(|| async { static_file("text/javascript; charset=utf-8", include_str!("../../static/form.js")) }))
+        .route("/api/v1/submissions/{id}/retrieve", axum::routing::post(agent::retrieve))
+        .route("/api/v1/submissions/{id}/retrieve-key", axum::routing::post(agent::fresh_key))
+        .route("/api/v1/conversations/{id}/history", get(agent::history))
         .route("/healthz", get(|| async { "ok" }))
         .fallback(visitor::not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -144,7 +158,7 @@ pub async fn bind(node: Arc<Node>, listen: &str) -> Result<Server, HttpError> {
         }
         _ => None,
     };
-    let state = AppState::new(node.clone(), tls.is_some());
+    let state = AppState::new(node.clone(), tls.is_some())?;
     let app = router(state);
     let bind_err = |source| HttpError::Bind { addr: listen.to_string(), source };
     match tls {

@@ -160,6 +160,29 @@ impl Detokenizer {
         Ok(Retrieved { submission_id, record, answers, off_record, spent_key_hash: state.key_hash })
     }
 
+    /// Opens a submission's stored answers without a key, for the manager's history view (the
+    /// caller checks the permission). Off-the-record answers are never included.
+    pub fn open_for_history(&self, site_id: &str, submission_id: uuid::Uuid) -> Result<BTreeMap<String, Secret>, DetokenizeError> {
+        let record = self.record(&submission_id)?.ok_or(Refusal::UnknownSubmission)?;
+        if record.site_id != site_id {
+            return Err(Refusal::WrongSite.into());
+        }
+        let data_key = match self.ring.get(&record.key_id) {
+            Ok(k) => k,
+            Err(KeyError::Destroyed(_)) => return Err(Refusal::Purged.into()),
+            Err(e) => return Err(DetokenizeError::Key(e)),
+        };
+        let submission = submission_id.to_string();
+        let mut answers = BTreeMap::new();
+        for (field, ct) in &record.answers {
+            let ad = answer_ad(&record.site_id, &record.form_id, &submission, field, &record.key_id);
+            let plain = data_key.material.open(&ad, ct).map_err(DetokenizeError::Key)?;
+            let text = String::from_utf8(plain.to_vec()).map_err(|_| DetokenizeError::Corrupt(submission.clone(), "answer is not UTF-8".into()))?;
+            answers.insert(field.clone(), Secret::new(text));
+        }
+        Ok(answers)
+    }
+
     pub fn record(&self, submission_id: &uuid::Uuid) -> Result<Option<VaultRecord>, DetokenizeError> {
         let raw = self.vault.tree(trees::SUBMISSIONS)?.get(submission_key(submission_id)).map_err(StoreError::from)?;
         raw.map(|v| VaultRecord::decode(&v).map_err(|e| DetokenizeError::Corrupt(submission_id.to_string(), e.to_string()))).transpose()

@@ -1,0 +1,84 @@
+//! The visibility projection: who sent each form and in which conversation, which conversations are
+//! live (and who holds them after transfers), which agent sessions ended, and which submissions
+//! belong to each conversation. Fed by the chat bus's events and FormSubmitted.
+
+use crate::events::Event;
+use crate::handlers::issuer::form_key;
+use crate::kafka::{ApplyError, Handler, RecordMeta};
+use crate::store::Tx;
+use crate::topics::Topic;
+
+pub mod trees {
+    /// `site \0 conversation` -> [`super::Conversation`].
+    pub const CONVERSATIONS: &str = "vis.conversations";
+    /// submission UUID (16 bytes) -> [`super::SubmissionOwner`].
+    pub const SUBMISSIONS: &str = "vis.submissions";
+    /// `site \0 conversation \0 submission` -> empty: a conversation's submissions, for history.
+    pub const BY_CONVERSATION: &str = "vis.by_conversation";
+    /// `site \0 session` -> empty: sessions the chat bus ended (logout, idle logout).
+    pub const ENDED_SESSIONS: &str = "vis.ended_sessions";
+}
+
+pub use crate::domain::access::{Conversation, SubmissionOwner};
+
+pub fn conversation_key(site: &str, conversation: &str) -> Vec<u8> {
+    form_key(site, conversation)
+}
+
+#[derive(Default)]
+pub struct VisibilityProjection;
+
+impl Handler for VisibilityProjection {
+    fn name(&self) -> &'static str {
+        "visibility"
+    }
+
+    fn topics(&self) -> Vec<Topic> {
+        vec![Topic::ChatEvents, Topic::Submissions]
+    }
+
+    fn apply(&mut self, tx: &mut Tx<'_>, event: &Event, _meta: &RecordMeta, _now_ms: i64) -> Result<Vec<Event>, ApplyError> {
+        let h = event.header();
+        let ckey = conversation_key(&h.site_id, &h.conversation_id);
+        match event {
+            Event::FormSent(e) => {
+                let mut c = tx.get_json::<Conversation>(trees::CONVERSATIONS, &ckey)?.unwrap_or(Conversation { live: true, current_agent: None });
+                if c.current_agent.is_none() {
+                    c.current_agent = Some(e.agent_id.clone());
+                }
+                tx.insert_json(trees::CONVERSATIONS, ckey, &c);
+            }
+            Event::ConversationTransferred(e) => {
+                let mut c = tx.get_json::<Conversation>(trees::CONVERSATIONS, &ckey)?.unwrap_or(Conversation { live: true, current_agent: None });
+                c.current_agent = Some(e.to_agent_id.clone());
+                tx.insert_json(trees::CONVERSATIONS, ckey, &c);
+            }
+            Event::ConversationClosed(_) => {
+                let mut c = tx.get_json::<Conversation>(trees::CONVERSATIONS, &ckey)?.unwrap_or(Conversation { live: false, current_agent: None });
+                c.live = false;
+                tx.insert_json(trees::CONVERSATIONS, ckey, &c);
+            }
+            Event::AgentSessionEnded(e) => {
+                tx.insert(trees::ENDED_SESSIONS, form_key(&h.site_id, &e.session_id), Vec::new());
+            }
+            Event::FormSubmitted(s) => {
+                let Ok(id) = uuid::Uuid::parse_str(&s.submission_id) else { return Ok(vec![]) };
+                let owner = SubmissionOwner {
+                    site_id: h.site_id.clone(),
+                    conversation_id: h.conversation_id.clone(),
+                    form_id: s.form_id.clone(),
+                    sender: s.agent_id.clone(),
+                    submitted_at: h.occurred_at,
+                    template_id: s.template_id.clone(),
+                };
+                tx.insert_json(trees::SUBMISSIONS, id.as_bytes().to_vec(), &owner);
+                let mut k = ckey;
+                k.push(0);
+                k.extend_from_slice(id.as_bytes());
+                tx.insert(trees::BY_CONVERSATION, k, Vec::new());
+            }
+            _ => {}
+        }
+        Ok(vec![])
+    }
+}

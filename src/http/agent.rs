@@ -1,0 +1,256 @@
+//! The agent API (seed steps 6-7): retrieve a submission with its one-time key, ask for a fresh key,
+//! and the manager's conversation history. Every retrieval attempt, granted or denied, emits exactly
+//! one FormRetrieved (the audit trail); answers never go into events or logs.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::AppState;
+use super::auth::{AgentClaims, AuthFailure};
+use crate::domain::access::{Conversation, MANAGER_ROLE, Requester, SubmissionOwner, may_retrieve, may_view_responses_in_history};
+use crate::domain::otk::OtkSecret;
+use crate::events::{Event, EventHeader, EventKind, FormReady, FormRetrieved};
+use crate::handlers::visibility::{conversation_key, trees};
+use crate::vault::detokenize::DetokenizeError;
+use crate::vault::offrecord::OffRecord;
+
+/// `{"error": code, "message": ...}` with a status.
+pub fn api_error(status: StatusCode, code: &str, message: &str) -> Response {
+    (status, Json(json!({ "error": code, "message": message }))).into_response()
+}
+
+fn now(state: &AppState) -> i64 {
+    (state.node.clock)()
+}
+
+/// Verifies the token and that its session is still open.
+fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<AgentClaims, AuthFailure> {
+    let claims = state.auth.verify(headers, now(state))?;
+    let ended = state
+        .node
+        .visibility
+        .tree(trees::ENDED_SESSIONS)
+        .ok()
+        .and_then(|t| t.contains_key(conversation_key(&claims.site, &claims.sid)).ok())
+        .unwrap_or(false);
+    if ended {
+        return Err(AuthFailure::SessionEnded);
+    }
+    Ok(claims)
+}
+
+fn owner(state: &AppState, id: &uuid::Uuid) -> Option<SubmissionOwner> {
+    let t = state.node.visibility.tree(trees::SUBMISSIONS).ok()?;
+    t.get(id.as_bytes()).ok().flatten().and_then(|v| serde_json::from_slice(&v).ok())
+}
+
+fn conversation(state: &AppState, site: &str, conv: &str) -> Option<Conversation> {
+    let t = state.node.visibility.tree(trees::CONVERSATIONS).ok()?;
+    t.get(conversation_key(site, conv)).ok().flatten().and_then(|v| serde_json::from_slice(&v).ok())
+}
+
+/// Emits the audit event (acks=all). Returns false when it could not be recorded.
+async fn audit(state: &AppState, owner: Option<&SubmissionOwner>, submission: &str, agent: &str, session: Option<&str>, outcome: &str, reason: &str) -> bool {
+    let (site, conv, form) = owner.map(|o| (o.site_id.as_str(), o.conversation_id.as_str(), o.form_id.as_str())).unwrap_or(("", "", ""));
+    let event = Event::FormRetrieved(FormRetrieved {
+        header: EventHeader::new(EventKind::FormRetrieved, uuid::Uuid::new_v4(), now(state), site, conv, form),
+        form_id: form.to_string(),
+        submission_id: submission.to_string(),
+        agent_id: agent.to_string(),
+        session_id: session.map(str::to_string),
+        outcome: outcome.to_string(),
+        reason: reason.to_string(),
+    });
+    tracing::info!(submission_id = submission, agent_id = agent, outcome, reason, "retrieval attempt");
+    match state.node.producer.send(&event).await {
+        Ok(_) => true,
+        Err(error) => {
+            tracing::error!(%error, "could not record the retrieval audit event; check the brokers");
+            false
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrieveRequest {
+    /// The one-time retrieve key from FormReady.
+    pub key: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OffRecordView {
+    /// `present`, or `expired` (the agent must resend the form to ask again).
+    pub state: &'static str,
+    pub answers: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RetrieveResponse {
+    pub submission_id: String,
+    pub form_id: String,
+    pub conversation_id: String,
+    pub template_id: String,
+    pub submitted_at: i64,
+    pub answers: BTreeMap<String, String>,
+    pub off_record_field_ids: Vec<String>,
+    pub off_record: OffRecordView,
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &Bytes) -> Result<T, Response> {
+    let ct = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !ct.to_ascii_lowercase().starts_with("application/json") {
+        return Err(api_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "bad_content_type", "send the body as application/json"));
+    }
+    serde_json::from_slice(body).map_err(|e| api_error(StatusCode::BAD_REQUEST, "bad_body", &format!("the JSON body is not valid: {e}")))
+}
+
+/// `POST /api/v1/submissions/{id}/retrieve` with `{"key": "<retrieve key>"}`.
+pub async fn retrieve(State(state): State<Arc<AppState>>, Path(id): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
+    let Ok(sid) = uuid::Uuid::parse_str(&id) else {
+        return api_error(StatusCode::BAD_REQUEST, "bad_submission_id", "the submission id must be a UUID");
+    };
+    let known = owner(&state, &sid);
+    let claims = match authenticate(&state, &headers) {
+        Ok(c) => c,
+        Err(f) => {
+            audit(&state, known.as_ref(), &id, "", None, "denied", f.code()).await;
+            return api_error(StatusCode::UNAUTHORIZED, f.code(), f.message());
+        }
+    };
+    let request: RetrieveRequest = match parse_json(&headers, &body) {
+        Ok(r) => r,
+        Err(r) => {
+            audit(&state, known.as_ref(), &id, &claims.sub, Some(&claims.sid), "denied", "bad_request").await;
+            return r;
+        }
+    };
+    let conv = known.as_ref().and_then(|o| conversation(&state, &o.site_id, &o.conversation_id));
+    let who = Requester { agent_id: &claims.sub, site_id: &claims.site, permissions: &claims.permissions };
+    if let Err(d) = may_retrieve(&who, known.as_ref(), conv.as_ref()) {
+        audit(&state, known.as_ref(), &id, &claims.sub, Some(&claims.sid), "denied", d.code()).await;
+        let status = if d == crate::domain::access::Denial::UnknownSubmission { StatusCode::NOT_FOUND } else { StatusCode::FORBIDDEN };
+        return api_error(status, d.code(), d.message());
+    }
+    let owner = known.expect("checked by may_retrieve");
+    match state.node.detokenizer.detokenize(&claims.site, sid, &request.key, now(&state)) {
+        Ok(got) => {
+            if !audit(&state, Some(&owner), &id, &claims.sub, Some(&claims.sid), "granted", "").await {
+                return api_error(StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable", "the retrieval could not be audited, so nothing was returned; try again with a fresh key");
+            }
+            let answers = got.answers.iter().map(|(k, v)| (k.clone(), v.expose().to_string())).collect();
+            let off_record = match &got.off_record {
+                OffRecord::Present(a) => OffRecordView { state: "present", answers: a.iter().map(|(k, v)| (k.clone(), v.expose().to_string())).collect() },
+                OffRecord::Expired => OffRecordView { state: "expired", answers: BTreeMap::new() },
+            };
+            Json(RetrieveResponse {
+                submission_id: id,
+                form_id: got.record.form_id.clone(),
+                conversation_id: got.record.conversation_id.clone(),
+                template_id: got.record.template_id.clone(),
+                submitted_at: got.record.submitted_at,
+                answers,
+                off_record_field_ids: got.record.off_record_field_ids.clone(),
+                off_record,
+            })
+            .into_response()
+        }
+        Err(DetokenizeError::Refused(r)) => {
+            audit(&state, Some(&owner), &id, &claims.sub, Some(&claims.sid), "denied", r.code()).await;
+            let status = if r == crate::vault::detokenize::Refusal::UnknownSubmission { StatusCode::NOT_FOUND } else { StatusCode::FORBIDDEN };
+            api_error(status, r.code(), &r.to_string())
+        }
+        Err(error) => {
+            audit(&state, Some(&owner), &id, &claims.sub, Some(&claims.sid), "denied", "internal_error").await;
+            tracing::error!(%error, submission_id = %id, "detokenizing failed; check the master key and the key ring");
+            api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "the submission could not be opened")
+        }
+    }
+}
+
+/// `POST /api/v1/submissions/{id}/retrieve-key`: a fresh one-time key for the sender, while the
+/// conversation is live. Delivered in the response and as a new FormReady.
+pub async fn fresh_key(State(state): State<Arc<AppState>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    let Ok(sid) = uuid::Uuid::parse_str(&id) else {
+        return api_error(StatusCode::BAD_REQUEST, "bad_submission_id", "the submission id must be a UUID");
+    };
+    let claims = match authenticate(&state, &headers) {
+        Ok(c) => c,
+        Err(f) => return api_error(StatusCode::UNAUTHORIZED, f.code(), f.message()),
+    };
+    let known = owner(&state, &sid);
+    let conv = known.as_ref().and_then(|o| conversation(&state, &o.site_id, &o.conversation_id));
+    let who = Requester { agent_id: &claims.sub, site_id: &claims.site, permissions: &claims.permissions };
+    if let Err(d) = may_retrieve(&who, known.as_ref(), conv.as_ref()) {
+        let status = if d == crate::domain::access::Denial::UnknownSubmission { StatusCode::NOT_FOUND } else { StatusCode::FORBIDDEN };
+        return api_error(status, d.code(), d.message());
+    }
+    let owner = known.expect("checked");
+    let t = now(&state);
+    let ttl = state.node.settings.sites.get(&owner.site_id).map(|s| s.retrieve_key_ttl_secs).unwrap_or(60);
+    let record = state.node.detokenizer.record(&sid).ok().flatten();
+    let key = OtkSecret::generate(&mut rand::rngs::StdRng::from_os_rng());
+    let ready = FormReady {
+        header: EventHeader::new(EventKind::FormReady, uuid::Uuid::new_v4(), t, &owner.site_id, &owner.conversation_id, &owner.form_id),
+        form_id: owner.form_id.clone(),
+        submission_id: id.clone(),
+        agent_id: owner.sender.clone(),
+        retrieve_key: key.expose().to_string(),
+        retrieve_expires_at: t + (ttl as i64) * 1000,
+        off_record_field_ids: record.map(|r| r.off_record_field_ids).unwrap_or_default(),
+    };
+    if let Err(error) = state.node.producer.send(&Event::FormReady(ready.clone())).await {
+        tracing::error!(%error, "could not publish a fresh retrieve key; check the brokers");
+        return api_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "try again in a moment");
+    }
+    (StatusCode::CREATED, Json(json!({ "submission_id": id, "retrieve_key": ready.retrieve_key, "retrieve_expires_at": ready.retrieve_expires_at }))).into_response()
+}
+
+/// `GET /api/v1/conversations/{id}/history`: the conversation's secure forms for a manager. Answers
+/// only with "view secure form responses in conversation history"; off-the-record answers never.
+pub async fn history(State(state): State<Arc<AppState>>, Path(conv): Path<String>, headers: HeaderMap) -> Response {
+    let claims = match authenticate(&state, &headers) {
+        Ok(c) => c,
+        Err(f) => return api_error(StatusCode::UNAUTHORIZED, f.code(), f.message()),
+    };
+    if !claims.roles.iter().any(|r| r == MANAGER_ROLE) {
+        return api_error(StatusCode::FORBIDDEN, "not_a_manager", "conversation history is for agent managers");
+    }
+    let with_answers = may_view_responses_in_history(&claims.permissions);
+    let mut prefix = conversation_key(&claims.site, &conv);
+    prefix.push(0);
+    let Ok(index) = state.node.visibility.tree(trees::BY_CONVERSATION) else {
+        return api_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "try again in a moment");
+    };
+    let mut items = Vec::new();
+    for row in index.scan_prefix(&prefix).flatten() {
+        let Ok(sid) = uuid::Uuid::from_slice(&row.0[prefix.len()..]) else { continue };
+        let Some(o) = owner(&state, &sid) else { continue };
+        let mut item = json!({
+            "submission_id": sid.to_string(), "form_id": o.form_id, "template_id": o.template_id,
+            "sent_by": o.sender, "submitted_at": o.submitted_at, "responses_visible": with_answers,
+        });
+        if with_answers {
+            match state.node.detokenizer.open_for_history(&claims.site, sid) {
+                Ok(answers) => {
+                    item["answers"] = json!(answers.iter().map(|(k, v)| (k.clone(), v.expose().to_string())).collect::<BTreeMap<_, _>>());
+                    audit(&state, Some(&o), &sid.to_string(), &claims.sub, Some(&claims.sid), "granted", "history_view").await;
+                }
+                Err(e) => item["answers_unavailable"] = json!(e.to_string()),
+            }
+        } else {
+            item["note"] = json!("a secure form was submitted; responses are hidden");
+        }
+        items.push(item);
+    }
+    Json(json!({ "conversation_id": conv, "site_id": claims.site, "secure_forms": items })).into_response()
+}

@@ -1,0 +1,187 @@
+//! Agent authentication: a bearer JWT issued by the chat platform, verified with a shared secret
+//! (HS256) or a JWKS file. Claims: `sub` (agent id), `site`, `roles`, `permissions`, `sid` (session)
+//! and `exp`. A session the chat bus ended (AgentSessionEnded: logout, idle logout) revokes every
+//! token of that session at once.
+
+use std::path::Path;
+
+use axum::http::HeaderMap;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::config::AgentAuthConfig;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentClaims {
+    /// The agent id.
+    pub sub: String,
+    pub site: String,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    #[serde(default)]
+    pub permissions: Vec<String>,
+    /// The agent's session on the chat platform.
+    pub sid: String,
+    pub exp: i64,
+}
+
+/// Why a token was refused (401). The code goes into the response and the audit event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    NotConfigured,
+    Missing,
+    Invalid,
+    Expired,
+    SessionEnded,
+}
+
+impl AuthFailure {
+    pub fn code(self) -> &'static str {
+        match self {
+            AuthFailure::NotConfigured => "auth_not_configured",
+            AuthFailure::Missing => "token_missing",
+            AuthFailure::Invalid => "token_invalid",
+            AuthFailure::Expired => "token_expired",
+            AuthFailure::SessionEnded => "session_ended",
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        match self {
+            AuthFailure::NotConfigured => "agent authentication is not configured on this node (set SECUREFORMS_JWT_SECRET or agent_auth.jwks_file)",
+            AuthFailure::Missing => "send the agent's token as Authorization: Bearer <jwt>",
+            AuthFailure::Invalid => "the token is not valid (signature, algorithm, claims or format)",
+            AuthFailure::Expired => "the token has expired; get a new one from the chat platform",
+            AuthFailure::SessionEnded => "the agent's session has ended (logout or idle logout); sign in again",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a JWKS file: {message}")]
+    Jwks { path: String, message: String },
+}
+
+enum Keys {
+    None,
+    Secret(DecodingKey),
+    Jwks(Vec<(Option<String>, Algorithm, DecodingKey)>),
+}
+
+pub struct AgentAuth {
+    keys: Keys,
+    issuer: Option<String>,
+    audience: Option<String>,
+}
+
+impl AgentAuth {
+    /// From the configuration and `SECUREFORMS_JWT_SECRET` (which wins over `jwt_secret_file`).
+    pub fn load(cfg: &AgentAuthConfig, env_secret: Option<&str>) -> Result<AgentAuth, AuthConfigError> {
+        let read = |p: &Path| std::fs::read(p).map_err(|source| AuthConfigError::Read { path: p.display().to_string(), source });
+        let keys = if let Some(secret) = env_secret.filter(|s| !s.is_empty()) {
+            Keys::Secret(DecodingKey::from_secret(secret.as_bytes()))
+        } else if let Some(p) = &cfg.jwt_secret_file {
+            let bytes = read(p)?;
+            Keys::Secret(DecodingKey::from_secret(String::from_utf8_lossy(&bytes).trim().as_bytes()))
+        } else if let Some(p) = &cfg.jwks_file {
+            let bad = |message: String| AuthConfigError::Jwks { path: p.display().to_string(), message };
+            let set: JwkSet = serde_json::from_slice(&read(p)?).map_err(|e| bad(e.to_string()))?;
+            let mut keys = Vec::new();
+            for jwk in &set.keys {
+                let alg = jwk
+                    .common
+                    .key_algorithm
+                    .and_then(|a| a.to_string().parse::<Algorithm>().ok())
+                    .ok_or_else(|| bad("every key needs an \"alg\"".into()))?;
+                keys.push((jwk.common.key_id.clone(), alg, DecodingKey::from_jwk(jwk).map_err(|e| bad(e.to_string()))?));
+            }
+            Keys::Jwks(keys)
+        } else {
+            Keys::None
+        };
+        Ok(AgentAuth { keys, issuer: cfg.issuer.clone(), audience: cfg.audience.clone() })
+    }
+
+    pub fn is_configured(&self) -> bool {
+        !matches!(self.keys, Keys::None)
+    }
+
+    /// Verifies the bearer token of a request at `now_ms` (signature, algorithm, expiry, issuer,
+    /// audience). Session revocation is checked by the caller against the visibility projection.
+    pub fn verify(&self, headers: &HeaderMap, now_ms: i64) -> Result<AgentClaims, AuthFailure> {
+        let token = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or(AuthFailure::Missing)?;
+        let header = jsonwebtoken::decode_header(token).map_err(|_| AuthFailure::Invalid)?;
+        let (alg, key) = match &self.keys {
+            Keys::None => return Err(AuthFailure::NotConfigured),
+            Keys::Secret(k) => (Algorithm::HS256, k),
+            Keys::Jwks(keys) => keys
+                .iter()
+                .find(|(kid, alg, _)| (header.kid.is_none() || kid == &header.kid) && *alg == header.alg)
+                .map(|(_, alg, k)| (*alg, k))
+                .ok_or(AuthFailure::Invalid)?,
+        };
+        if header.alg != alg {
+            return Err(AuthFailure::Invalid);
+        }
+        let mut v = Validation::new(alg);
+        // Expiry is checked below against the injected clock, not the system clock.
+        v.validate_exp = false;
+        v.required_spec_claims = ["sub".to_string()].into_iter().collect();
+        v.leeway = 0;
+        if let Some(iss) = &self.issuer {
+            v.set_issuer(&[iss]);
+        }
+        match &self.audience {
+            Some(aud) => v.set_audience(&[aud]),
+            None => v.validate_aud = false,
+        }
+        let claims = jsonwebtoken::decode::<AgentClaims>(token, key, &v).map_err(|_| AuthFailure::Invalid)?.claims;
+        if claims.exp * 1000 <= now_ms {
+            return Err(AuthFailure::Expired);
+        }
+        Ok(claims)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{EncodingKey, Header, encode};
+
+    fn token(secret: &str, claims: &AgentClaims, alg: Algorithm) -> HeaderMap {
+        let t = encode(&Header::new(alg), claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(axum::http::header::AUTHORIZATION, format!("Bearer {t}").parse().unwrap());
+        h
+    }
+
+    fn claims(exp: i64) -> AgentClaims {
+        AgentClaims { sub: "alice".into(), site: "acme".into(), roles: vec!["agent".into()], permissions: vec!["use_secure_form".into()], sid: "s1".into(), exp }
+    }
+
+    #[test]
+    fn tokens_are_checked_for_signature_algorithm_and_expiry() {
+        let auth = AgentAuth::load(&AgentAuthConfig::default(), Some("top-secret")).unwrap();
+        assert_eq!(auth.verify(&token("top-secret", &claims(2_000), Algorithm::HS256), 1_000_000).unwrap().sub, "alice");
+        assert_eq!(auth.verify(&token("other", &claims(2_000), Algorithm::HS256), 1_000_000), Err(AuthFailure::Invalid), "forged");
+        assert_eq!(auth.verify(&token("top-secret", &claims(2_000), Algorithm::HS512), 1_000_000), Err(AuthFailure::Invalid), "algorithm");
+        assert_eq!(auth.verify(&token("top-secret", &claims(999), Algorithm::HS256), 1_000_000), Err(AuthFailure::Expired));
+        assert_eq!(auth.verify(&HeaderMap::new(), 0), Err(AuthFailure::Missing));
+        let unconfigured = AgentAuth::load(&AgentAuthConfig::default(), None).unwrap();
+        assert_eq!(unconfigured.verify(&token("x", &claims(2_000), Algorithm::HS256), 0), Err(AuthFailure::NotConfigured));
+    }
+}

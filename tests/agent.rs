@@ -1,0 +1,255 @@
+//! The agent side through HTTP and the real broker: the access matrix (sender, other agent,
+//! transfer, reassignment, close, missing permission, forged and expired tokens, ended session,
+//! reused key, submit key, another site's key), the manager's history with and without its
+//! permission, fresh keys, and exactly one FormRetrieved audit event per attempt.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use jsonwebtoken::{EncodingKey, Header, encode};
+use rdkafka::message::Message;
+use secureforms::events::{AgentSessionEnded, ConversationClosed, ConversationTransferred, Codec, Event, EventHeader, EventKind};
+use secureforms::http::auth::AgentClaims;
+use secureforms::kafka::runtime::system_clock;
+use secureforms::service::Service;
+use secureforms::topics::Topic;
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(60);
+const SECRET: &str = "test-shared-secret-for-agent-tokens";
+
+fn token(agent: &str, site: &str, perms: &[&str], roles: &[&str], sid: &str, exp_in_secs: i64, secret: &str) -> String {
+    let claims = AgentClaims {
+        sub: agent.into(),
+        site: site.into(),
+        roles: roles.iter().map(|r| r.to_string()).collect(),
+        permissions: perms.iter().map(|p| p.to_string()).collect(),
+        sid: sid.into(),
+        exp: now_ms() / 1000 + exp_in_secs,
+    };
+    encode(&Header::default(), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+}
+
+fn agent(name: &str, sid: &str) -> String {
+    token(name, "acme", &["use_secure_form"], &["agent"], sid, 600, SECRET)
+}
+
+struct Env {
+    service: Service,
+    base: String,
+    prefix: String,
+    client: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Env {
+    async fn post(&self, path: &str, bearer: Option<&str>, body: Value) -> (u16, Value) {
+        let mut r = self.client.post(format!("{}{}", self.base, path)).header("content-type", "application/json").body(body.to_string());
+        if let Some(t) = bearer {
+            r = r.bearer_auth(t);
+        }
+        let resp = r.send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, serde_json::from_str(&resp.text().await.unwrap()).unwrap_or(Value::Null))
+    }
+
+    async fn get(&self, path: &str, bearer: &str) -> (u16, Value) {
+        let resp = self.client.get(format!("{}{}", self.base, path)).bearer_auth(bearer).send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, serde_json::from_str(&resp.text().await.unwrap()).unwrap_or(Value::Null))
+    }
+
+    async fn retrieve(&self, sub: &str, bearer: Option<&str>, key: &str) -> (u16, Value) {
+        self.post(&format!("/api/v1/submissions/{sub}/retrieve"), bearer, json!({ "key": key })).await
+    }
+
+    async fn chat(&self, e: Event) {
+        producer(&self.prefix).await.send(&e).await.unwrap();
+    }
+
+    /// Polls until the visibility projection shows `check` for the conversation.
+    async fn until_conversation(&self, site: &str, conv: &str, check: impl Fn(&secureforms::domain::access::Conversation) -> bool) {
+        let key = secureforms::handlers::visibility::conversation_key(site, conv);
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let tree = self.service.visibility.tree(secureforms::handlers::visibility::trees::CONVERSATIONS).unwrap();
+            if let Some(v) = tree.get(&key).unwrap()
+                && check(&serde_json::from_slice(&v).unwrap())
+            {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "conversation {conv} never reached the expected state");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+async fn env() -> Env {
+    let prefix = unique_prefix("agent");
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("jwt.secret");
+    std::fs::write(&secret_file, SECRET).unwrap();
+    let mut s = settings(&prefix, dir.path());
+    s.http_listen = Some("127.0.0.1:0".into());
+    s.agent_auth.jwt_secret_file = Some(secret_file);
+    let beta = s.sites["acme"].clone();
+    s.sites.insert("beta".into(), beta);
+    let service = Service::start(s, brokers(), system_clock()).await.unwrap();
+    let base = format!("http://{}", service.http_addr.unwrap());
+    Env { service, base, prefix, client: reqwest::Client::new(), _dir: dir }
+}
+
+/// Plays chat bus and visitor: returns (submission id, retrieve key, the page's submit key).
+async fn submitted_form(e: &Env, site: &str, conv: &str, form: &str, sender: &str) -> (String, String, String) {
+    e.chat(form_sent(site, conv, form, sender, "agent", "card-payment")).await;
+    let mut links = TopicReader::new(&e.prefix, Topic::FormLinks).await;
+    assert!(links.read_until(WAIT, |r| r.iter().any(|m| matches!(m.payload().map(|p| Codec::get().decode(p)), Some(Ok(Event::FormIssued(i))) if i.form_id == form))).await);
+    let link = links.events().into_iter().find_map(|ev| if let Event::FormIssued(i) = ev { (i.form_id == form).then_some(i.link) } else { None }).unwrap();
+    let path = link.trim_start_matches("http://127.0.0.1:8080").to_string();
+    let key = secureforms::handlers::issuer::form_key(site, form);
+    let deadline = std::time::Instant::now() + WAIT;
+    while !e.service.gateway.tree(secureforms::handlers::gateway::FORMS_TREE).unwrap().contains_key(&key).unwrap() {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let page = e.client.get(format!("{}{}", e.base, path)).send().await.unwrap().text().await.unwrap();
+    let at = page.find("name=\"k\" value=\"").unwrap() + 16;
+    let submit_key = page[at..at + 22].to_string();
+    let body = serde_urlencoded::to_string([("k", submit_key.as_str()), ("cardholder", "Ada"), ("pan", "4111111111111111"), ("expiry", "12/39"), ("cvv", "737")]).unwrap();
+    let r = e.client.post(format!("{}{}", e.base, path.split('?').next().unwrap())).header("content-type", "application/x-www-form-urlencoded").body(body).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let mut agent_events = TopicReader::new(&e.prefix, Topic::AgentEvents).await;
+    assert!(agent_events.read_until(WAIT, |r| r.iter().any(|m| matches!(m.payload().map(|p| Codec::get().decode(p)), Some(Ok(Event::FormReady(f))) if f.form_id == form))).await);
+    let ready = agent_events.events().into_iter().find_map(|ev| if let Event::FormReady(f) = ev { (f.form_id == form).then_some(f) } else { None }).unwrap();
+    // Wait until both projections know the submission.
+    let id = uuid::Uuid::parse_str(&ready.submission_id).unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let vis = e.service.visibility.tree(secureforms::handlers::visibility::trees::SUBMISSIONS).unwrap().contains_key(id.as_bytes()).unwrap();
+        if vis && e.service.detokenizer.record(&id).unwrap().is_some() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (ready.submission_id, ready.retrieve_key, submit_key)
+}
+
+fn header(kind: EventKind, site: &str, conv: &str) -> EventHeader {
+    EventHeader::new(kind, uuid::Uuid::new_v4(), now_ms(), site, conv, conv)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_matrix_with_one_audit_event_per_attempt() {
+    let mut e = env().await;
+    let (sub, key, submit_key) = submitted_form(&e, "acme", "conv-1", "form-1", "alice").await;
+    let (beta_sub, beta_key, _) = submitted_form(&e, "beta", "conv-b", "form-b", "alice").await;
+    let mut expected: Vec<(&str, &str)> = Vec::new();
+    fn check(expected: &mut Vec<(&'static str, &'static str)>, got: (u16, Value), status: u16, code: &'static str, outcome: &'static str) {
+        assert_eq!(got.0, status, "{code}: {}", got.1);
+        if outcome == "denied" {
+            assert_eq!(got.1["error"], code, "{}", got.1);
+        }
+        expected.push((outcome, code));
+    }
+
+    check(&mut expected, e.retrieve(&sub, Some(&agent("bob", "s-bob")), &key).await, 403, "not_sender", "denied");
+    check(&mut expected, e.retrieve(&sub, Some(&token("alice", "acme", &[], &["agent"], "s-a", 600, SECRET)), &key).await, 403, "permission_denied", "denied");
+    check(&mut expected, e.retrieve(&sub, Some(&token("alice", "acme", &["use_secure_form"], &["agent"], "s-a", 600, "forged")), &key).await, 401, "token_invalid", "denied");
+    check(&mut expected, e.retrieve(&sub, Some(&token("alice", "acme", &["use_secure_form"], &["agent"], "s-a", -10, SECRET)), &key).await, 401, "token_expired", "denied");
+    check(&mut expected, e.retrieve(&sub, None, &key).await, 401, "token_missing", "denied");
+    check(&mut expected, e.retrieve(&sub, Some(&agent("alice", "s-a")), &submit_key).await, 403, "wrong_purpose", "denied");
+    check(&mut expected, e.retrieve(&sub, Some(&agent("alice", "s-a")), &beta_key).await, 403, "invalid_key", "denied");
+    // A key and submission of another site, with an acme token.
+    let (s, body) = e.retrieve(&beta_sub, Some(&agent("alice", "s-a")), &beta_key).await;
+    assert_eq!((s, body["error"].as_str()), (403, Some("wrong_site")));
+
+    // The sender, live conversation: the answers, with the CVV still in memory.
+    let (status, body) = e.retrieve(&sub, Some(&agent("alice", "s-a")), &key).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["answers"]["pan"], "4111111111111111");
+    assert_eq!(body["answers"]["cardholder"], "Ada");
+    assert_eq!(body["off_record"]["state"], "present");
+    assert_eq!(body["off_record"]["answers"]["cvv"], "737");
+    expected.push(("granted", ""));
+    check(&mut expected, e.retrieve(&sub, Some(&agent("alice", "s-a")), &key).await, 403, "key_spent", "denied");
+
+    // A fresh key for the sender works once.
+    let (status, fresh) = e.post(&format!("/api/v1/submissions/{sub}/retrieve-key"), Some(&agent("alice", "s-a")), json!({})).await;
+    assert_eq!(status, 201, "{fresh}");
+    let fresh_key = fresh["retrieve_key"].as_str().unwrap().to_string();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (status, body) = e.retrieve(&sub, Some(&agent("alice", "s-a")), &fresh_key).await;
+        if status == 200 {
+            expected.push(("granted", ""));
+            break;
+        }
+        assert_eq!(body["error"], "invalid_key", "until the projection has the fresh key");
+        expected.push(("denied", "invalid_key"));
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, _) = e.post(&format!("/api/v1/submissions/{sub}/retrieve-key"), Some(&agent("bob", "s-bob")), json!({})).await;
+    assert_eq!(status, 403, "only the sender gets fresh keys");
+
+    // Transfer and reassignment: the new holders are denied.
+    e.chat(Event::ConversationTransferred(ConversationTransferred { header: header(EventKind::ConversationTransferred, "acme", "conv-1"), from_agent_id: "alice".into(), to_agent_id: "carol".into(), kind: "transfer".into() })).await;
+    e.until_conversation("acme", "conv-1", |c| c.current_agent.as_deref() == Some("carol")).await;
+    check(&mut expected, e.retrieve(&sub, Some(&agent("carol", "s-carol")), &key).await, 403, "not_sender", "denied");
+    e.chat(Event::ConversationTransferred(ConversationTransferred { header: header(EventKind::ConversationTransferred, "acme", "conv-1"), from_agent_id: "carol".into(), to_agent_id: "dave".into(), kind: "reassign".into() })).await;
+    e.until_conversation("acme", "conv-1", |c| c.current_agent.as_deref() == Some("dave")).await;
+    check(&mut expected, e.retrieve(&sub, Some(&agent("dave", "s-dave")), &key).await, 403, "not_sender", "denied");
+
+    // Manager history: responses only with the permission, never off-the-record ones.
+    let (status, h) = e.get("/api/v1/conversations/conv-1/history", &token("meg", "acme", &[], &["agent_manager"], "s-m", 600, SECRET)).await;
+    assert_eq!(status, 200, "{h}");
+    assert_eq!(h["secure_forms"][0]["responses_visible"], false);
+    assert!(h["secure_forms"][0].get("answers").is_none());
+    assert_eq!(h["secure_forms"][0]["note"], "a secure form was submitted; responses are hidden");
+    let (status, h) = e.get("/api/v1/conversations/conv-1/history", &token("meg", "acme", &["view_secure_form_responses_in_history"], &["agent_manager"], "s-m", 600, SECRET)).await;
+    assert_eq!(status, 200);
+    assert_eq!(h["secure_forms"][0]["answers"]["pan"], "4111111111111111");
+    assert!(h["secure_forms"][0]["answers"].get("cvv").is_none(), "off the record never in history");
+    expected.push(("granted", "history_view"));
+    let (status, _) = e.get("/api/v1/conversations/conv-1/history", &agent("alice", "s-a")).await;
+    assert_eq!(status, 403, "history is for managers");
+
+    // An ended session revokes its tokens at once.
+    e.chat(Event::AgentSessionEnded(AgentSessionEnded { header: header(EventKind::AgentSessionEnded, "acme", "conv-1"), agent_id: "alice".into(), session_id: "s-a".into(), reason: "idle_logout".into() })).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (status, body) = e.retrieve(&sub, Some(&agent("alice", "s-a")), &key).await;
+        if body["error"] == "session_ended" {
+            assert_eq!(status, 401);
+            expected.push(("denied", "session_ended"));
+            break;
+        }
+        expected.push(("denied", "key_spent"));
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The sender after close.
+    e.chat(Event::ConversationClosed(ConversationClosed { header: header(EventKind::ConversationClosed, "acme", "conv-1"), closed_by: "agent".into(), reason: "resolved".into() })).await;
+    e.until_conversation("acme", "conv-1", |c| !c.live).await;
+    check(&mut expected, e.retrieve(&sub, Some(&agent("alice", "s-a2")), &key).await, 403, "conversation_closed", "denied");
+
+    // Exactly one audit event per attempt, in order, none carrying answers.
+    let mut audit = TopicReader::new(&e.prefix, Topic::AgentEvents).await;
+    let n = expected.len();
+    let of_sub = |rs: &[rdkafka::message::OwnedMessage]| -> Vec<secureforms::events::FormRetrieved> {
+        rs.iter().filter_map(|m| match Codec::get().decode(m.payload()?) { Ok(Event::FormRetrieved(r)) if r.submission_id == sub => Some(r), _ => None }).collect()
+    };
+    assert!(audit.read_until(WAIT, |rs| of_sub(rs).len() >= n).await, "{n} audit events");
+    let got: Vec<(String, String)> = of_sub(&audit.records).into_iter().map(|r| (r.outcome, r.reason)).collect();
+    let want: Vec<(String, String)> = expected.iter().map(|(o, r)| (o.to_string(), r.to_string())).collect();
+    assert_eq!(got, want);
+    for m in &audit.records {
+        let raw = m.payload().unwrap();
+        assert!(!raw.windows(16).any(|w| w == b"4111111111111111"), "no answer in any audit event");
+    }
+    e.service.stop().await;
+}
