@@ -207,7 +207,7 @@ async fn the_access_matrix_with_one_audit_event_per_attempt() {
     let (status, h) = e.get("/api/v1/conversations/conv-1/history", &token("meg", "acme", &[], &["agent_manager"], "s-m", 600, SECRET)).await;
     assert_eq!(status, 200, "{h}");
     assert_eq!(h["secure_forms"][0]["responses_visible"], false);
-    assert!(h["secure_forms"][0].get("answers").is_none());
+    assert!(h["secure_forms"][0]["answers"].is_null());
     assert_eq!(h["secure_forms"][0]["note"], "a secure form was submitted; responses are hidden");
     let (status, h) = e.get("/api/v1/conversations/conv-1/history", &token("meg", "acme", &["view_secure_form_responses_in_history"], &["agent_manager"], "s-m", 600, SECRET)).await;
     assert_eq!(status, 200);

@@ -5,6 +5,7 @@
 mod bench;
 mod chatbus;
 mod keys;
+mod openapi;
 mod schemas;
 mod serve;
 mod sites;
@@ -82,6 +83,7 @@ pub enum Command {
     Bench(bench::Args),
     #[command(subcommand)]
     Sites(sites::SitesCommand),
+    Openapi(openapi::Args),
 }
 
 impl GlobalArgs {
@@ -122,5 +124,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keys(c) => keys::run(&cli.global, c).await,
         Command::Bench(a) => bench::run(&cli.global, a).await,
         Command::Sites(c) => sites::run(&cli.global, c),
+        Command::Openapi(a) => openapi::run(a),
     }
 }

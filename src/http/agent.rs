@@ -12,7 +12,6 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use super::AppState;
 use super::auth::{AgentClaims, AuthFailure};
@@ -23,9 +22,49 @@ use crate::handlers::visibility::{conversation_key, trees};
 use crate::vault::detokenize::DetokenizeError;
 use crate::vault::offrecord::OffRecord;
 
+/// Every error of the agent API.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ApiError {
+    /// Stable reason code (also in the FormRetrieved audit event).
+    pub error: String,
+    pub message: String,
+}
+
+/// A fresh retrieve key.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct FreshKey {
+    pub submission_id: String,
+    pub retrieve_key: String,
+    /// ms since the Unix epoch.
+    pub retrieve_expires_at: i64,
+}
+
+/// One secure form in a conversation's history.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct HistoryItem {
+    pub submission_id: String,
+    pub form_id: String,
+    pub template_id: String,
+    pub sent_by: String,
+    pub submitted_at: i64,
+    /// Whether the manager's token carries "view secure form responses in conversation history".
+    pub responses_visible: bool,
+    /// Stored answers (never off-the-record ones); only when `responses_visible`.
+    pub answers: Option<BTreeMap<String, String>>,
+    pub note: Option<String>,
+}
+
+/// A conversation's secure forms.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct History {
+    pub conversation_id: String,
+    pub site_id: String,
+    pub secure_forms: Vec<HistoryItem>,
+}
+
 /// `{"error": code, "message": ...}` with a status.
 pub fn api_error(status: StatusCode, code: &str, message: &str) -> Response {
-    (status, Json(json!({ "error": code, "message": message }))).into_response()
+    (status, Json(ApiError { error: code.to_string(), message: message.to_string() })).into_response()
 }
 
 fn now(state: &AppState) -> i64 {
@@ -80,21 +119,21 @@ async fn audit(state: &AppState, owner: Option<&SubmissionOwner>, submission: &s
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RetrieveRequest {
     /// The one-time retrieve key from FormReady.
     pub key: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct OffRecordView {
     /// `present`, or `expired` (the agent must resend the form to ask again).
     pub state: &'static str,
     pub answers: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct RetrieveResponse {
     pub submission_id: String,
     pub form_id: String,
@@ -114,7 +153,20 @@ fn parse_json<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &Bytes)
     serde_json::from_slice(body).map_err(|e| api_error(StatusCode::BAD_REQUEST, "bad_body", &format!("the JSON body is not valid: {e}")))
 }
 
-/// `POST /api/v1/submissions/{id}/retrieve` with `{"key": "<retrieve key>"}`.
+/// Retrieve a submission's answers with its one-time retrieve key (from FormReady). Only the agent
+/// who sent the form, with "use secure form within a conversation", while the conversation is live.
+/// Every attempt emits one FormRetrieved (granted or denied with the reason code).
+#[utoipa::path(post, path = "/api/v1/submissions/{id}/retrieve", tag = "agent", security(("agent_jwt" = [])),
+    params(("id" = String, Path, description = "Submission UUID")),
+    request_body = RetrieveRequest,
+    responses(
+        (status = 200, description = "The answers, and the off-the-record ones if still in memory", body = RetrieveResponse),
+        (status = 400, description = "Bad submission id or body", body = ApiError),
+        (status = 401, description = "token_missing, token_invalid, token_expired, session_ended, auth_not_configured", body = ApiError),
+        (status = 403, description = "wrong_site, permission_denied, not_sender, conversation_closed, invalid_key, wrong_purpose, key_expired, key_spent, purged", body = ApiError),
+        (status = 404, description = "unknown_submission", body = ApiError),
+        (status = 415, description = "Not application/json", body = ApiError),
+    ))]
 pub async fn retrieve(State(state): State<Arc<AppState>>, Path(id): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
     let Ok(sid) = uuid::Uuid::parse_str(&id) else {
         return api_error(StatusCode::BAD_REQUEST, "bad_submission_id", "the submission id must be a UUID");
@@ -177,8 +229,16 @@ pub async fn retrieve(State(state): State<Arc<AppState>>, Path(id): Path<String>
     }
 }
 
-/// `POST /api/v1/submissions/{id}/retrieve-key`: a fresh one-time key for the sender, while the
-/// conversation is live. Delivered in the response and as a new FormReady.
+/// A fresh one-time retrieve key for the sender, while the conversation is live. Delivered in the
+/// response and as a new FormReady.
+#[utoipa::path(post, path = "/api/v1/submissions/{id}/retrieve-key", tag = "agent", security(("agent_jwt" = [])),
+    params(("id" = String, Path, description = "Submission UUID")),
+    responses(
+        (status = 201, description = "The new key", body = FreshKey),
+        (status = 401, description = "Token refused", body = ApiError),
+        (status = 403, description = "Not the sender, no permission, other site or conversation closed", body = ApiError),
+        (status = 404, description = "unknown_submission", body = ApiError),
+    ))]
 pub async fn fresh_key(State(state): State<Arc<AppState>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
     let Ok(sid) = uuid::Uuid::parse_str(&id) else {
         return api_error(StatusCode::BAD_REQUEST, "bad_submission_id", "the submission id must be a UUID");
@@ -212,11 +272,18 @@ pub async fn fresh_key(State(state): State<Arc<AppState>>, Path(id): Path<String
         tracing::error!(%error, "could not publish a fresh retrieve key; check the brokers");
         return api_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "try again in a moment");
     }
-    (StatusCode::CREATED, Json(json!({ "submission_id": id, "retrieve_key": ready.retrieve_key, "retrieve_expires_at": ready.retrieve_expires_at }))).into_response()
+    (StatusCode::CREATED, Json(FreshKey { submission_id: id, retrieve_key: ready.retrieve_key, retrieve_expires_at: ready.retrieve_expires_at })).into_response()
 }
 
-/// `GET /api/v1/conversations/{id}/history`: the conversation's secure forms for a manager. Answers
-/// only with "view secure form responses in conversation history"; off-the-record answers never.
+/// A conversation's secure forms, for agent managers. Answers only with "view secure form responses
+/// in conversation history" (off by default); off-the-record answers never.
+#[utoipa::path(get, path = "/api/v1/conversations/{id}/history", tag = "agent", security(("agent_jwt" = [])),
+    params(("id" = String, Path, description = "Conversation id")),
+    responses(
+        (status = 200, description = "The conversation's secure forms", body = History),
+        (status = 401, description = "Token refused", body = ApiError),
+        (status = 403, description = "not_a_manager", body = ApiError),
+    ))]
 pub async fn history(State(state): State<Arc<AppState>>, Path(conv): Path<String>, headers: HeaderMap) -> Response {
     let claims = match authenticate(&state, &headers) {
         Ok(c) => c,
@@ -235,22 +302,28 @@ pub async fn history(State(state): State<Arc<AppState>>, Path(conv): Path<String
     for row in index.scan_prefix(&prefix).flatten() {
         let Ok(sid) = uuid::Uuid::from_slice(&row.0[prefix.len()..]) else { continue };
         let Some(o) = owner(&state, &sid) else { continue };
-        let mut item = json!({
-            "submission_id": sid.to_string(), "form_id": o.form_id, "template_id": o.template_id,
-            "sent_by": o.sender, "submitted_at": o.submitted_at, "responses_visible": with_answers,
-        });
+        let mut item = HistoryItem {
+            submission_id: sid.to_string(),
+            form_id: o.form_id.clone(),
+            template_id: o.template_id.clone(),
+            sent_by: o.sender.clone(),
+            submitted_at: o.submitted_at,
+            responses_visible: with_answers,
+            answers: None,
+            note: None,
+        };
         if with_answers {
             match state.node.detokenizer.open_for_history(&claims.site, sid) {
                 Ok(answers) => {
-                    item["answers"] = json!(answers.iter().map(|(k, v)| (k.clone(), v.expose().to_string())).collect::<BTreeMap<_, _>>());
+                    item.answers = Some(answers.iter().map(|(k, v)| (k.clone(), v.expose().to_string())).collect());
                     audit(&state, Some(&o), &sid.to_string(), &claims.sub, Some(&claims.sid), "granted", "history_view").await;
                 }
-                Err(e) => item["answers_unavailable"] = json!(e.to_string()),
+                Err(e) => item.note = Some(format!("responses unavailable: {e}")),
             }
         } else {
-            item["note"] = json!("a secure form was submitted; responses are hidden");
+            item.note = Some("a secure form was submitted; responses are hidden".into());
         }
         items.push(item);
     }
-    Json(json!({ "conversation_id": conv, "site_id": claims.site, "secure_forms": items })).into_response()
+    Json(History { conversation_id: conv, site_id: claims.site, secure_forms: items }).into_response()
 }

@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod auth;
+pub mod openapi;
 pub mod pages;
 pub mod visitor;
 
@@ -86,7 +87,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/submissions/{id}/retrieve", axum::routing::post(agent::retrieve))
         .route("/api/v1/submissions/{id}/retrieve-key", axum::routing::post(agent::fresh_key))
         .route("/api/v1/conversations/{id}/history", get(agent::history))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(openapi::healthz))
+        .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], openapi::json()) }))
         .fallback(visitor::not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn_with_state(state.clone(), security_headers))

@@ -130,7 +130,17 @@ fn urlencode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
-/// `GET /f/{site}/{form}?k=<open key>`
+/// Open the secure form from the link in the chat. Spends one open of the link's key (up to the
+/// site's reopen limit) and returns the form with a fresh submit key.
+#[utoipa::path(get, path = "/f/{site}/{form}", tag = "visitor",
+    params(("site" = String, Path, description = "Site id"), ("form" = String, Path, description = "Form id"), ("k" = String, Query, description = "One-time open key from the link")),
+    responses(
+        (status = 200, description = "The form", content_type = "text/html"),
+        (status = 403, description = "The key is not valid (forged, cross-site, missing)", content_type = "text/html"),
+        (status = 409, description = "The form was already submitted", content_type = "text/html"),
+        (status = 410, description = "The key expired or the form was opened too many times", content_type = "text/html"),
+        (status = 429, description = "Too many attempts; see Retry-After", content_type = "text/html"),
+    ))]
 pub async fn open(
     State(state): State<Arc<AppState>>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
@@ -204,7 +214,22 @@ fn parse_urlencoded(body: &[u8]) -> Option<Vec<(String, String)>> {
         .collect()
 }
 
-/// `POST /f/{site}/{form}` with the submit key `k` and the answers.
+/// Submit the answers with the page's submit key `k`. Valid answers are sealed and stored before
+/// the thank-you page; invalid ones re-render the form with an error summary.
+#[utoipa::path(post, path = "/f/{site}/{form}", tag = "visitor",
+    params(("site" = String, Path, description = "Site id"), ("form" = String, Path, description = "Form id")),
+    request_body(content_type = "application/x-www-form-urlencoded", description = "`k` (the submit key) and one field per question id (several for multiple choice)"),
+    responses(
+        (status = 200, description = "Thank-you page: the answers were sealed and stored", content_type = "text/html"),
+        (status = 400, description = "Unknown field or malformed encoding", content_type = "text/html"),
+        (status = 403, description = "The submit key is not valid", content_type = "text/html"),
+        (status = 409, description = "Already submitted", content_type = "text/html"),
+        (status = 410, description = "The submit key expired", content_type = "text/html"),
+        (status = 413, description = "Body over 64 KiB", content_type = "text/html"),
+        (status = 415, description = "Not application/x-www-form-urlencoded", content_type = "text/html"),
+        (status = 422, description = "Answers do not validate; the form again with an error summary", content_type = "text/html"),
+        (status = 429, description = "Too many attempts; see Retry-After", content_type = "text/html"),
+    ))]
 pub async fn submit(
     State(state): State<Arc<AppState>>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
