@@ -7,7 +7,7 @@
 //!
 //! Each phase uses fresh topics (a unique prefix), so phases do not disturb each other.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,8 @@ pub struct BenchOptions {
     pub records: usize,
     pub latency_rate: u32,
     pub latency_secs: u64,
+    pub retrieve_rate: u32,
+    pub retrieve_secs: u64,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -48,6 +50,12 @@ pub struct BenchReport {
     pub latency_p50_ms: f64,
     pub latency_p99_ms: f64,
     pub latency_max_ms: f64,
+    pub retrieve_rate: u32,
+    pub retrieve_requests: usize,
+    pub retrieve_ok: usize,
+    pub retrieve_p50_ms: f64,
+    pub retrieve_p99_ms: f64,
+    pub retrieve_max_ms: f64,
 }
 
 fn names(prefix: &str) -> TopicNames {
@@ -273,6 +281,141 @@ async fn latency(k: &KafkaSettings, dir: &std::path::Path, rate: u32, secs: u64)
     Ok(samples)
 }
 
+/// Agent retrieval at a steady rate: a real service (HTTP gateway, projections) with one ready
+/// submission per request in live conversations; each request presents its own one-time key.
+async fn retrieve_latency(brokers: &str, dir: &std::path::Path, rate: u32, secs: u64) -> Result<(Vec<f64>, usize), KafkaError> {
+    use crate::service::{Service, Submission};
+    let bench_err = |m: String| KafkaError::Topic { topic: "bench".into(), message: m };
+    let n = (rate as u64 * secs) as usize;
+    let p = format!("bench-{}-ret.", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let root = dir.join("retrieve");
+    std::fs::create_dir_all(&root).map_err(|e| bench_err(e.to_string()))?;
+    std::fs::write(root.join("master.key"), crate::crypto::MasterKey::generate_base64().as_bytes()).map_err(|e| bench_err(e.to_string()))?;
+    let secret = "bench-shared-secret";
+    std::fs::write(root.join("jwt.secret"), secret).map_err(|e| bench_err(e.to_string()))?;
+    let mut s: Settings = toml::from_str(BENCH_SITE).map_err(|e| bench_err(e.to_string()))?;
+    s.brokers = Some(brokers.to_string());
+    s.topic_prefix = p.clone();
+    s.group_prefix = p.trim_end_matches('.').to_string();
+    s.data_dir = root.clone();
+    s.master_key_file = Some(root.join("master.key"));
+    s.http_listen = Some("127.0.0.1:0".into());
+    s.agent_auth.jwt_secret_file = Some(root.join("jwt.secret"));
+    let mut service = Service::start(s, brokers.to_string(), system_clock()).await.map_err(|e| bench_err(e.to_string()))?;
+    let addr = service.http_addr.ok_or_else(|| bench_err("no http address".into()))?;
+    let conversations = 50;
+    let sends: Vec<Event> = (0..conversations)
+        .map(|c| {
+            Event::FormSent(crate::events::FormSent {
+                header: crate::events::EventHeader::new(crate::events::EventKind::FormSent, uuid::Uuid::new_v4(), system_clock()(), "bench", &format!("conv-{c}"), &format!("f-{c}")),
+                form_id: format!("f-{c}"),
+                agent_id: "bench-agent".into(),
+                agent_profile: "agent".into(),
+                template_id: "card-payment".into(),
+                visitor_ref: None,
+            })
+        })
+        .collect();
+    for r in futures::future::join_all(sends.iter().map(|e| service.producer.send(e))).await {
+        r?;
+    }
+    let template = service.settings.sites["bench"].templates[0].clone();
+    let mut ids = Vec::with_capacity(n);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+        let subs = chunk.iter().map(|i| {
+            let (conv, form) = (format!("conv-{}", i % conversations), format!("f-{}", i % conversations));
+            let template = &template;
+            let node = &service.node;
+            async move {
+                let answers: BTreeMap<String, Secret> = [("pan", "4111111111111111"), ("expiry", "12/39"), ("cvv", "123")].into_iter().map(|(k, v)| (k.to_string(), Secret::new(v.to_string()))).collect();
+                node.submit(Submission { site_id: "bench", conversation_id: &conv, form_id: &form, agent_id: "bench-agent", template, answers }).await
+            }
+        });
+        for r in futures::future::join_all(subs).await {
+            ids.push(r.map_err(|e| bench_err(e.to_string()))?);
+        }
+    }
+    // Every submission's FormReady, and the projections caught up.
+    let k = kafka_settings(&service.settings, brokers.to_string(), "bench");
+    let out = reader(&k, &k.names.name(Topic::AgentEvents), Topic::AgentEvents.spec().partitions)?;
+    let mut keys: HashMap<String, String> = HashMap::with_capacity(n);
+    while keys.len() < n {
+        if let Ok(m) = out.recv().await
+            && let Some(Ok(Event::FormReady(r))) = m.payload().map(|p| Codec::get().decode(p))
+        {
+            keys.insert(r.submission_id, r.retrieve_key);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while service.detokenizer.known_keys() < n || service.visibility.tree(crate::handlers::visibility::trees::SUBMISSIONS).map(|t| t.len()).unwrap_or(0) < n {
+        if Instant::now() > deadline {
+            return Err(bench_err("projections did not catch up within 120 s".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let claims = crate::http::auth::AgentClaims {
+        sub: "bench-agent".into(),
+        site: "bench".into(),
+        roles: vec!["agent".into()],
+        permissions: vec!["use_secure_form".into()],
+        sid: "bench".into(),
+        exp: system_clock()() / 1000 + 3600,
+    };
+    let token = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes())).map_err(|e| bench_err(e.to_string()))?;
+    let client = reqwest::Client::builder().pool_max_idle_per_host(256).build().map_err(|e| bench_err(e.to_string()))?;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut inflight = Vec::with_capacity(n);
+    for id in &ids {
+        tick.tick().await;
+        let (client, token, key) = (client.clone(), token.clone(), keys[&id.to_string()].clone());
+        let url = format!("http://{addr}/api/v1/submissions/{id}/retrieve");
+        inflight.push(tokio::spawn(async move {
+            let start = Instant::now();
+            let r = client.post(url).bearer_auth(token).json(&serde_json::json!({ "key": key })).send().await;
+            let ok = match r {
+                Ok(resp) => resp.status().is_success() && resp.bytes().await.is_ok(),
+                Err(_) => false,
+            };
+            (start.elapsed().as_secs_f64() * 1000.0, ok)
+        }));
+    }
+    let mut samples = Vec::with_capacity(n);
+    let mut ok = 0;
+    for f in inflight {
+        let (ms, good) = f.await.map_err(|e| bench_err(e.to_string()))?;
+        samples.push(ms);
+        ok += usize::from(good);
+    }
+    service.stop().await;
+    Ok((samples, ok))
+}
+
+const BENCH_SITE: &str = r#"
+[sites.bench]
+enabled = true
+retrieve_key_ttl_secs = 3600
+[sites.bench.pci_policy]
+min_password_length = 8
+failed_logins_before_disable = 3
+idle_operator_action = "logout"
+[[sites.bench.templates]]
+id = "card-payment"
+title = "Card payment"
+[[sites.bench.templates.questions]]
+id = "pan"
+label = "Card number"
+kind = "card_number"
+[[sites.bench.templates.questions]]
+id = "expiry"
+label = "Expiry"
+kind = "card_expiry"
+[[sites.bench.templates.questions]]
+id = "cvv"
+label = "CVV"
+kind = "cvv"
+"#;
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -289,6 +432,8 @@ pub async fn run(settings: &Settings, brokers: &str, opts: &BenchOptions) -> Res
     let tok = tokenizer(&fresh(settings, brokers, "tok"), dir.path(), &submissions(opts.records)).await?;
     let mut lat = latency(&fresh(settings, brokers, "lat"), dir.path(), opts.latency_rate, opts.latency_secs).await?;
     lat.sort_by(|a, b| a.total_cmp(b));
+    let (mut ret, retrieve_ok) = retrieve_latency(brokers, dir.path(), opts.retrieve_rate, opts.retrieve_secs).await?;
+    ret.sort_by(|a, b| a.total_cmp(b));
     Ok(BenchReport {
         brokers: brokers.to_string(),
         records: opts.records,
@@ -301,6 +446,12 @@ pub async fn run(settings: &Settings, brokers: &str, opts: &BenchOptions) -> Res
         latency_p50_ms: percentile(&lat, 0.50),
         latency_p99_ms: percentile(&lat, 0.99),
         latency_max_ms: lat.last().copied().unwrap_or(f64::NAN),
+        retrieve_rate: opts.retrieve_rate,
+        retrieve_requests: ret.len(),
+        retrieve_ok,
+        retrieve_p50_ms: percentile(&ret, 0.50),
+        retrieve_p99_ms: percentile(&ret, 0.99),
+        retrieve_max_ms: ret.last().copied().unwrap_or(f64::NAN),
     })
 }
 
@@ -334,7 +485,9 @@ impl BenchReport {
              tokenizer   (consume -> vault durable -> FormReady -> offsets)    {:>9.0} records/s\n\
              ratio tokenizer / passthrough                                     {:>9.2}   (goal >= 0.80)\n\
              latency FormSubmitted produced -> FormReady consumed, {} records/s, {} samples:\n\
-             \x20 p50 {:.1} ms   p99 {:.1} ms   max {:.1} ms\n",
+             \x20 p50 {:.1} ms   p99 {:.1} ms   max {:.1} ms\n\
+             agent retrieve over HTTP (JWT, access rules, detokenize, FormRetrieved acks=all), {} requests/s, {} requests, {} granted:\n\
+             \x20 p50 {:.2} ms   p99 {:.2} ms   max {:.2} ms   (goal p99 <= 5 ms)\n",
             self.brokers,
             self.records,
             self.record_bytes,
@@ -345,7 +498,13 @@ impl BenchReport {
             self.latency_samples,
             self.latency_p50_ms,
             self.latency_p99_ms,
-            self.latency_max_ms
+            self.latency_max_ms,
+            self.retrieve_rate,
+            self.retrieve_requests,
+            self.retrieve_ok,
+            self.retrieve_p50_ms,
+            self.retrieve_p99_ms,
+            self.retrieve_max_ms
         )
     }
 }

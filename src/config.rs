@@ -32,7 +32,7 @@ pub enum ConfigError {
 /// Service settings. Every key can be set in the file, as `SECUREFORMS_<KEY>` (upper case), or by
 /// the flag of the same name.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Settings {
     /// Kafka bootstrap servers (`host:port,...`). Empty: use the embedded broker.
     pub brokers: Option<String>,

@@ -18,18 +18,30 @@ pub struct Args {
     /// Duration of the latency phase (seconds).
     #[arg(long, default_value_t = 10)]
     latency_secs: u64,
+    /// Steady request rate for the agent retrieve phase (requests/s).
+    #[arg(long, default_value_t = 1000)]
+    retrieve_rate: u32,
+    /// Duration of the agent retrieve phase (seconds).
+    #[arg(long, default_value_t = 5)]
+    retrieve_secs: u64,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
 }
 
 pub async fn run(global: &GlobalArgs, args: Args) -> anyhow::Result<()> {
-    if args.records == 0 || args.latency_rate == 0 || args.latency_secs == 0 {
-        anyhow::bail!("--records, --latency-rate and --latency-secs must be at least 1");
+    if args.records == 0 || args.latency_rate == 0 || args.latency_secs == 0 || args.retrieve_rate == 0 || args.retrieve_secs == 0 {
+        anyhow::bail!("--records, --latency-rate, --latency-secs, --retrieve-rate and --retrieve-secs must be at least 1");
     }
     let settings = global.settings()?;
     let brokers = resolve_brokers(&settings)?;
-    let report = run_bench(&settings, &brokers, &BenchOptions { records: args.records, latency_rate: args.latency_rate, latency_secs: args.latency_secs }).await?;
+    let report = run_bench(&settings, &brokers, &BenchOptions {
+            records: args.records,
+            latency_rate: args.latency_rate,
+            latency_secs: args.latency_secs,
+            retrieve_rate: args.retrieve_rate,
+            retrieve_secs: args.retrieve_secs,
+        }).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -3,7 +3,9 @@ use anyhow::Context;
 use super::GlobalArgs;
 use crate::kafka::runtime::system_clock;
 
-/// Run the service: issue forms from the chat bus's events, until SIGINT or SIGTERM.
+/// Run the service until SIGINT or SIGTERM: issue forms from the chat bus's events, serve the
+/// visitor page and the agent API on http_listen, tokenize submissions into the vault, and keep the
+/// projections. Needs the master key (SECUREFORMS_MASTER_KEY or --master-key-file).
 ///
 /// Without --brokers it starts the embedded broker (tansu, from scripts/install-broker.sh) with its
 /// data in the data directory, so everything survives a restart.

@@ -183,6 +183,11 @@ impl Detokenizer {
         Ok(answers)
     }
 
+    /// How many submissions have a retrieve key in the projection.
+    pub fn known_keys(&self) -> usize {
+        self.retrieval.tree(retrieval_trees::KEYS).map(|t| t.len()).unwrap_or(0)
+    }
+
     pub fn record(&self, submission_id: &uuid::Uuid) -> Result<Option<VaultRecord>, DetokenizeError> {
         let raw = self.vault.tree(trees::SUBMISSIONS)?.get(submission_key(submission_id)).map_err(StoreError::from)?;
         raw.map(|v| VaultRecord::decode(&v).map_err(|e| DetokenizeError::Corrupt(submission_id.to_string(), e.to_string()))).transpose()
