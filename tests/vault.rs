@@ -545,3 +545,30 @@ async fn rotation_moves_new_writes_to_a_new_key_and_old_data_stays_readable() {
     }
     service.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_form_submitted_changes_nothing_and_emits_nothing() {
+    let prefix = unique_prefix("dupsub");
+    let dir = tempfile::tempdir().unwrap();
+    let settings = settings(&prefix, dir.path());
+    let mut service = start(settings.clone(), system_clock()).await;
+    let ids = submit_many(&service, &settings, 1).await;
+    wait_for_vault(&service, 1).await;
+    let before = vault_dump(&service.vault);
+    // The same record again (a producer retry), then a marker submission behind it.
+    let mut subs = TopicReader::new(&prefix, Topic::Submissions).await;
+    assert!(subs.read_until(WAIT, |r| count_of(r, EventKind::FormSubmitted) >= 1).await);
+    let original = subs.records.iter().find(|m| matches!(Codec::get().decode(m.payload().unwrap()), Ok(Event::FormSubmitted(_)))).unwrap();
+    let p = producer(&prefix).await;
+    p.send_raw(Topic::Submissions, original.key().unwrap(), original.payload().unwrap()).await.unwrap();
+    let marker = submit_many(&service, &settings, 1).await;
+    let ready = ready_events(&prefix, 2).await;
+    assert_eq!(ready[&ids[0].to_string()].len(), 1, "one FormReady for the duplicated submission");
+    assert!(ready.contains_key(&marker[0].to_string()));
+    wait_for_vault(&service, 2).await;
+    let after = vault_dump(&service.vault);
+    let only_original = |d: &BTreeMap<String, Vec<(Vec<u8>, Vec<u8>)>>| d["vault.submissions"].iter().filter(|(k, _)| k.as_slice() == ids[0].as_bytes()).cloned().collect::<Vec<_>>();
+    assert_eq!(only_original(&before), only_original(&after), "the duplicate changed nothing");
+    assert_eq!(after["vault.submissions"].len(), 2);
+    service.stop().await;
+}

@@ -174,6 +174,34 @@ mod tests {
     }
 
     #[test]
+    fn a_jwks_file_verifies_eddsa_tokens_by_kid_and_checks_issuer_and_audience() {
+        use base64::Engine;
+        let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(kp.public_key_raw());
+        let dir = tempfile::tempdir().unwrap();
+        let jwks = dir.path().join("jwks.json");
+        std::fs::write(&jwks, serde_json::json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "x": x, "alg": "EdDSA", "kid": "k1"}]}).to_string()).unwrap();
+        let cfg = AgentAuthConfig { jwks_file: Some(jwks), issuer: Some("chat".into()), audience: Some("secureforms".into()), ..Default::default() };
+        let auth = AgentAuth::load(&cfg, None).unwrap();
+        let sign = |kid: &str, iss: &str, aud: &str| {
+            let mut header = Header::new(Algorithm::EdDSA);
+            header.kid = Some(kid.into());
+            let mut c = serde_json::to_value(claims(2_000)).unwrap();
+            c["iss"] = iss.into();
+            c["aud"] = aud.into();
+            let t = encode(&header, &c, &EncodingKey::from_ed_pem(kp.serialize_pem().as_bytes()).unwrap()).unwrap();
+            let mut h = HeaderMap::new();
+            h.insert(axum::http::header::AUTHORIZATION, format!("Bearer {t}").parse().unwrap());
+            h
+        };
+        assert_eq!(auth.verify(&sign("k1", "chat", "secureforms"), 1_000).unwrap().sub, "alice");
+        assert_eq!(auth.verify(&sign("k2", "chat", "secureforms"), 1_000), Err(AuthFailure::Invalid), "unknown kid");
+        assert_eq!(auth.verify(&sign("k1", "elsewhere", "secureforms"), 1_000), Err(AuthFailure::Invalid), "issuer");
+        assert_eq!(auth.verify(&sign("k1", "chat", "other"), 1_000), Err(AuthFailure::Invalid), "audience");
+        assert_eq!(auth.verify(&token("any", &claims(2_000), Algorithm::HS256), 1_000), Err(AuthFailure::Invalid), "HS256 is not accepted when keys come from JWKS");
+    }
+
+    #[test]
     fn tokens_are_checked_for_signature_algorithm_and_expiry() {
         let auth = AgentAuth::load(&AgentAuthConfig::default(), Some("top-secret")).unwrap();
         assert_eq!(auth.verify(&token("top-secret", &claims(2_000), Algorithm::HS256), 1_000_000).unwrap().sub, "alice");
