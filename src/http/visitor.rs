@@ -117,6 +117,14 @@ fn audit_refusal(state: &AppState, site: &str, form: &str, conversation: &str, p
     });
 }
 
+/// The form's template from the configuration, or the page saying the form cannot be shown.
+fn template_for(state: &AppState, site: &str, fs: &FormState) -> Result<crate::domain::template::Template, Response> {
+    state.node.settings.sites.get(site).and_then(|s| s.template(&fs.template_id)).cloned().ok_or_else(|| {
+        tracing::error!(site_id = %site, template_id = %fs.template_id, "form refers to a template no longer configured; restore it in the config file");
+        message(StatusCode::SERVICE_UNAVAILABLE, "This form is not available", &["Ask your agent in the chat to send the form again."])
+    })
+}
+
 fn current_month(ms: i64) -> YearMonth {
     let dt = time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000)).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     YearMonth { year: dt.year(), month: u8::from(dt.month()) }
@@ -162,9 +170,9 @@ pub async fn open(
         return refused_page(r);
     }
     let mut fs = current.expect("checked above");
-    let Some(template) = state.node.settings.sites.get(&site).and_then(|s| s.template(&fs.template_id)).cloned() else {
-        tracing::error!(site_id = %site, template_id = %fs.template_id, "form refers to a template no longer configured; restore it in the config file");
-        return message(StatusCode::SERVICE_UNAVAILABLE, "This form is not available", &["Ask your agent in the chat to send the form again."]);
+    let template = match template_for(&state, &site, &fs) {
+        Ok(t) => t,
+        Err(r) => return r,
     };
     let submit_ttl = state.node.settings.sites.get(&site).map(|s| s.submit_key_ttl_secs).unwrap_or(1800);
     let submit_key = OtkSecret::generate(&mut rand::rngs::StdRng::from_os_rng());
@@ -256,8 +264,9 @@ pub async fn submit(
         return refused_page(r);
     }
     let mut fs = current.expect("checked above");
-    let Some(template) = state.node.settings.sites.get(&site).and_then(|s| s.template(&fs.template_id)).cloned() else {
-        return message(StatusCode::SERVICE_UNAVAILABLE, "This form is not available", &["Ask your agent in the chat to send the form again."]);
+    let template = match template_for(&state, &site, &fs) {
+        Ok(t) => t,
+        Err(r) => return r,
     };
     let mut raw: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (k, v) in pairs {

@@ -143,18 +143,7 @@ impl Detokenizer {
         if spent_tree.contains_key(state.key_hash.as_bytes()).map_err(StoreError::from)? || !self.spent_here.insert(state.key_hash.clone()) {
             return Err(Refusal::KeySpent.into());
         }
-        let data_key = match self.ring.get(&record.key_id) {
-            Ok(k) => k,
-            Err(KeyError::Destroyed(_)) => return Err(Refusal::Purged.into()),
-            Err(e) => return Err(DetokenizeError::Key(e)),
-        };
-        let mut answers = BTreeMap::new();
-        for (field, ct) in &record.answers {
-            let ad = answer_ad(&record.site_id, &record.form_id, &submission, field, &record.key_id);
-            let plain = data_key.material.open(&ad, ct).map_err(DetokenizeError::Key)?;
-            let text = String::from_utf8(plain.to_vec()).map_err(|_| DetokenizeError::Corrupt(submission.clone(), "answer is not UTF-8".into()))?;
-            answers.insert(field.clone(), Secret::new(text));
-        }
+        let answers = self.open_answers(&record, &submission)?;
         let off_record =
             if record.off_record_field_ids.is_empty() { OffRecord::Present(BTreeMap::new()) } else { self.off_record.get(&submission_id, now_ms) };
         Ok(Retrieved { submission_id, record, answers, off_record, spent_key_hash: state.key_hash })
@@ -167,17 +156,21 @@ impl Detokenizer {
         if record.site_id != site_id {
             return Err(Refusal::WrongSite.into());
         }
+        self.open_answers(&record, &submission_id.to_string())
+    }
+
+    /// Opens every sealed answer of a record with its data key; a destroyed key means purged.
+    fn open_answers(&self, record: &VaultRecord, submission: &str) -> Result<BTreeMap<String, Secret>, DetokenizeError> {
         let data_key = match self.ring.get(&record.key_id) {
             Ok(k) => k,
             Err(KeyError::Destroyed(_)) => return Err(Refusal::Purged.into()),
             Err(e) => return Err(DetokenizeError::Key(e)),
         };
-        let submission = submission_id.to_string();
         let mut answers = BTreeMap::new();
         for (field, ct) in &record.answers {
-            let ad = answer_ad(&record.site_id, &record.form_id, &submission, field, &record.key_id);
+            let ad = answer_ad(&record.site_id, &record.form_id, submission, field, &record.key_id);
             let plain = data_key.material.open(&ad, ct).map_err(DetokenizeError::Key)?;
-            let text = String::from_utf8(plain.to_vec()).map_err(|_| DetokenizeError::Corrupt(submission.clone(), "answer is not UTF-8".into()))?;
+            let text = String::from_utf8(plain.to_vec()).map_err(|_| DetokenizeError::Corrupt(submission.to_string(), "answer is not UTF-8".into()))?;
             answers.insert(field.clone(), Secret::new(text));
         }
         Ok(answers)
