@@ -486,7 +486,7 @@ impl BenchReport {
              ratio tokenizer / passthrough                                     {:>9.2}   (goal >= 0.80)\n\
              latency FormSubmitted produced -> FormReady consumed, {} records/s, {} samples:\n\
              \x20 p50 {:.1} ms   p99 {:.1} ms   max {:.1} ms\n\
-             agent retrieve over HTTP (JWT, access rules, detokenize, FormRetrieved acks=all), {} requests/s, {} requests, {} granted:\n\
+             agent retrieve over HTTP (JWT, access rules, detokenize, audit durable), {} requests/s, {} requests, {} granted:\n\
              \x20 p50 {:.2} ms   p99 {:.2} ms   max {:.2} ms   (goal p99 <= 5 ms)\n",
             self.brokers,
             self.records,

@@ -14,12 +14,14 @@
 //! - [`kafka`]: producer, admin, and the consumer runtime that gives handlers exactly-once effects.
 //! - [`handlers`]: event handlers on that runtime, one per file (issuer, keys, tokenizer, retrieval).
 //! - [`http`]: the visitor gateway (axum): the secure form page, open and submit keys.
+//! - [`audit`]: audit events recorded durably on the node before answering, relayed to Kafka.
 //! - [`broker`]: the embedded default broker process for a single machine.
 //! - [`service`]: wires it all for `secureforms serve`.
 //! - [`cli`]: the `secureforms` commands; `src/main.rs` only calls [`cli::main`].
 //!
 //! docs/ARCHITECTURE.md shows how the parts run as tasks and where backpressure lives.
 
+pub mod audit;
 pub mod bench;
 pub mod broker;
 pub mod cli;

@@ -158,6 +158,8 @@ pub struct Node {
     pub gateway: Store,
     /// The visibility projection's store (senders, live conversations, ended sessions).
     pub visibility: Store,
+    /// Audit events recorded on this node, relayed to Kafka.
+    pub audit: Arc<crate::audit::AuditLog>,
     pub clock: Clock,
 }
 
@@ -185,7 +187,7 @@ impl Service {
         let kafka = kafka_settings(&settings, brokers, "service");
         apply_topics(&kafka, settings.replication_factor).await?;
         let producer = EventProducer::new(&kafka)?;
-        let stores = ["issuer", "keys", "tokenizer", "retrieval", "gateway", "visibility"]
+        let stores = ["issuer", "keys", "tokenizer", "retrieval", "gateway", "visibility", "audit"]
             .into_iter()
             .map(|h| Ok((h, Store::open(&store_dir(&settings, h))?)))
             .collect::<Result<BTreeMap<_, _>, StoreError>>()?;
@@ -194,7 +196,9 @@ impl Service {
         let ring = Arc::new(KeyRing::new(master));
         let keys_loaded = load_ring(&ring, &stores["keys"])?;
         let off_record = Arc::new(OffRecordStore::new());
-        let detokenizer = Arc::new(Detokenizer::new(stores["tokenizer"].clone(), stores["retrieval"].clone(), ring.clone(), off_record.clone()));
+        let (audit, audit_writer) = crate::audit::AuditLog::open(stores["audit"].clone())?;
+        let detokenizer =
+            Arc::new(Detokenizer::new(stores["tokenizer"].clone(), stores["retrieval"].clone(), ring.clone(), off_record.clone()).with_audit(audit.clone()));
         let (stop, stop_rx) = watch::channel(false);
         let node = Arc::new(Node {
             settings,
@@ -206,6 +210,7 @@ impl Service {
             vault: stores["tokenizer"].clone(),
             gateway: stores["gateway"].clone(),
             visibility: stores["visibility"].clone(),
+            audit,
             clock,
         });
         let mut service = Service { node: node.clone(), http_addr: None, stop, tasks: JoinSet::new() };
@@ -216,6 +221,12 @@ impl Service {
         service.spawn(RetrievalProjection, &stores["retrieval"], &stop_rx);
         service.spawn(GatewayProjection, &stores["gateway"], &stop_rx);
         service.spawn(VisibilityProjection, &stores["visibility"], &stop_rx);
+        {
+            let (audit, producer, stop) = (node.audit.clone(), node.producer.clone(), stop_rx.clone());
+            service.tasks.spawn(async move { ("audit relay", audit.relay(producer, stop).await) });
+            let stop = stop_rx.clone();
+            service.tasks.spawn(async move { ("audit writer", audit_writer.run(stop).await) });
+        }
         {
             // Expired off-the-record answers are dropped (and zeroized) within seconds.
             let (store, clock, mut stop) = (node.off_record.clone(), node.clock.clone(), stop_rx.clone());

@@ -100,6 +100,11 @@ impl Store {
         Ok(())
     }
 
+    /// A monotonic id, unique in this database.
+    pub fn generate_id(&self) -> Result<u64, StoreError> {
+        Ok(self.db.generate_id()?)
+    }
+
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.db.flush_async().await?;
         Ok(())

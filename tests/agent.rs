@@ -253,3 +253,37 @@ async fn the_access_matrix_with_one_audit_event_per_attempt() {
     }
     e.service.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_key_stays_spent_across_a_restart_and_the_audit_reaches_kafka() {
+    let e = env().await;
+    let (sub, key, _) = submitted_form(&e, "acme", "conv-r", "form-r", "alice").await;
+    let (status, _) = e.retrieve(&sub, Some(&agent("alice", "s-a")), &key).await;
+    assert_eq!(status, 200);
+    // Stop at once: the FormRetrieved may not have reached Kafka, but the spent key is on disk.
+    let Env { mut service, prefix, client, _dir: dir, .. } = e;
+    service.stop().await;
+    drop(service);
+    let settings = {
+        let mut s = settings(&prefix, dir.path());
+        s.http_listen = Some("127.0.0.1:0".into());
+        s.agent_auth.jwt_secret_file = Some(dir.path().join("jwt.secret"));
+        s
+    };
+    let service = Service::start(settings, brokers(), system_clock()).await.unwrap();
+    let e = Env { base: format!("http://{}", service.http_addr.unwrap()), service, prefix, client, _dir: dir };
+    let (status, body) = e.retrieve(&sub, Some(&agent("alice", "s-a")), &key).await;
+    assert_eq!((status, body["error"].as_str()), (403, Some("key_spent")), "{body}");
+    let mut audit = TopicReader::new(&e.prefix, Topic::AgentEvents).await;
+    let granted = |rs: &[rdkafka::message::OwnedMessage]| {
+        rs.iter().filter(|m| matches!(Codec::get().decode(m.payload().unwrap()), Ok(Event::FormRetrieved(r)) if r.submission_id == sub && r.outcome == "granted")).count()
+    };
+    assert!(audit.read_until(WAIT, |rs| granted(rs) >= 1).await, "the granted retrieval's audit event was relayed");
+    let deadline = std::time::Instant::now() + WAIT;
+    while e.service.audit.pending() > 0 {
+        assert!(std::time::Instant::now() < deadline, "the audit log drains");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut service = e.service;
+    service.stop().await;
+}

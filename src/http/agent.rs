@@ -97,8 +97,23 @@ fn conversation(state: &AppState, site: &str, conv: &str) -> Option<Conversation
     t.get(conversation_key(site, conv)).ok().flatten().and_then(|v| serde_json::from_slice(&v).ok())
 }
 
-/// Emits the audit event (acks=all). Returns false when it could not be recorded.
+/// Records the audit event durably (relayed to Kafka by the audit log). Returns false when it could
+/// not be recorded. `spent` is the key hash a granted retrieval spent.
 async fn audit(state: &AppState, owner: Option<&SubmissionOwner>, submission: &str, agent: &str, session: Option<&str>, outcome: &str, reason: &str) -> bool {
+    audit_spending(state, owner, submission, agent, session, outcome, reason, None).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn audit_spending(
+    state: &AppState,
+    owner: Option<&SubmissionOwner>,
+    submission: &str,
+    agent: &str,
+    session: Option<&str>,
+    outcome: &str,
+    reason: &str,
+    spent: Option<&str>,
+) -> bool {
     let (site, conv, form) = owner.map(|o| (o.site_id.as_str(), o.conversation_id.as_str(), o.form_id.as_str())).unwrap_or(("", "", ""));
     let event = Event::FormRetrieved(FormRetrieved {
         header: EventHeader::new(EventKind::FormRetrieved, uuid::Uuid::new_v4(), now(state), site, conv, form),
@@ -110,10 +125,10 @@ async fn audit(state: &AppState, owner: Option<&SubmissionOwner>, submission: &s
         reason: reason.to_string(),
     });
     tracing::info!(submission_id = submission, agent_id = agent, outcome, reason, "retrieval attempt");
-    match state.node.producer.send(&event).await {
-        Ok(_) => true,
+    match state.node.audit.record(&event, spent).await {
+        Ok(()) => true,
         Err(error) => {
-            tracing::error!(%error, "could not record the retrieval audit event; check the brokers");
+            tracing::error!(%error, "could not record the retrieval audit event; check the data directory's disk");
             false
         }
     }
@@ -196,7 +211,7 @@ pub async fn retrieve(State(state): State<Arc<AppState>>, Path(id): Path<String>
     let owner = known.expect("checked by may_retrieve");
     match state.node.detokenizer.detokenize(&claims.site, sid, &request.key, now(&state)) {
         Ok(got) => {
-            if !audit(&state, Some(&owner), &id, &claims.sub, Some(&claims.sid), "granted", "").await {
+            if !audit_spending(&state, Some(&owner), &id, &claims.sub, Some(&claims.sid), "granted", "", Some(&got.spent_key_hash)).await {
                 return api_error(StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable", "the retrieval could not be audited, so nothing was returned; try again with a fresh key");
             }
             let answers = got.answers.iter().map(|(k, v)| (k.clone(), v.expose().to_string())).collect();
@@ -268,8 +283,10 @@ pub async fn fresh_key(State(state): State<Arc<AppState>>, Path(id): Path<String
         retrieve_expires_at: t + (ttl as i64) * 1000,
         off_record_field_ids: record.map(|r| r.off_record_field_ids).unwrap_or_default(),
     };
-    if let Err(error) = state.node.producer.send(&Event::FormReady(ready.clone())).await {
-        tracing::error!(%error, "could not publish a fresh retrieve key; check the brokers");
+    // Through the same ordered log as the audit events: the projection must see an earlier
+    // retrieval's FormRetrieved before this key, or it would mark the new key spent.
+    if let Err(error) = state.node.audit.record(&Event::FormReady(ready.clone()), None).await {
+        tracing::error!(%error, "could not record a fresh retrieve key; check the data directory's disk");
         return api_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "try again in a moment");
     }
     (StatusCode::CREATED, Json(FreshKey { submission_id: id, retrieve_key: ready.retrieve_key, retrieve_expires_at: ready.retrieve_expires_at })).into_response()

@@ -109,10 +109,10 @@ fn audit_refusal(state: &AppState, site: &str, form: &str, conversation: &str, p
         client_ref: client_ref(addr),
     });
     tracing::info!(site_id = site, form_id = form, purpose = purpose.as_str(), reason = r.code(), "one-time key refused");
-    let producer = state.node.producer.clone();
+    let audit = state.node.audit.clone();
     tokio::spawn(async move {
-        if let Err(error) = producer.send(&event).await {
-            tracing::warn!(%error, "could not record a key refusal; check the brokers");
+        if let Err(error) = audit.record(&event, None).await {
+            tracing::warn!(%error, "could not record a key refusal; check the data directory's disk");
         }
     });
 }

@@ -232,6 +232,9 @@ pub async fn run<H: Handler>(
 
     // Partition -> first offset whose outputs were not yet delivered (from Kafka's committed offsets).
     let mut emitted: HashMap<(String, i32), i64> = HashMap::new();
+    // Offsets to commit to Kafka (for lag monitoring), at most once per COMMIT_INTERVAL.
+    let mut to_commit: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    let mut last_commit = std::time::Instant::now();
     loop {
         let first = tokio::select! {
             biased;
@@ -258,7 +261,14 @@ pub async fn run<H: Handler>(
         failpoint(name, "after-commit");
         produce_outbox(&store, &producer, &committed, &mut shutdown).await?;
         failpoint(name, "after-produce");
-        commit_to_kafka(&consumer, &batch, CommitMode::Async);
+        for m in &batch {
+            let e = to_commit.entry((m.topic().to_string(), m.partition())).or_insert(0);
+            *e = (*e).max(m.offset() + 1);
+        }
+        if last_commit.elapsed() >= COMMIT_INTERVAL {
+            commit_to_kafka(&consumer, std::mem::take(&mut to_commit), CommitMode::Async);
+            last_commit = std::time::Instant::now();
+        }
     }
 
     if let Ok(assignment) = consumer.assignment() {
@@ -310,11 +320,13 @@ fn learn_emitted_offsets(consumer: &StreamConsumer<OffsetsFromStore>, batch: &[O
     }
 }
 
-fn commit_to_kafka(consumer: &StreamConsumer<OffsetsFromStore>, batch: &[OwnedMessage], mode: CommitMode) {
-    let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
-    for m in batch {
-        let e = next.entry((m.topic().to_string(), m.partition())).or_insert(0);
-        *e = (*e).max(m.offset() + 1);
+/// Kafka offsets serve lag monitoring and mark what was emitted (ADR 7); sled holds the truth, so
+/// committing them at most this often saves broker work.
+const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+
+fn commit_to_kafka(consumer: &StreamConsumer<OffsetsFromStore>, next: BTreeMap<(String, i32), i64>, mode: CommitMode) {
+    if next.is_empty() {
+        return;
     }
     let mut tpl = TopicPartitionList::new();
     for ((topic, partition), offset) in next {

@@ -99,6 +99,7 @@ pub struct Retrieved {
 pub struct Detokenizer {
     vault: Store,
     retrieval: Store,
+    audit: Option<Arc<crate::audit::AuditLog>>,
     ring: Arc<KeyRing>,
     off_record: Arc<OffRecordStore>,
     /// Keys spent on this node and not yet seen back as FormRetrieved: one use, at once.
@@ -107,7 +108,13 @@ pub struct Detokenizer {
 
 impl Detokenizer {
     pub fn new(vault: Store, retrieval: Store, ring: Arc<KeyRing>, off_record: Arc<OffRecordStore>) -> Detokenizer {
-        Detokenizer { vault, retrieval, ring, off_record, spent_here: DashSet::new() }
+        Detokenizer { vault, retrieval, audit: None, ring, off_record, spent_here: DashSet::new() }
+    }
+
+    /// Keys recorded as spent in this node's audit log count as spent.
+    pub fn with_audit(mut self, audit: Arc<crate::audit::AuditLog>) -> Detokenizer {
+        self.audit = Some(audit);
+        self
     }
 
     /// Checks the key and, if it is good, spends it and opens the answers.
@@ -140,7 +147,8 @@ impl Detokenizer {
             return Err(Refusal::KeyExpired.into());
         }
         let spent_tree = self.retrieval.tree(retrieval_trees::SPENT)?;
-        if spent_tree.contains_key(state.key_hash.as_bytes()).map_err(StoreError::from)? || !self.spent_here.insert(state.key_hash.clone()) {
+        let spent_here_before = self.audit.as_ref().is_some_and(|a| a.is_spent(&state.key_hash));
+        if spent_here_before || spent_tree.contains_key(state.key_hash.as_bytes()).map_err(StoreError::from)? || !self.spent_here.insert(state.key_hash.clone()) {
             return Err(Refusal::KeySpent.into());
         }
         let answers = self.open_answers(&record, &submission)?;
