@@ -161,19 +161,7 @@ mod tests {
                 version: 4,
                 title: "Pay".into(),
                 instructions: String::new(),
-                questions: vec![QuestionSpec {
-                    id: "pan".into(),
-                    label: "Card number".into(),
-                    kind: QuestionKind::CardNumber,
-                    required: true,
-                    masked: false,
-                    off_record: false,
-                    help: None,
-                    min_length: None,
-                    max_length: None,
-                    pattern: None,
-                    choices: vec![],
-                }],
+                questions: vec![QuestionSpec::required("pan", "Card number", QuestionKind::CardNumber)],
             }],
         }
     }

@@ -89,6 +89,24 @@ pub struct QuestionSpec {
 }
 
 impl QuestionSpec {
+    /// A required question with nothing else set, for tests.
+    #[cfg(test)]
+    pub fn required(id: &str, label: &str, kind: QuestionKind) -> QuestionSpec {
+        QuestionSpec {
+            id: id.into(),
+            label: label.into(),
+            kind,
+            required: true,
+            masked: false,
+            off_record: false,
+            help: None,
+            min_length: None,
+            max_length: None,
+            pattern: None,
+            choices: vec![],
+        }
+    }
+
     pub fn is_off_record(&self) -> bool {
         self.off_record || self.kind.forces_off_record()
     }
@@ -227,19 +245,7 @@ mod tests {
     use super::*;
 
     fn q(id: &str, kind: QuestionKind) -> QuestionSpec {
-        QuestionSpec {
-            id: id.into(),
-            label: format!("{id} label"),
-            kind,
-            required: true,
-            masked: false,
-            off_record: false,
-            help: None,
-            min_length: None,
-            max_length: None,
-            pattern: None,
-            choices: vec![],
-        }
+        QuestionSpec::required(id, &format!("{id} label"), kind)
     }
 
     fn t(questions: Vec<QuestionSpec>) -> Template {

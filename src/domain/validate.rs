@@ -279,19 +279,7 @@ mod tests {
     const NOW: YearMonth = YearMonth { year: 2026, month: 11 };
 
     fn q(kind: QuestionKind) -> QuestionSpec {
-        QuestionSpec {
-            id: "f".into(),
-            label: "Field".into(),
-            kind,
-            required: true,
-            masked: false,
-            off_record: false,
-            help: None,
-            min_length: None,
-            max_length: None,
-            pattern: None,
-            choices: vec!["Email".into(), "Phone".into()],
-        }
+        QuestionSpec { choices: vec!["Email".into(), "Phone".into()], ..QuestionSpec::required("f", "Field", kind) }
     }
 
     fn one(kind: QuestionKind, v: &str) -> Result<String, FieldError> {
