@@ -32,6 +32,12 @@ fn every_command_explains_itself_with_an_example() {
         vec!["chatbus", "transfer", "--help"],
         vec!["chatbus", "close", "--help"],
         vec!["chatbus", "raw", "--help"],
+        vec!["keys", "generate-master", "--help"],
+        vec!["keys", "rotate", "--help"],
+        vec!["keys", "list", "--help"],
+        vec!["sites", "check", "--help"],
+        vec!["openapi", "--help"],
+        vec!["bench", "--help"],
     ] {
         let o = run(&cmd);
         assert!(o.status.success(), "{cmd:?}");
@@ -81,6 +87,32 @@ fn bad_configuration_exits_non_zero_and_says_what_to_fix() {
     let o = run(&["--log-format", "xml", "topics", "list", "--brokers", "127.0.0.1:1"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("log_format"), "{}", text(&o));
+}
+
+#[test]
+fn sites_check_names_what_to_change_and_fails_for_a_non_compliant_site() {
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo.toml");
+    let o = run(&["sites", "check", "--config", demo.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "weakco misses the PCI settings");
+    let t = text(&o);
+    assert!(t.contains("acme") && t.contains("ok"), "{t}");
+    assert!(t.contains("min_password_length is 4, set it to at least 7"), "{t}");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/secureforms.example.toml");
+    assert!(run(&["sites", "check", "--config", example.to_str().unwrap()]).status.success());
+}
+
+#[test]
+fn a_missing_master_key_stops_serve_with_how_to_make_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Command::new(bin())
+        .args(["serve", "--brokers", "127.0.0.1:1", "--data-dir", dir.path().to_str().unwrap()])
+        .env_remove("SECUREFORMS_MASTER_KEY")
+        .env_remove("SECUREFORMS_MASTER_KEY_FILE")
+        .env_remove("SECUREFORMS_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("keys generate-master"), "{}", text(&o));
 }
 
 #[test]
