@@ -4,6 +4,7 @@
 
 mod bench;
 mod chatbus;
+mod dlq;
 mod keys;
 mod openapi;
 mod schemas;
@@ -84,6 +85,8 @@ pub enum Command {
     #[command(subcommand)]
     Sites(sites::SitesCommand),
     Openapi(openapi::Args),
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
 }
 
 impl GlobalArgs {
@@ -125,5 +128,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(a) => bench::run(&cli.global, a).await,
         Command::Sites(c) => sites::run(&cli.global, c),
         Command::Openapi(a) => openapi::run(a),
+        Command::Dlq(c) => dlq::run(&cli.global, c).await,
     }
 }
