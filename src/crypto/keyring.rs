@@ -69,10 +69,6 @@ impl KeyRing {
         self.keys.get(id).map(|k| k.clone()).ok_or_else(|| KeyError::UnknownKey(id.to_string()))
     }
 
-    pub fn is_destroyed(&self, id: &str) -> bool {
-        self.destroyed.contains(id)
-    }
-
     /// The newest generation for a site and period: the key new writes use.
     pub fn current(&self, site: &str, period: &str) -> Option<Arc<DataKey>> {
         self.keys.iter().filter(|k| k.site == site && k.period == period).max_by_key(|k| k.generation).map(|k| k.clone())

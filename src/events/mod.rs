@@ -51,9 +51,6 @@ macro_rules! events {
                 match self { $( EventKind::$variant => Topic::$topic, )* }
             }
 
-            pub fn from_name(name: &str) -> Option<EventKind> {
-                match name { $( stringify!($variant) => Some(EventKind::$variant), )* _ => None }
-            }
         }
 
         impl Event {
@@ -65,9 +62,6 @@ macro_rules! events {
                 match self { $( Event::$variant(e) => &e.header, )* }
             }
 
-            pub fn header_mut(&mut self) -> &mut EventHeader {
-                match self { $( Event::$variant(e) => &mut e.header, )* }
-            }
 
             pub(crate) fn to_avro_value(&self) -> Result<apache_avro::types::Value, apache_avro::Error> {
                 match self { $( Event::$variant(e) => apache_avro::to_value(e), )* }

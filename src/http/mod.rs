@@ -13,7 +13,6 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderValue, header};
 use axum::middleware::{self, Next};
@@ -207,9 +206,4 @@ impl Server {
             }
         }
     }
-}
-
-/// A response body for tests and errors.
-pub fn text(status: axum::http::StatusCode, body: String) -> Response {
-    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], Body::from(body)).into_response()
 }
