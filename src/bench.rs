@@ -21,7 +21,7 @@ use crate::config::{Settings, SiteConfig};
 use crate::crypto::{KeyMaterial, data_key_id, period_of};
 use crate::events::{Codec, Event};
 use crate::handlers::tokenizer::Tokenizer;
-use crate::kafka::runtime::{self, system_clock};
+use crate::kafka::runtime::{self, RunContext, system_clock};
 use crate::kafka::{EventProducer, KafkaError, KafkaSettings};
 use crate::service::{apply_topics, kafka_settings};
 use crate::store::Store;
@@ -204,6 +204,12 @@ fn bench_sites() -> Arc<BTreeMap<String, SiteConfig>> {
     Arc::new(BTreeMap::new())
 }
 
+/// The tokenizer as the service runs it (its key ring only answers "destroyed?" here: empty).
+fn bench_tokenizer() -> Tokenizer {
+    let master = crate::crypto::MasterKey::from_base64(&crate::crypto::MasterKey::generate_base64()).expect("a generated master key parses");
+    Tokenizer::new(bench_sites(), Arc::new(crate::crypto::KeyRing::new(master)), Arc::new(crate::metrics::Metrics::new()))
+}
+
 /// The tokenizer on the real runtime. Warmed with one record (group joined, partitions assigned),
 /// then timed like the passthrough.
 async fn tokenizer(k: &KafkaSettings, dir: &std::path::Path, events: &[(uuid::Uuid, Event)]) -> Result<f64, KafkaError> {
@@ -212,7 +218,7 @@ async fn tokenizer(k: &KafkaSettings, dir: &std::path::Path, events: &[(uuid::Uu
     let out_reader = reader(k, &k.names.name(Topic::AgentEvents), Topic::AgentEvents.spec().partitions)?;
     let store = Store::open(&dir.join("tokenizer"))?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(runtime::run(k.clone(), store, producer.clone(), Tokenizer::new(bench_sites()), system_clock(), stop_rx));
+    let task = tokio::spawn(runtime::run(k.clone(), store, producer.clone(), bench_tokenizer(), RunContext::new(system_clock()), stop_rx));
     produce_all(&producer, &submissions(1)).await?;
     wait_for(&out_reader, 1).await;
     let start = Instant::now();
@@ -228,7 +234,7 @@ async fn latency(k: &KafkaSettings, dir: &std::path::Path, rate: u32, secs: u64)
     let producer = EventProducer::new(k)?;
     let store = Store::open(&dir.join("latency"))?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(runtime::run(k.clone(), store, producer.clone(), Tokenizer::new(bench_sites()), system_clock(), stop_rx));
+    let task = tokio::spawn(runtime::run(k.clone(), store, producer.clone(), bench_tokenizer(), RunContext::new(system_clock()), stop_rx));
     let out_reader = reader(k, &k.names.name(Topic::AgentEvents), Topic::AgentEvents.spec().partitions)?;
     // Warm up: one record through the whole path before measuring.
     let warm = submissions(1);

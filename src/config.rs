@@ -60,11 +60,18 @@ pub struct Settings {
     pub max_batch: usize,
     /// Address of the visitor gateway (HTTP/HTTPS); empty: no gateway on this node.
     pub http_listen: Option<String>,
+    /// Address of the operations listener (plain HTTP): `/metrics` (Prometheus), `/healthz`,
+    /// `/readyz`. Empty: none. Keep it off the public network.
+    pub metrics_listen: Option<String>,
     /// PEM certificate chain and private key for HTTPS.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     /// Serve HTTPS with a certificate generated at start for localhost (local use only).
     pub tls_self_signed: bool,
+    /// How often this node's purge worker removes expired submissions and destroys expired data keys
+    /// (seconds); 0 turns the worker off on this node. Running it on several nodes is safe (the
+    /// receipts are idempotent).
+    pub purge_interval_secs: u64,
     /// How agent tokens (JWT from the chat platform) are verified.
     #[serde(default)]
     pub agent_auth: AgentAuthConfig,
@@ -91,7 +98,12 @@ const SETTING_KEYS: &[&str] = &[
     "tls_cert",
     "tls_key",
     "tls_self_signed",
+    "purge_interval_secs",
+    "metrics_listen",
 ];
+
+/// Retention of tokenized submissions when a site does not set `retention_months`.
+pub const DEFAULT_RETENTION_MONTHS: u32 = 13;
 
 impl Default for Settings {
     fn default() -> Settings {
@@ -109,9 +121,11 @@ impl Default for Settings {
             master_key_file: None,
             max_batch: 500,
             http_listen: Some("127.0.0.1:8080".into()),
+            metrics_listen: Some("127.0.0.1:9464".into()),
             tls_cert: None,
             tls_key: None,
             tls_self_signed: false,
+            purge_interval_secs: 3600,
             agent_auth: AgentAuthConfig::default(),
             sites: BTreeMap::new(),
         }
@@ -181,7 +195,7 @@ mod defaults {
         300
     }
     pub fn retention_months() -> u32 {
-        13
+        super::DEFAULT_RETENTION_MONTHS
     }
 }
 

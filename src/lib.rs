@@ -15,6 +15,8 @@
 //! - [`handlers`]: event handlers on that runtime, one per file (issuer, keys, tokenizer, retrieval).
 //! - [`http`]: the visitor gateway (axum): the secure form page, open and submit keys.
 //! - [`audit`]: audit events recorded durably on the node before answering, relayed to Kafka.
+//! - [`metrics`]: the node's Prometheus registry (`GET /metrics`).
+//! - [`ops`]: retention purge, erasure, replay, readiness and the compliance report.
 //! - [`broker`]: the embedded default broker process for a single machine.
 //! - [`service`]: wires it all for `secureforms serve`.
 //! - [`cli`]: the `secureforms` commands; `src/main.rs` only calls [`cli::main`].
@@ -33,6 +35,8 @@ pub mod handlers;
 pub mod http;
 pub mod kafka;
 pub mod logging;
+pub mod metrics;
+pub mod ops;
 pub mod service;
 pub mod store;
 pub mod topics;

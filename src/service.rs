@@ -52,6 +52,8 @@ pub enum ServiceError {
     UnknownSite(String),
     #[error(transparent)]
     Http(#[from] crate::http::HttpError),
+    #[error("the handlers did not catch up with the topics within {0} s; check the brokers and the logs")]
+    NotReady(u64),
 }
 
 /// A visitor's submission as the gateway hands it over: already validated, not yet sealed.
@@ -161,6 +163,9 @@ pub struct Node {
     /// Audit events recorded on this node, relayed to Kafka.
     pub audit: Arc<crate::audit::AuditLog>,
     pub clock: Clock,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// The handlers this node runs.
+    pub handlers: Vec<HandlerInfo>,
 }
 
 /// A running service: its shared parts and its tasks (handlers, sweeper, HTTP server).
@@ -168,8 +173,54 @@ pub struct Service {
     pub node: Arc<Node>,
     /// Where the HTTP gateway listens, when it runs.
     pub http_addr: Option<std::net::SocketAddr>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, when they are.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<(&'static str, Result<(), KafkaError>)>,
+    shadow: bool,
+}
+
+/// Every consumer a full node runs, in the order a replay of everything rebuilds them.
+pub const ALL_HANDLERS: [&str; 6] = ["keys", "issuer", "tokenizer", "retrieval", "gateway", "visibility"];
+
+/// A handler this node runs: its name, its topics and its store (for readiness and lag).
+#[derive(Clone)]
+pub struct HandlerInfo {
+    pub name: &'static str,
+    pub topics: Vec<crate::topics::Topic>,
+    pub store: Store,
+}
+
+/// Which parts of a node to start.
+#[derive(Debug, Clone)]
+pub struct StartOptions {
+    /// Handlers to run (names from [`ALL_HANDLERS`]).
+    pub handlers: Vec<&'static str>,
+    /// HTTP gateway (when `http_listen` is set), audit relay, off-the-record sweeper, purge worker.
+    pub node_tasks: bool,
+    /// Apply everything, emit nothing (see `RunContext::shadow`).
+    pub shadow: bool,
+}
+
+impl StartOptions {
+    /// A full node.
+    pub fn node() -> StartOptions {
+        StartOptions { handlers: ALL_HANDLERS.to_vec(), node_tasks: true, shadow: false }
+    }
+
+    /// Only the given handlers, nothing else (replay).
+    pub fn handlers(handlers: Vec<&'static str>) -> StartOptions {
+        StartOptions { handlers, node_tasks: false, shadow: false }
+    }
+
+    /// An operations replica: keys, tokenizer and visibility as a shadow.
+    pub fn ops() -> StartOptions {
+        StartOptions { handlers: vec!["keys", "tokenizer", "visibility"], node_tasks: false, shadow: true }
+    }
+
+    fn runs(&self, handler: &str) -> bool {
+        self.handlers.contains(&handler)
+    }
 }
 
 impl std::ops::Deref for Service {
@@ -183,15 +234,22 @@ impl Service {
     /// Starts every handler against `brokers`, and the HTTP gateway when `http_listen` is set. The
     /// master key must be configured.
     pub async fn start(settings: Settings, brokers: String, clock: Clock) -> Result<Service, ServiceError> {
+        Service::start_with(settings, brokers, clock, StartOptions::node()).await
+    }
+
+    /// Starts the parts `options` asks for.
+    pub async fn start_with(settings: Settings, brokers: String, clock: Clock, options: StartOptions) -> Result<Service, ServiceError> {
         let master = master_key(&settings)?;
-        let kafka = kafka_settings(&settings, brokers, "service");
+        let kafka = kafka_settings(&settings, brokers, if options.shadow { "ops" } else { "service" });
         apply_topics(&kafka, settings.replication_factor).await?;
-        let producer = EventProducer::new(&kafka)?;
-        let stores = ["issuer", "keys", "tokenizer", "retrieval", "gateway", "visibility", "audit"]
-            .into_iter()
-            .map(|h| Ok((h, Store::open(&store_dir(&settings, h))?)))
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let producer = EventProducer::new(&kafka)?.with_metrics(metrics.clone());
+        let stores = ALL_HANDLERS
+            .iter()
+            .chain(["audit"].iter())
+            .map(|h| Ok((*h, Store::open(&store_dir(&settings, h))?)))
             .collect::<Result<BTreeMap<_, _>, StoreError>>()?;
-        let n = publish_templates(&settings, &producer, &stores["issuer"], clock()).await?;
+        let n = if options.runs("issuer") && !options.shadow { publish_templates(&settings, &producer, &stores["issuer"], clock()).await? } else { 0 };
 
         let ring = Arc::new(KeyRing::new(master));
         let keys_loaded = load_ring(&ring, &stores["keys"])?;
@@ -200,6 +258,22 @@ impl Service {
         let detokenizer =
             Arc::new(Detokenizer::new(stores["tokenizer"].clone(), stores["retrieval"].clone(), ring.clone(), off_record.clone()).with_audit(audit.clone()));
         let (stop, stop_rx) = watch::channel(false);
+        let sites = Arc::new(settings.sites.clone());
+        let keys_handler = KeysHandler::new(ring.clone());
+        let issuer = Issuer::new(sites.clone(), settings.public_url.clone());
+        let tokenizer = Tokenizer::new(sites, ring.clone(), metrics.clone());
+        let info = |h: &dyn Handler| HandlerInfo { name: h.name(), topics: h.topics(), store: stores[h.name()].clone() };
+        let running: Vec<HandlerInfo> = [
+            info(&keys_handler),
+            info(&issuer),
+            info(&tokenizer),
+            info(&RetrievalProjection),
+            info(&GatewayProjection),
+            info(&VisibilityProjection),
+        ]
+        .into_iter()
+        .filter(|h| options.runs(h.name))
+        .collect();
         let node = Arc::new(Node {
             settings,
             kafka,
@@ -212,22 +286,41 @@ impl Service {
             visibility: stores["visibility"].clone(),
             audit,
             clock,
+            metrics,
+            handlers: running,
         });
-        let mut service = Service { node: node.clone(), http_addr: None, stop, tasks: JoinSet::new() };
-        let sites = Arc::new(node.settings.sites.clone());
-        service.spawn(KeysHandler::new(node.ring.clone()), &stores["keys"], &stop_rx);
-        service.spawn(Issuer::new(sites.clone(), node.settings.public_url.clone()), &stores["issuer"], &stop_rx);
-        service.spawn(Tokenizer::new(sites), &stores["tokenizer"], &stop_rx);
-        service.spawn(RetrievalProjection, &stores["retrieval"], &stop_rx);
-        service.spawn(GatewayProjection, &stores["gateway"], &stop_rx);
-        service.spawn(VisibilityProjection, &stores["visibility"], &stop_rx);
+        let mut service = Service { node: node.clone(), http_addr: None, metrics_addr: None, stop, tasks: JoinSet::new(), shadow: options.shadow };
+        if options.runs("keys") {
+            service.spawn(keys_handler, &stores["keys"], &stop_rx);
+        }
+        if options.runs("issuer") {
+            service.spawn(issuer, &stores["issuer"], &stop_rx);
+        }
+        if options.runs("tokenizer") {
+            service.spawn(tokenizer, &stores["tokenizer"], &stop_rx);
+        }
+        if options.runs("retrieval") {
+            service.spawn(RetrievalProjection, &stores["retrieval"], &stop_rx);
+        }
+        if options.runs("gateway") {
+            service.spawn(GatewayProjection, &stores["gateway"], &stop_rx);
+        }
+        if options.runs("visibility") {
+            service.spawn(VisibilityProjection, &stores["visibility"], &stop_rx);
+        }
         {
+            let (node, stop) = (node.clone(), stop_rx.clone());
+            service.tasks.spawn(async move { ("readiness", crate::ops::readiness::run(node, stop).await) });
+        }
+        if options.node_tasks {
             let (audit, producer, stop) = (node.audit.clone(), node.producer.clone(), stop_rx.clone());
             service.tasks.spawn(async move { ("audit relay", audit.relay(producer, stop).await) });
             let stop = stop_rx.clone();
             service.tasks.spawn(async move { ("audit writer", audit_writer.run(stop).await) });
+        } else {
+            drop(audit_writer);
         }
-        {
+        if options.node_tasks {
             // Expired off-the-record answers are dropped (and zeroized) within seconds.
             let (store, clock, mut stop) = (node.off_record.clone(), node.clock.clone(), stop_rx.clone());
             service.tasks.spawn(async move {
@@ -246,7 +339,13 @@ impl Service {
                 }
             });
         }
-        if let Some(listen) = node.settings.http_listen.clone().filter(|l| !l.is_empty()) {
+        if options.node_tasks && node.settings.purge_interval_secs > 0 {
+            let (node, stop) = (node.clone(), stop_rx.clone());
+            service.tasks.spawn(async move { ("purge worker", crate::ops::purge::worker(node, stop).await) });
+        }
+        if options.node_tasks
+            && let Some(listen) = node.settings.http_listen.clone().filter(|l| !l.is_empty())
+        {
             let server = crate::http::bind(node.clone(), &listen).await?;
             service.http_addr = Some(server.local_addr());
             let mut stop = stop_rx.clone();
@@ -255,15 +354,40 @@ impl Service {
                 ("http gateway", result.map_err(|e| KafkaError::Topic { topic: "http".into(), message: e.to_string() }))
             });
         }
-        tracing::info!(templates_published = n, keys_loaded, brokers = %node.kafka.brokers, http = ?service.http_addr, master_key_id = %node.ring.master().id(), "service starting");
+        if options.node_tasks
+            && let Some(listen) = node.settings.metrics_listen.clone().filter(|l| !l.is_empty())
+        {
+            let (listener, router) = crate::http::serve_ops(node.clone(), &listen).await?;
+            service.metrics_addr = listener.local_addr().ok();
+            let mut stop = stop_rx.clone();
+            service.tasks.spawn(async move {
+                let result = axum::serve(listener, router).with_graceful_shutdown(async move { let _ = stop.changed().await; }).await;
+                ("metrics listener", result.map_err(|e| KafkaError::Topic { topic: "http".into(), message: e.to_string() }))
+            });
+        }
+        tracing::info!(templates_published = n, keys_loaded, metrics = ?service.metrics_addr, brokers = %node.kafka.brokers, http = ?service.http_addr, master_key_id = %node.ring.master().id(), handlers = ?node.handlers.iter().map(|h| h.name).collect::<Vec<_>>(), "service starting");
         Ok(service)
+    }
+
+    /// Waits until every handler has caught up with the topics as they were at start (what /readyz
+    /// reports), or fails after `timeout`.
+    pub async fn wait_ready(&self, timeout: std::time::Duration) -> Result<(), ServiceError> {
+        let deadline = std::time::Instant::now() + timeout;
+        while !self.node.metrics.is_ready() {
+            if std::time::Instant::now() > deadline {
+                return Err(ServiceError::NotReady(timeout.as_secs()));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        Ok(())
     }
 
     fn spawn<H: Handler>(&mut self, handler: H, store: &Store, stop: &watch::Receiver<bool>) {
         let name = handler.name();
         let n = &self.node;
-        let (k, s, p, c, r) = (n.kafka.clone(), store.clone(), n.producer.clone(), n.clock.clone(), stop.clone());
-        self.tasks.spawn(async move { (name, runtime::run(k, s, p, handler, c, r).await) });
+        let ctx = runtime::RunContext { clock: n.clock.clone(), metrics: n.metrics.clone(), shadow: self.shadow };
+        let (k, s, p, r) = (n.kafka.clone(), store.clone(), n.producer.clone(), stop.clone());
+        self.tasks.spawn(async move { (name, runtime::run(k, s, p, handler, ctx, r).await) });
     }
 
     /// Waits until `shutdown` resolves or a task fails, then stops everything.
@@ -280,6 +404,21 @@ impl Service {
         match failure {
             Some(e) => Err(e),
             None => Ok(()),
+        }
+    }
+
+    /// Whether a task has ended on its own (it logs which and why).
+    pub fn failed(&mut self) -> bool {
+        match self.tasks.try_join_next() {
+            None => false,
+            Some(Ok((name, result))) => {
+                tracing::error!(task = name, error = ?result.err().map(|e| e.to_string()), "task stopped on its own");
+                true
+            }
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "task panicked");
+                true
+            }
         }
     }
 

@@ -164,6 +164,27 @@ impl Tx<'_> {
     pub fn is_empty(&self) -> bool {
         self.writes.is_empty()
     }
+
+    /// Keys under `prefix` as this batch sees them: stored ones, plus staged inserts, minus staged
+    /// removals, in order.
+    pub fn scan_prefix_keys(&self, tree: &str, prefix: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut keys = std::collections::BTreeSet::new();
+        for row in self.store.tree(tree)?.scan_prefix(prefix) {
+            keys.insert(row?.0.to_vec());
+        }
+        let start = (tree.to_string(), prefix.to_vec());
+        for ((t, k), v) in self.writes.range(start..) {
+            if t != tree || !k.starts_with(prefix) {
+                break;
+            }
+            if v.is_some() {
+                keys.insert(k.clone());
+            } else {
+                keys.remove(k);
+            }
+        }
+        Ok(keys.into_iter().collect())
+    }
 }
 
 #[cfg(test)]
@@ -186,5 +207,20 @@ mod tests {
         assert_eq!(tx.get("a", b"k").unwrap(), None);
         store.commit(tx).await.unwrap();
         assert_eq!(store.tree("a").unwrap().get(b"k").unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn prefix_scans_see_staged_inserts_and_removals() {
+        let store = Store::temporary().unwrap();
+        let mut tx = store.begin();
+        tx.insert("t", b"p1".to_vec(), vec![]);
+        tx.insert("t", b"p2".to_vec(), vec![]);
+        tx.insert("t", b"q1".to_vec(), vec![]);
+        store.commit(tx).await.unwrap();
+        let mut tx = store.begin();
+        tx.remove("t", b"p1".to_vec());
+        tx.insert("t", b"p3".to_vec(), vec![]);
+        tx.insert("u", b"p4".to_vec(), vec![]);
+        assert_eq!(tx.scan_prefix_keys("t", b"p").unwrap(), vec![b"p2".to_vec(), b"p3".to_vec()]);
     }
 }

@@ -7,6 +7,7 @@ mod chatbus;
 mod dlq;
 mod keys;
 mod openapi;
+mod ops;
 mod schemas;
 mod serve;
 mod sites;
@@ -87,6 +88,10 @@ pub enum Command {
     Openapi(openapi::Args),
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
+    Purge(ops::PurgeArgs),
+    Erase(ops::EraseArgs),
+    Replay(ops::ReplayArgs),
+    Compliance(ops::ComplianceArgs),
 }
 
 impl GlobalArgs {
@@ -129,5 +134,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sites(c) => sites::run(&cli.global, c),
         Command::Openapi(a) => openapi::run(a),
         Command::Dlq(c) => dlq::run(&cli.global, c).await,
+        Command::Purge(a) => ops::purge(&cli.global, a).await,
+        Command::Erase(a) => ops::erase(&cli.global, a).await,
+        Command::Replay(a) => ops::replay(&cli.global, a).await,
+        Command::Compliance(a) => ops::compliance(&cli.global, a).await,
     }
 }

@@ -6,6 +6,7 @@ pub mod access;
 pub mod issue;
 pub mod otk;
 pub mod policy;
+pub mod retention;
 pub mod template;
 pub mod validate;
 pub mod visitor;

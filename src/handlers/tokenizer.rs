@@ -1,6 +1,11 @@
 //! The tokenizer (seed steps 4 and 5): stores each FormSubmitted's sealed answers in the vault under
 //! its submission UUID and tells the agent workspace with FormReady (UUID + a one-time retrieve key).
 //! A FormSubmitted seen again changes nothing and emits nothing.
+//!
+//! It also owns removal: a SubmissionPurged (retention or erasure) removes the listed submissions
+//! (and, for an erasure, every submission of that conversation) and leaves a tombstone. A
+//! FormSubmitted that is already purged is skipped, whichever comes first on replay: tombstoned,
+//! past its site's retention as of the processing clock, or sealed with a destroyed data key.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,7 +19,10 @@ use crate::events::{Event, EventHeader, EventKind, FormReady, derived_event_id};
 use crate::kafka::{ApplyError, Handler, RecordMeta};
 use crate::store::Tx;
 use crate::topics::Topic;
-use crate::vault::record::{VaultRecord, period_key, submission_key};
+use crate::crypto::KeyRing;
+use crate::metrics::Metrics;
+use crate::store::StoreError;
+use crate::vault::record::{VaultRecord, conversation_key, conversation_prefix, submission_key, time_key};
 use crate::vault::trees;
 
 /// Retrieve key life when the site does not say.
@@ -22,13 +30,49 @@ pub const DEFAULT_RETRIEVE_TTL_SECS: u64 = 60;
 
 pub struct Tokenizer {
     sites: Arc<BTreeMap<String, SiteConfig>>,
+    ring: Arc<KeyRing>,
+    metrics: Arc<Metrics>,
     rng: StdRng,
 }
 
 impl Tokenizer {
-    pub fn new(sites: Arc<BTreeMap<String, SiteConfig>>) -> Tokenizer {
-        Tokenizer { sites, rng: StdRng::from_os_rng() }
+    pub fn new(sites: Arc<BTreeMap<String, SiteConfig>>, ring: Arc<KeyRing>, metrics: Arc<Metrics>) -> Tokenizer {
+        Tokenizer { sites, ring, metrics, rng: StdRng::from_os_rng() }
     }
+
+    fn retention_months(&self, site: &str) -> u32 {
+        self.sites.get(site).map(|c| c.retention_months).unwrap_or(crate::config::DEFAULT_RETENTION_MONTHS)
+    }
+
+    /// Why a FormSubmitted must not enter the vault, if it must not.
+    fn purged_reason(&self, tx: &mut Tx<'_>, id: &uuid::Uuid, s: &crate::events::FormSubmitted, now_ms: i64) -> Result<Option<&'static str>, StoreError> {
+        if tx.get(trees::PURGED, &submission_key(id))?.is_some() {
+            return Ok(Some("tombstone"));
+        }
+        if crate::domain::retention::is_expired(s.header.occurred_at, self.retention_months(&s.header.site_id), now_ms) {
+            return Ok(Some("retention"));
+        }
+        if matches!(self.ring.get(&s.key_id), Err(crate::crypto::KeyError::Destroyed(_))) {
+            return Ok(Some("key_destroyed"));
+        }
+        Ok(None)
+    }
+}
+
+/// Removes one submission from the vault and its indexes, and leaves a tombstone. Returns whether it
+/// was there.
+pub fn remove_submission(tx: &mut Tx<'_>, id: &uuid::Uuid, reason: &str) -> Result<bool, StoreError> {
+    let key = submission_key(id);
+    let existing = tx.get(trees::SUBMISSIONS, &key)?;
+    if let Some(raw) = &existing
+        && let Ok(record) = VaultRecord::decode(raw)
+    {
+        tx.remove(trees::BY_TIME, time_key(&record.site_id, record.submitted_at, id));
+        tx.remove(trees::BY_CONVERSATION, conversation_key(&record.site_id, &record.conversation_id, id));
+    }
+    tx.remove(trees::SUBMISSIONS, key.to_vec());
+    tx.insert(trees::PURGED, key.to_vec(), reason.as_bytes().to_vec());
+    Ok(existing.is_some())
 }
 
 impl Handler for Tokenizer {
@@ -50,10 +94,18 @@ impl Handler for Tokenizer {
                     tracing::debug!(submission_id = %id, "submission already in the vault; duplicate ignored");
                     return Ok(vec![]);
                 }
+                if let Some(why) = self.purged_reason(tx, &id, s, now_ms)? {
+                    tracing::debug!(submission_id = %id, why, "submission already purged; not stored");
+                    if why != "tombstone" {
+                        tx.insert(trees::PURGED, key.to_vec(), b"retention".to_vec());
+                    }
+                    self.metrics.skipped_purged.inc();
+                    return Ok(vec![]);
+                }
                 let record = VaultRecord::from_event(s);
-                let period = crate::crypto::period_of(record.submitted_at);
                 tx.insert(trees::SUBMISSIONS, key.to_vec(), record.encode());
-                tx.insert(trees::BY_PERIOD, period_key(&period, &record.site_id, &id), Vec::new());
+                tx.insert(trees::BY_TIME, time_key(&record.site_id, record.submitted_at, &id), Vec::new());
+                tx.insert(trees::BY_CONVERSATION, conversation_key(&record.site_id, &record.conversation_id, &id), Vec::new());
 
                 let ttl = self.sites.get(&s.header.site_id).map(|c| c.retrieve_key_ttl_secs).unwrap_or(DEFAULT_RETRIEVE_TTL_SECS);
                 let retrieve_key = OtkSecret::generate(&mut self.rng);
@@ -77,7 +129,36 @@ impl Handler for Tokenizer {
                 tracing::debug!(submission_id = %id, form_id = %s.form_id, site_id = %h.site_id, answers = s.answers.len(), "submission stored in the vault");
                 Ok(vec![Event::FormReady(ready)])
             }
-            Event::FormOpened(_) | Event::KeyRefused(_) | Event::SubmissionPurged(_) => Ok(vec![]),
+            Event::SubmissionPurged(p) => {
+                let mut ids = Vec::with_capacity(p.submission_ids.len());
+                for raw in &p.submission_ids {
+                    ids.push(
+                        uuid::Uuid::parse_str(raw)
+                            .map_err(|_| ApplyError::Unprocessable(format!("SubmissionPurged lists {raw:?}, which is not a UUID")))?,
+                    );
+                }
+                if p.reason == "erasure" && !p.header.conversation_id.is_empty() {
+                    // Everything of the conversation up to this point of its partition, listed or not.
+                    let prefix = conversation_prefix(&p.header.site_id, &p.header.conversation_id);
+                    for k in tx.scan_prefix_keys(trees::BY_CONVERSATION, &prefix)? {
+                        if let Ok(id) = uuid::Uuid::from_slice(&k[prefix.len()..]) {
+                            ids.push(id);
+                        }
+                    }
+                }
+                let mut removed = 0u64;
+                for id in &ids {
+                    if remove_submission(tx, id, &p.reason)? {
+                        removed += 1;
+                    }
+                }
+                if removed > 0 {
+                    self.metrics.purged(&p.reason, removed);
+                }
+                tracing::info!(reason = %p.reason, listed = p.submission_ids.len(), removed, site_id = %p.header.site_id, "submissions purged from the vault");
+                Ok(vec![])
+            }
+            Event::FormOpened(_) | Event::KeyRefused(_) => Ok(vec![]),
             other => Err(ApplyError::Unprocessable(format!("{} does not belong on the submissions topic", other.kind().name()))),
         }
     }

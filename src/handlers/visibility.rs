@@ -17,6 +17,16 @@ pub mod trees {
     pub const BY_CONVERSATION: &str = "vis.by_conversation";
     /// `site \0 session` -> empty: sessions the chat bus ended (logout, idle logout).
     pub const ENDED_SESSIONS: &str = "vis.ended_sessions";
+    /// `site \0 visitor_ref \0 conversation` -> empty: a visitor's conversations (FormSent v2), for
+    /// erasure on request.
+    pub const VISITOR_REFS: &str = "vis.visitor_refs";
+}
+
+/// `site \0 visitor_ref \0`: a visitor's range in [`trees::VISITOR_REFS`].
+pub fn visitor_prefix(site: &str, visitor_ref: &str) -> Vec<u8> {
+    let mut k = form_key(site, visitor_ref);
+    k.push(0);
+    k
 }
 
 pub use crate::domain::access::{Conversation, SubmissionOwner};
@@ -47,6 +57,11 @@ impl Handler for VisibilityProjection {
                     c.current_agent = Some(e.agent_id.clone());
                 }
                 tx.insert_json(trees::CONVERSATIONS, ckey, &c);
+                if let Some(visitor) = e.visitor_ref.as_deref().filter(|v| !v.is_empty()) {
+                    let mut k = visitor_prefix(&h.site_id, visitor);
+                    k.extend_from_slice(h.conversation_id.as_bytes());
+                    tx.insert(trees::VISITOR_REFS, k, Vec::new());
+                }
             }
             Event::ConversationTransferred(e) => {
                 let mut c = tx.get_json::<Conversation>(trees::CONVERSATIONS, &ckey)?.unwrap_or(Conversation { live: true, current_agent: None });
@@ -76,6 +91,27 @@ impl Handler for VisibilityProjection {
                 k.push(0);
                 k.extend_from_slice(id.as_bytes());
                 tx.insert(trees::BY_CONVERSATION, k, Vec::new());
+            }
+            Event::SubmissionPurged(p) => {
+                // Who sent what stays out of reach once the answers are gone.
+                for raw in &p.submission_ids {
+                    let Ok(id) = uuid::Uuid::parse_str(raw) else { continue };
+                    if let Some(owner) = tx.get_json::<SubmissionOwner>(trees::SUBMISSIONS, id.as_bytes())? {
+                        let mut k = conversation_key(&owner.site_id, &owner.conversation_id);
+                        k.push(0);
+                        k.extend_from_slice(id.as_bytes());
+                        tx.remove(trees::BY_CONVERSATION, k);
+                    }
+                    tx.remove(trees::SUBMISSIONS, id.as_bytes().to_vec());
+                }
+                if p.reason == "erasure" && !h.conversation_id.is_empty() {
+                    let mut prefix = ckey;
+                    prefix.push(0);
+                    for k in tx.scan_prefix_keys(trees::BY_CONVERSATION, &prefix)? {
+                        tx.remove(trees::SUBMISSIONS, k[prefix.len()..].to_vec());
+                        tx.remove(trees::BY_CONVERSATION, k);
+                    }
+                }
             }
             _ => {}
         }

@@ -125,6 +125,10 @@ async fn audit_spending(
         reason: reason.to_string(),
     });
     tracing::info!(submission_id = submission, agent_id = agent, outcome, reason, "retrieval attempt");
+    state.node.metrics.retrieval(outcome == "granted", if reason.is_empty() { "ok" } else { reason });
+    if spent.is_some() || ["invalid_key", "wrong_purpose", "key_expired", "key_spent"].contains(&reason) {
+        state.node.metrics.otk("retrieve", if spent.is_some() { "accepted" } else { reason });
+    }
     match state.node.audit.record(&event, spent).await {
         Ok(()) => true,
         Err(error) => {

@@ -87,11 +87,46 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/submissions/{id}/retrieve-key", axum::routing::post(agent::fresh_key))
         .route("/api/v1/conversations/{id}/history", get(agent::history))
         .route("/healthz", get(openapi::healthz))
+        .route("/readyz", get(openapi::readyz))
         .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], openapi::json()) }))
         .fallback(visitor::not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn_with_state(state.clone(), security_headers))
+        .layer(middleware::from_fn_with_state(state.clone(), record_latency))
         .with_state(state)
+}
+
+/// The operations listener (`metrics_listen`): `/metrics`, `/healthz`, `/readyz`. Kept off the
+/// public gateway so visitors cannot read operational figures.
+pub fn ops_router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(openapi::healthz))
+        .route("/readyz", get(openapi::ops_readyz))
+        .with_state(node)
+}
+
+async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], node.metrics.render()).into_response()
+}
+
+/// HTTP latency per method, route template (never the concrete path: it holds ids) and status.
+async fn record_latency(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let method = request.method().as_str().to_string();
+    let route = request.extensions().get::<axum::extract::MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
+    let start = std::time::Instant::now();
+    let response = next.run(request).await;
+    state.node.metrics.http(&method, &route, response.status().as_u16(), start.elapsed().as_secs_f64());
+    response
+}
+
+/// Serves [`ops_router`] on `listen` (plain HTTP) until `shutdown`.
+pub async fn serve_ops(node: Arc<Node>, listen: &str) -> Result<(tokio::net::TcpListener, Router), HttpError> {
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|source| HttpError::Bind { addr: listen.to_string(), source })?;
+    if listener.local_addr().is_ok_and(|a| !a.ip().is_loopback()) {
+        tracing::info!(addr = %listen, "metrics listener is not on loopback: restrict who can reach it (network policy or firewall)");
+    }
+    Ok((listener, ops_router(node)))
 }
 
 fn static_file(content_type: &'static str, body: &'static str) -> Response {

@@ -18,6 +18,7 @@ use utoipa::OpenApi;
         super::agent::fresh_key,
         super::agent::history,
         healthz,
+        readyz,
     ),
     components(schemas(super::agent::RetrieveRequest, super::agent::RetrieveResponse, super::agent::OffRecordView, super::agent::ApiError, super::agent::FreshKey, super::agent::History, super::agent::HistoryItem)),
     modifiers(&BearerAuth),
@@ -39,6 +40,26 @@ impl utoipa::Modify for BearerAuth {
 #[utoipa::path(get, path = "/healthz", responses((status = 200, description = "The process is up", body = String)))]
 pub async fn healthz() -> &'static str {
     "ok"
+}
+
+/// Readiness: 200 once every projection on this node has caught up with the topics as they were at
+/// start (the state requests read is current), 503 until then.
+#[utoipa::path(get, path = "/readyz", responses((status = 200, description = "Ready", body = String), (status = 503, description = "Still catching up with the topics", body = String)))]
+pub async fn readyz(axum::extract::State(state): axum::extract::State<std::sync::Arc<super::AppState>>) -> axum::response::Response {
+    ready_response(&state.node)
+}
+
+pub async fn ops_readyz(axum::extract::State(node): axum::extract::State<std::sync::Arc<crate::service::Node>>) -> axum::response::Response {
+    ready_response(&node)
+}
+
+fn ready_response(node: &crate::service::Node) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if node.metrics.is_ready() {
+        (axum::http::StatusCode::OK, "ready").into_response()
+    } else {
+        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "catching up with the topics").into_response()
+    }
 }
 
 pub fn json() -> String {

@@ -109,6 +109,7 @@ fn audit_refusal(state: &AppState, site: &str, form: &str, conversation: &str, p
         client_ref: client_ref(addr),
     });
     tracing::info!(site_id = site, form_id = form, purpose = purpose.as_str(), reason = r.code(), "one-time key refused");
+    state.node.metrics.otk(purpose.as_str(), r.code());
     let audit = state.node.audit.clone();
     tokio::spawn(async move {
         if let Err(error) = audit.record(&event, None).await {
@@ -189,6 +190,7 @@ pub async fn open(
     }
     fs.opened(&opened);
     state.overlay.insert(key, fs);
+    state.node.metrics.otk("open", "accepted");
     html(StatusCode::OK, FormPage::new(&template, action(&site, &form), submit_key.expose().to_string(), &BTreeMap::new(), &[]))
 }
 
@@ -297,6 +299,7 @@ pub async fn submit(
     };
     match state.node.submit(submission).await {
         Ok(_) => {
+            state.node.metrics.otk("submit", "accepted");
             fs.submitted = true;
             state.overlay.insert(key, fs);
             message(

@@ -13,6 +13,7 @@ use crate::topics::Topic;
 pub struct EventProducer {
     inner: FutureProducer,
     settings: KafkaSettings,
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 /// How long librdkafka keeps retrying one record before giving up on it.
@@ -28,7 +29,13 @@ impl EventProducer {
             .set("message.timeout.ms", DELIVERY_TIMEOUT.as_millis().to_string())
             .create()
             .map_err(|e| settings.client_error(e))?;
-        Ok(EventProducer { inner, settings: settings.clone() })
+        Ok(EventProducer { inner, settings: settings.clone(), metrics: None })
+    }
+
+    /// Counts what this producer delivers, per topic.
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> EventProducer {
+        self.metrics = Some(metrics);
+        self
     }
 
     pub fn settings(&self) -> &KafkaSettings {
@@ -52,7 +59,12 @@ impl EventProducer {
         let record = FutureRecord::to(topic).key(key).payload(payload);
         let delivery = self.inner.send(record, DELIVERY_TIMEOUT).await;
         match delivery {
-            Ok(d) => Ok((d.partition, d.offset)),
+            Ok(d) => {
+                if let Some(m) = &self.metrics {
+                    m.produced(topic);
+                }
+                Ok((d.partition, d.offset))
+            }
             Err((source, _)) => Err(KafkaError::Delivery { topic: topic.to_string(), source }),
         }
     }

@@ -197,6 +197,22 @@ impl ConsumerContext for OffsetsFromStore {
     }
 }
 
+/// What a handler runs with besides its store.
+#[derive(Clone)]
+pub struct RunContext {
+    pub clock: Clock,
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+    /// A shadow replica (an operations copy of the state) applies everything and emits nothing: its
+    /// outputs were, or will be, emitted by the nodes that own the consumer groups.
+    pub shadow: bool,
+}
+
+impl RunContext {
+    pub fn new(clock: Clock) -> RunContext {
+        RunContext { clock, metrics: std::sync::Arc::new(crate::metrics::Metrics::new()), shadow: false }
+    }
+}
+
 /// Runs a handler until `shutdown` turns true. Returns an error only for failures it cannot ride out
 /// (the node's storage failing); the caller stops the service and says so.
 pub async fn run<H: Handler>(
@@ -204,9 +220,10 @@ pub async fn run<H: Handler>(
     store: Store,
     producer: EventProducer,
     mut handler: H,
-    clock: Clock,
+    ctx: RunContext,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), KafkaError> {
+    let RunContext { clock, metrics, shadow } = ctx;
     let group = settings.group_id(handler.name());
     // Outputs of batches committed before a crash go out before anything new is read.
     drain_outbox(&store, &producer, &group).await?;
@@ -255,9 +272,15 @@ pub async fn run<H: Handler>(
                 _ => break,
             }
         }
-        learn_emitted_offsets(&consumer, &batch, &mut emitted);
+        if shadow {
+            for m in &batch {
+                emitted.insert((m.topic().to_string(), m.partition()), i64::MAX);
+            }
+        } else {
+            learn_emitted_offsets(&consumer, &batch, &mut emitted);
+        }
         let name = handler.name();
-        let committed = process_batch(&settings, &store, &mut handler, &group, &batch, &emitted, clock()).await?;
+        let committed = process_batch(&settings, &store, &mut handler, &group, &batch, &emitted, clock(), &metrics).await?;
         failpoint(name, "after-commit");
         produce_outbox(&store, &producer, &committed, &mut shutdown).await?;
         failpoint(name, "after-produce");
@@ -346,6 +369,7 @@ async fn process_batch<H: Handler>(
     batch: &[OwnedMessage],
     emitted: &HashMap<(String, i32), i64>,
     now_ms: i64,
+    metrics: &crate::metrics::Metrics,
 ) -> Result<Vec<(Vec<u8>, OutboxEntry)>, KafkaError> {
     let mut tx = store.begin();
     let mut outbox = Vec::new();
@@ -356,16 +380,30 @@ async fn process_batch<H: Handler>(
             tracing::debug!(topic = m.topic(), partition = m.partition(), offset = m.offset(), "already applied; skipped");
             continue;
         }
+        metrics.consumed(handler.name(), m.topic());
         let outputs = match settings.names.parse(m.topic()) {
             None => vec![dead_letter(m, group, "apply", format!("topic {} is not one this consumer knows", m.topic()))],
             Some(topic) => {
                 let replay = emitted.get(&(m.topic().to_string(), m.partition())).is_some_and(|&e| m.offset() < e);
                 let meta = RecordMeta { topic, partition: m.partition(), offset: m.offset(), replay };
                 let outputs = apply_one(handler, &mut tx, m, &meta, group, now_ms)?;
-                if replay { Vec::new() } else { outputs }
+                if replay {
+                    // Already delivered by the run that first applied it; counted, not re-sent.
+                    for e in &outputs {
+                        if let Event::DeadLetter(d) = e {
+                            metrics.dead_letter(handler.name(), &d.error_kind);
+                        }
+                    }
+                    Vec::new()
+                } else {
+                    outputs
+                }
             }
         };
         for (i, event) in outputs.iter().enumerate() {
+            if let Event::DeadLetter(d) = event {
+                metrics.dead_letter(handler.name(), &d.error_kind);
+            }
             let payload = Codec::get().encode(event)?;
             let entry = OutboxEntry { topic: event.kind().topic(), key: event.record_key().into_bytes(), payload };
             let mut k = okey.clone();

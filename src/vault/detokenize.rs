@@ -119,7 +119,7 @@ impl Detokenizer {
 
     /// Checks the key and, if it is good, spends it and opens the answers.
     pub fn detokenize(&self, site_id: &str, submission_id: uuid::Uuid, presented_key: &str, now_ms: i64) -> Result<Retrieved, DetokenizeError> {
-        let record = self.record(&submission_id)?.ok_or(Refusal::UnknownSubmission)?;
+        let record = self.existing(&submission_id)?;
         if record.site_id != site_id {
             return Err(Refusal::WrongSite.into());
         }
@@ -160,7 +160,7 @@ impl Detokenizer {
     /// Opens a submission's stored answers without a key, for the manager's history view (the
     /// caller checks the permission). Off-the-record answers are never included.
     pub fn open_for_history(&self, site_id: &str, submission_id: uuid::Uuid) -> Result<BTreeMap<String, Secret>, DetokenizeError> {
-        let record = self.record(&submission_id)?.ok_or(Refusal::UnknownSubmission)?;
+        let record = self.existing(&submission_id)?;
         if record.site_id != site_id {
             return Err(Refusal::WrongSite.into());
         }
@@ -187,6 +187,17 @@ impl Detokenizer {
     /// How many submissions have a retrieve key in the projection.
     pub fn known_keys(&self) -> usize {
         self.retrieval.tree(retrieval_trees::KEYS).map(|t| t.len()).unwrap_or(0)
+    }
+
+    /// The record, or why there is none: purged (retention or erasure) or never known.
+    fn existing(&self, submission_id: &uuid::Uuid) -> Result<VaultRecord, DetokenizeError> {
+        if let Some(r) = self.record(submission_id)? {
+            return Ok(r);
+        }
+        if self.vault.tree(trees::PURGED)?.contains_key(submission_key(submission_id)).map_err(StoreError::from)? {
+            return Err(Refusal::Purged.into());
+        }
+        Err(Refusal::UnknownSubmission.into())
     }
 
     pub fn record(&self, submission_id: &uuid::Uuid) -> Result<Option<VaultRecord>, DetokenizeError> {

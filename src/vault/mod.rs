@@ -15,6 +15,12 @@ pub mod seal;
 pub mod trees {
     /// submission UUID (16 bytes) -> encoded [`super::record::VaultRecord`].
     pub const SUBMISSIONS: &str = "vault.submissions";
-    /// `period \0 site \0 submission` -> empty: the purge index, so purging a period costs what expires.
-    pub const BY_PERIOD: &str = "vault.by_period";
+    /// `site \0 submitted_at (8 bytes, ordered) submission` -> empty: the retention index. A purge
+    /// reads exactly the expired range of each site, so it costs what expires, not the vault's size.
+    pub const BY_TIME: &str = "vault.by_time";
+    /// `site \0 conversation \0 submission` -> empty: for erasure by conversation.
+    pub const BY_CONVERSATION: &str = "vault.by_conversation";
+    /// submission UUID -> reason (`retention` or `erasure`): purged submissions, so a FormSubmitted
+    /// read again (replay, re-drive) never brings one back.
+    pub const PURGED: &str = "vault.purged";
 }
