@@ -20,7 +20,7 @@ use secureforms::kafka::runtime::{Clock, system_clock};
 use secureforms::service::{Service, Submission};
 use secureforms::topics::Topic;
 use secureforms::vault::detokenize::{DetokenizeError, Refusal};
-use secureforms::vault::offrecord::{OffRecord, Secret};
+use secureforms::vault::offrecord::OffRecord;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -49,23 +49,8 @@ impl Write for LogWriter {
     }
 }
 
-fn luhn_pan(seed: u64) -> String {
-    let mut digits: Vec<u32> = format!("4{:014}", seed % 100_000_000_000_000).chars().map(|c| c.to_digit(10).unwrap()).collect();
-    let sum: u32 = digits.iter().rev().enumerate().map(|(i, &d)| if i % 2 == 0 { let x = d * 2; if x > 9 { x - 9 } else { x } } else { d }).sum();
-    digits.push((10 - sum % 10) % 10);
-    digits.iter().map(|d| char::from_digit(*d, 10).unwrap()).collect()
-}
-
 async fn start(settings: Settings, clock: Clock) -> Service {
     Service::start(settings.clone(), brokers(), clock).await.expect("service starts")
-}
-
-fn template(settings: &Settings, id: &str) -> secureforms::domain::template::Template {
-    settings.sites["acme"].template(id).unwrap().clone()
-}
-
-fn answers(pairs: &[(&str, &str)]) -> BTreeMap<String, Secret> {
-    pairs.iter().map(|(k, v)| (k.to_string(), Secret::new(v.to_string()))).collect()
 }
 
 /// Every FormReady on agent-events, by submission id, once `n` submissions have one.
@@ -87,15 +72,6 @@ async fn ready_events(prefix: &str, n: usize) -> BTreeMap<String, Vec<Vec<u8>>> 
         if let Ok(Event::FormReady(f)) = Codec::get().decode(m.payload().unwrap()) {
             out.entry(f.submission_id).or_default().push(m.payload().unwrap().to_vec());
         }
-    }
-    out
-}
-
-fn all_files(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() { out.extend(all_files(&p)) } else { out.push(p) }
     }
     out
 }

@@ -20,6 +20,9 @@ pub mod trees {
     /// `site \0 visitor_ref \0 conversation` -> empty: a visitor's conversations (FormSent v2), for
     /// erasure on request.
     pub const VISITOR_REFS: &str = "vis.visitor_refs";
+    /// submission UUID -> empty: purged submissions, so a FormSubmitted applied after its receipt
+    /// (receipts and submissions sit on different partitions) does not bring it back.
+    pub const PURGED: &str = "vis.purged";
 }
 
 /// `site \0 visitor_ref \0`: a visitor's range in [`trees::VISITOR_REFS`].
@@ -78,6 +81,9 @@ impl Handler for VisibilityProjection {
             }
             Event::FormSubmitted(s) => {
                 let Ok(id) = uuid::Uuid::parse_str(&s.submission_id) else { return Ok(vec![]) };
+                if tx.get(trees::PURGED, id.as_bytes())?.is_some() {
+                    return Ok(vec![]);
+                }
                 let owner = SubmissionOwner {
                     site_id: h.site_id.clone(),
                     conversation_id: h.conversation_id.clone(),
@@ -103,12 +109,14 @@ impl Handler for VisibilityProjection {
                         tx.remove(trees::BY_CONVERSATION, k);
                     }
                     tx.remove(trees::SUBMISSIONS, id.as_bytes().to_vec());
+                    tx.insert(trees::PURGED, id.as_bytes().to_vec(), Vec::new());
                 }
                 if p.reason == "erasure" && !h.conversation_id.is_empty() {
                     let mut prefix = ckey;
                     prefix.push(0);
                     for k in tx.scan_prefix_keys(trees::BY_CONVERSATION, &prefix)? {
                         tx.remove(trees::SUBMISSIONS, k[prefix.len()..].to_vec());
+                        tx.insert(trees::PURGED, k[prefix.len()..].to_vec(), Vec::new());
                         tx.remove(trees::BY_CONVERSATION, k);
                     }
                 }

@@ -12,6 +12,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use secureforms::config::Settings;
+use secureforms::vault::offrecord::Secret;
 use secureforms::events::{Codec, Event, EventHeader, EventKind, FormSent};
 use secureforms::kafka::{EventProducer, KafkaSettings};
 use secureforms::topics::{Topic, TopicNames};
@@ -41,7 +42,18 @@ fn broker() -> &'static (String, Option<Child>, Option<tempfile::TempDir>) {
             let dir = tempfile::tempdir().unwrap();
             let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
             let addr = format!("127.0.0.1:{port}");
-            let child = spawn_tansu(&bin, dir.path(), &addr);
+            // PR_SET_PDEATHSIG fires when the spawning *thread* ends, and test threads end with
+            // their test: spawn from a thread that lives as long as the process.
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (b, d, a) = (bin.clone(), dir.path().to_path_buf(), addr.clone());
+            std::thread::spawn(move || {
+                let child = spawn_tansu(&b, &d, &a);
+                tx.send(child).unwrap();
+                loop {
+                    std::thread::park();
+                }
+            });
+            let child = rx.recv().unwrap();
             wait_for_port(&addr, Duration::from_secs(60));
             (addr, Some(child), Some(dir))
         })
@@ -102,8 +114,10 @@ pub fn settings(prefix: &str, data_dir: &Path) -> Settings {
         "data_dir": data_dir,
         "public_url": "http://127.0.0.1:8080",
         "master_key_file": master_key_file(data_dir),
-        // No gateway unless a test asks for one: tests run side by side.
+        // No gateway, metrics listener or purge worker unless a test asks: tests run side by side.
         "http_listen": "",
+        "metrics_listen": "",
+        "purge_interval_secs": 0,
     });
     Settings::load(Some(&example), &overrides).expect("example config loads")
 }
@@ -187,4 +201,31 @@ pub fn by_correlation(events: &[Event]) -> BTreeMap<String, Vec<Event>> {
 
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_secureforms"))
+}
+
+/// A Visa-like PAN with a valid Luhn check digit, distinct per seed.
+pub fn luhn_pan(seed: u64) -> String {
+    let mut digits: Vec<u32> = format!("4{:014}", seed % 100_000_000_000_000).chars().map(|c| c.to_digit(10).unwrap()).collect();
+    let sum: u32 = digits.iter().rev().enumerate().map(|(i, &d)| if i % 2 == 0 { let x = d * 2; if x > 9 { x - 9 } else { x } } else { d }).sum();
+    digits.push((10 - sum % 10) % 10);
+    digits.iter().map(|d| char::from_digit(*d, 10).unwrap()).collect()
+}
+
+/// A template of the example config's `acme` site.
+pub fn template(settings: &Settings, id: &str) -> secureforms::domain::template::Template {
+    settings.sites["acme"].template(id).unwrap().clone()
+}
+
+pub fn answers(pairs: &[(&str, &str)]) -> BTreeMap<String, Secret> {
+    pairs.iter().map(|(k, v)| (k.to_string(), Secret::new(v.to_string()))).collect()
+}
+
+/// Every file under `dir`, recursively (to scan raw bytes).
+pub fn all_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() { out.extend(all_files(&p)) } else { out.push(p) }
+    }
+    out
 }
