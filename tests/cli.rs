@@ -38,6 +38,12 @@ fn every_command_explains_itself_with_an_example() {
         vec!["sites", "check", "--help"],
         vec!["openapi", "--help"],
         vec!["bench", "--help"],
+        vec!["dlq", "list", "--help"],
+        vec!["dlq", "redrive", "--help"],
+        vec!["purge", "--help"],
+        vec!["erase", "--help"],
+        vec!["replay", "--help"],
+        vec!["compliance", "--help"],
     ] {
         let o = run(&cmd);
         assert!(o.status.success(), "{cmd:?}");
@@ -145,6 +151,7 @@ fn serve_embedded(data_dir: &Path) -> Serve {
         .arg(common::master_key_file(data_dir))
         .env_remove("SECUREFORMS_BROKERS")
         .env("SECUREFORMS_HTTP_LISTEN", "127.0.0.1:0")
+        .env("SECUREFORMS_METRICS_LISTEN", "127.0.0.1:0")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -210,4 +217,78 @@ fn the_embedded_default_runs_the_flow_and_keeps_its_data_across_a_restart() {
     let o = run(&["tail", "form-links", "--until-end", "--data-dir", d]);
     assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 2);
     stop(serve);
+}
+
+/// Runs an operations command against a data dir with the demo config and its master key.
+fn ops(data_dir: &Path, args: &[&str]) -> Output {
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo.toml");
+    Command::new(bin())
+        .args(args)
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--master-key-file")
+        .arg(common::master_key_file(data_dir))
+        .env_remove("SECUREFORMS_CONFIG")
+        .env_remove("SECUREFORMS_BROKERS")
+        .output()
+        .expect("run secureforms")
+}
+
+fn json_of(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(o)))
+}
+
+#[test]
+fn operations_commands_run_beside_a_live_node_and_replay_after_it_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let serve = serve_embedded(dir.path());
+    let o = run(&["chatbus", "send-form", "--data-dir", d, "--site", "acme", "--conversation", "c-9", "--agent", "a-7", "--template", "card-payment", "--form-id", "f-9"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(tail_lines(dir.path(), "form-links", 1)[0]["type"], "FormIssued");
+
+    // Beside the live node: an operations replica under <data_dir>/ops.
+    let o = ops(dir.path(), &["compliance", "--json"]);
+    let report = json_of(&o);
+    let acme = report["sites"].as_array().unwrap().iter().find(|s| s["site_id"] == "acme").expect("acme reported").clone();
+    let controls: Vec<&str> = acme["controls"].as_array().unwrap().iter().map(|c| c["control"].as_str().unwrap()).collect();
+    for c in ["policy_gate", "permissions", "retention", "purge_worker", "key_ages"] {
+        assert!(controls.contains(&c), "{c} missing: {controls:?}");
+    }
+    let any_fail = report["sites"].as_array().unwrap().iter().any(|s| s["status"] == "fail");
+    assert_eq!(o.status.success(), !any_fail, "exit code follows the verdict: {}", text(&o));
+
+    let o = ops(dir.path(), &["purge", "--as-of", "2099-12-31", "--dry-run", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let r = json_of(&o);
+    assert_eq!((r["as_of"].as_str().unwrap(), r["dry_run"].as_bool().unwrap()), ("2099-12-31T23:59:59.999Z", true));
+    let o = ops(dir.path(), &["purge", "--as-of", "31/12/2099"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("YYYY-MM-DD"), "{}", text(&o));
+
+    let o = ops(dir.path(), &["erase", "--site", "acme", "--conversation", "c-9", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let r = json_of(&o);
+    assert_eq!(r["conversations"][0]["conversation_id"], "c-9");
+    assert_eq!(r["conversations"][0]["submissions_erased"], 0);
+    let o = ops(dir.path(), &["erase", "--conversation", "never-seen"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("no site knows conversation"), "{}", text(&o));
+
+    // Replay needs the node's own stores: refused while it runs, fine once it stopped.
+    let o = ops(dir.path(), &["replay", "--projection", "visibility"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("Stop it first"), "{}", text(&o));
+    stop(serve);
+    let o = ops(dir.path(), &["replay", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let s = json_of(&o);
+    assert!(s["read"].as_u64().unwrap() >= 3, "{s}");
+    assert_eq!(s["dead_lettered"], 0);
+    assert_eq!(s["handlers"].as_array().unwrap().len(), 6);
+    let o = ops(dir.path(), &["replay", "--projection", "nonsense"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("unknown projection"), "{}", text(&o));
 }
