@@ -249,7 +249,7 @@ impl Service {
             .chain(["audit"].iter())
             .map(|h| Ok((*h, Store::open(&store_dir(&settings, h))?)))
             .collect::<Result<BTreeMap<_, _>, StoreError>>()?;
-        let n = if options.runs("issuer") && !options.shadow { publish_templates(&settings, &producer, &stores["issuer"], clock()).await? } else { 0 };
+        let n = if options.node_tasks { publish_templates(&settings, &producer, &stores["issuer"], clock()).await? } else { 0 };
 
         let ring = Arc::new(KeyRing::new(master));
         let keys_loaded = load_ring(&ring, &stores["keys"])?;

@@ -81,7 +81,13 @@ pub struct KeyMeta {
 pub fn read_keys(kafka: &KafkaSettings) -> Result<Vec<KeyMeta>, crate::kafka::KafkaError> {
     use rdkafka::message::Message;
     let mut keys: BTreeMap<String, KeyMeta> = BTreeMap::new();
-    for m in read_to_end(kafka, Topic::Keys)? {
+    let records = match read_to_end(kafka, Topic::Keys) {
+        Ok(r) => r,
+        // A deployment that never ran has no keys topic yet, and so no keys.
+        Err(crate::kafka::KafkaError::Topic { message, .. }) if message.starts_with("does not exist") => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    for m in records {
         let Some(Ok(event)) = m.payload().map(|p| Codec::get().decode(p)) else { continue };
         match event {
             Event::DataKeyCreated(e) => {

@@ -89,9 +89,10 @@ fn retention_of(node: &Node, site: &str) -> u32 {
     node.settings.sites.get(site).map(|c| c.retention_months).unwrap_or(DEFAULT_RETENTION_MONTHS)
 }
 
-/// Expired submission ids of a site, oldest first.
-fn expired(node: &Node, site: &str, months: u32, as_of: i64) -> Result<Vec<uuid::Uuid>, StoreError> {
-    let index = node.vault.tree(trees::BY_TIME)?;
+/// Expired submission ids of a site, oldest first: one range scan of the retention index that
+/// reads the expired entries (and at most 3 days of not-yet-expired ones), whatever the vault's size.
+pub fn expired(vault: &crate::store::Store, site: &str, months: u32, as_of: i64) -> Result<Vec<uuid::Uuid>, StoreError> {
+    let index = vault.tree(trees::BY_TIME)?;
     let mut out = Vec::new();
     for row in index.range(time_prefix(site)..time_bound(site, scan_bound(as_of, months))) {
         let (k, _) = row?;
@@ -126,7 +127,7 @@ pub async fn purge(node: &Node, as_of: i64, dry_run: bool) -> Result<PurgeReport
     let mut waiting_keys = Vec::new();
     for site in sites_with_data(node)? {
         let months = retention_of(node, &site);
-        let ids = expired(node, &site, months, as_of)?;
+        let ids = expired(&node.vault, &site, months, as_of)?;
         let mut keys: Vec<String> = node
             .ring
             .list()
