@@ -312,6 +312,8 @@ async fn retrieve_latency(brokers: &str, dir: &std::path::Path, rate: u32, secs:
     s.data_dir = root.clone();
     s.master_key_file = Some(root.join("master.key"));
     s.http_listen = Some("127.0.0.1:0".into());
+    s.metrics_listen = None;
+    s.purge_interval_secs = 0;
     s.agent_auth.jwt_secret_file = Some(root.join("jwt.secret"));
     let mut service = Service::start(s, brokers.to_string(), system_clock()).await.map_err(|e| bench_err(e.to_string()))?;
     let addr = service.http_addr.ok_or_else(|| bench_err("no http address".into()))?;

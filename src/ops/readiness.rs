@@ -92,6 +92,10 @@ pub async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) -> Result<(),
     let mut warned = false;
     loop {
         let pos = positions(&node, &start_marks)?;
+        for ((handler, topic, p), at) in &pos {
+            let high = start_marks.get(&(topic.clone(), *p)).map(|(_, h)| *h).unwrap_or(*at);
+            node.metrics.set_lag(handler, topic, *p, (high - at).max(0));
+        }
         if caught_up(&pos, &start_marks) {
             node.metrics.set_ready();
             tracing::info!(ms = started.elapsed().as_millis() as u64, "projections caught up; ready");
