@@ -37,6 +37,8 @@ pub struct Metrics {
     pub purged: Family<[(&'static str, String); 1], Counter>,
     /// Data keys destroyed (crypto-shredding), per reason.
     pub keys_destroyed: Family<[(&'static str, String); 1], Counter>,
+    /// Purge runs finished (worker or command), expired anything or not.
+    pub purge_runs: Counter,
     /// FormSubmitted records the tokenizer did not store because they were already purged.
     pub skipped_purged: Counter,
     /// HTTP request latency, per method, route template and status.
@@ -65,6 +67,7 @@ impl Metrics {
             purged: Family::default(),
             keys_destroyed: Family::default(),
             skipped_purged: Counter::default(),
+            purge_runs: Counter::default(),
             http: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             ready_gauge: Gauge::default(),
             ready: AtomicBool::new(false),
@@ -78,6 +81,7 @@ impl Metrics {
         registry.register("retrievals", "Agent retrievals, per outcome and reason", m.retrievals.clone());
         registry.register("submissions_purged", "Submissions removed from the vault, per reason", m.purged.clone());
         registry.register("data_keys_destroyed", "Data keys destroyed (crypto-shredding), per reason", m.keys_destroyed.clone());
+        registry.register("purge_runs", "Retention purge runs finished on this node", m.purge_runs.clone());
         registry.register("submissions_skipped_purged", "Submissions not stored because they were already purged", m.skipped_purged.clone());
         registry.register("http_request_duration_seconds", "HTTP request latency, per method, route and status", m.http.clone());
         registry.register("ready", "1 once every projection has caught up", m.ready_gauge.clone());

@@ -369,3 +369,36 @@ async fn metrics_counters_move_during_a_run_and_readyz_says_ready() {
     }
     service.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_purge_worker_purges_on_its_own_once_the_clock_passes_retention() {
+    let prefix = unique_prefix("worker");
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = settings(&prefix, dir.path());
+    settings.purge_interval_secs = 1;
+    let start_at = parse_as_of("2025-03-05T09:00:00Z").unwrap();
+    let (now, clock) = clock_at(start_at);
+    let mut service = start(&settings, clock).await;
+    let id = submit(&service, &settings, "conv-w", "form-w", &luhn_pan(77)).await;
+    wait_vault_len(&service, 1).await;
+    // A month later nothing has expired: the worker runs (twice, to be sure one ran after the move)
+    // and leaves it.
+    now.store(add_months(start_at, 1), Ordering::SeqCst);
+    let runs = service.metrics.purge_runs.get();
+    let deadline = Instant::now() + WAIT;
+    while service.metrics.purge_runs.get() < runs + 2 {
+        assert!(Instant::now() < deadline, "the purge worker does not run");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(in_vault(&service, &id));
+    // Fourteen months later the worker removes it and destroys March 2025's key by itself.
+    now.store(add_months(start_at, 14), Ordering::SeqCst);
+    wait_vault_len(&service, 0).await;
+    let deadline = Instant::now() + WAIT;
+    while !service.ring.list().iter().any(|k| k.id == "acme.2025-03.g1" && k.state == "destroyed") {
+        assert!(Instant::now() < deadline, "the worker did not destroy the expired key");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(matches!(service.detokenizer.open_for_history("acme", id), Err(DetokenizeError::Refused(Refusal::Purged))));
+    service.stop().await;
+}

@@ -243,7 +243,9 @@ async fn bad_input_gets_a_4xx_with_a_message_never_a_5xx_and_every_response_has_
     let path = link.split('?').next().unwrap().to_string();
     let cases: Vec<(&str, &str, Vec<u8>, u16, &str)> = vec![
         ("wrong content type", "application/json", b"{\"k\":\"x\"}".to_vec(), 415, "x-www-form-urlencoded"),
-        ("oversized", "application/x-www-form-urlencoded", vec![b'a'; 200 * 1024], 413, ""),
+        // Just over the 64 KiB limit: the server answers 413 without reading the body and closes; a
+        // body far larger than the socket buffers can still be mid-write then (broken pipe, client side).
+        ("oversized", "application/x-www-form-urlencoded", vec![b'a'; 70 * 1024], 413, ""),
         ("unknown field", "application/x-www-form-urlencoded", format!("k={k}&admin=1").into_bytes(), 400, "admin"),
         ("malformed encoding", "application/x-www-form-urlencoded", format!("k={k}&pan=%FF%FE").into_bytes(), 400, "encoded"),
     ];

@@ -361,6 +361,7 @@ fn commit_to_kafka(consumer: &StreamConsumer<OffsetsFromStore>, next: BTreeMap<(
 }
 
 /// Applies a batch and commits it to sled. Returns the outbox keys it wrote, in order.
+#[allow(clippy::too_many_arguments)] // the run loop's state, passed through as is
 async fn process_batch<H: Handler>(
     settings: &KafkaSettings,
     store: &Store,

@@ -184,6 +184,7 @@ pub async fn purge(node: &Node, as_of: i64, dry_run: bool) -> Result<PurgeReport
     }
     if !dry_run {
         wait_applied(node, &waiting_ids, &waiting_keys, Duration::from_secs(60)).await?;
+        node.metrics.purge_runs.inc();
     }
     Ok(report)
 }
