@@ -69,4 +69,16 @@ echo
 echo "== FormReady for the agent workspace: submission UUID and a one-time retrieve key"
 run tail agent-events --max 1 --idle-exit 30
 echo
+echo "== operations: readiness and a few metrics (the operations listener, 127.0.0.1:9464)"
+curl -sS -w "  <- GET /readyz\n" http://127.0.0.1:9464/readyz
+curl -sS http://127.0.0.1:9464/metrics | grep -E '^secureforms_(events_consumed_total\{handler="tokenizer"|dead_letters_total|otk_checks_total|ready )' || true
+echo
+echo "== operations: what a retention purge would remove as of 2099-12-31 (dry run), then a GDPR erasure"
+echo "   (both run on an operations replica under $data/ops, beside the live node; log: $data/ops.log)"
+run purge --as-of 2099-12-31 --dry-run 2>>"$data/ops.log"
+run erase --site acme --conversation conv-1 2>>"$data/ops.log"
+echo
+echo "== operations: the compliance report (weakco fails the PCI policy gate, so this exits 1)"
+run compliance 2>>"$data/ops.log" || true
+echo
 echo "== done; stopping the service (its log: $data/serve.log)"

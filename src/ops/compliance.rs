@@ -246,7 +246,12 @@ pub fn render_text(r: &ComplianceReport) -> String {
             }
         }
         for k in &s.keys {
-            out.push_str(&format!("        key {:<32} {:<9} period {} ({} days since it ended)\n", k.key_id, k.state, k.period, k.days_since_period_end));
+            let age = if k.days_since_period_end < 0 {
+                "the current period".to_string()
+            } else {
+                format!("ended {} days ago", k.days_since_period_end)
+            };
+            out.push_str(&format!("        key {:<32} {:<9} period {} ({age})\n", k.key_id, k.state, k.period));
         }
     }
     out
