@@ -381,6 +381,12 @@ async fn the_purge_worker_purges_on_its_own_once_the_clock_passes_retention() {
     let mut service = start(&settings, clock).await;
     let id = submit(&service, &settings, "conv-w", "form-w", &luhn_pan(77)).await;
     wait_vault_len(&service, 1).await;
+    // A purge dated in the future would shred keys in use: refused (a dry run may look ahead).
+    let refused = secureforms::ops::purge::purge(&service, add_months(start_at, 24), false).await.unwrap_err();
+    assert!(refused.to_string().contains("in the future"), "{refused}");
+    let preview = secureforms::ops::purge::purge(&service, add_months(start_at, 24), true).await.unwrap();
+    assert_eq!((preview.submissions(), preview.keys()), (1, 1));
+    assert!(in_vault(&service, &id), "a dry run removes nothing");
     // A month later nothing has expired: the worker runs (twice, to be sure one ran after the move)
     // and leaves it.
     now.store(add_months(start_at, 1), Ordering::SeqCst);

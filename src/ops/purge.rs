@@ -27,6 +27,9 @@ use crate::store::StoreError;
 use crate::vault::record::{parse_time_key, submission_key, time_bound, time_prefix};
 use crate::vault::trees;
 
+/// How far past the node's clock a purge may be dated (clock skew between hosts).
+const FUTURE_TOLERANCE_MS: i64 = 5 * 60 * 1000;
+
 /// Most submission ids in one receipt (keeps records well under the broker's message size limit).
 pub const RECEIPT_CHUNK: usize = 1000;
 
@@ -122,6 +125,14 @@ fn receipt_id(site: &str, reason: &str, ids: &[uuid::Uuid], keys: &[String]) -> 
 /// nothing.
 pub async fn purge(node: &Node, as_of: i64, dry_run: bool) -> Result<PurgeReport, OpsError> {
     let now = (node.clock)();
+    if !dry_run && as_of > now + FUTURE_TOLERANCE_MS {
+        return Err(OpsError::Invalid(format!(
+            "--as-of {} is in the future (now is {}): a purge as of a future date would destroy data keys still in use; \
+             preview it with --dry-run",
+            format_ms(as_of),
+            format_ms(now)
+        )));
+    }
     let mut report = PurgeReport { as_of: format_ms(as_of), dry_run, sites: Vec::new() };
     let mut waiting_ids = Vec::new();
     let mut waiting_keys = Vec::new();
