@@ -3,6 +3,7 @@ use rdkafka::message::Message;
 use super::GlobalArgs;
 use crate::crypto::{KeyRing, MasterKey, data_key_id, period_of};
 use crate::events::{Codec, DataKeyCreated, Event, EventHeader, EventKind};
+use crate::handlers::keys::read_key_metadata;
 use crate::kafka::EventProducer;
 use crate::kafka::reader::read_to_end;
 use crate::service::{kafka_settings, master_key, resolve_brokers};
@@ -35,34 +36,28 @@ pub async fn run(global: &GlobalArgs, cmd: KeysCommand) -> anyhow::Result<()> {
     }
     let settings = global.settings()?;
     let kafka = kafka_settings(&settings, resolve_brokers(&settings)?, "keys");
-    let records = tokio::task::block_in_place(|| read_to_end(&kafka, Topic::Keys))?;
-    let events: Vec<Event> = records.iter().filter_map(|m| Codec::get().decode(m.payload()?).ok()).collect();
     match cmd {
         KeysCommand::GenerateMaster => unreachable!("handled above"),
         KeysCommand::List { json } => {
             // Listing needs no key material: only what the events say.
-            let mut rows: std::collections::BTreeMap<String, serde_json::Value> = std::collections::BTreeMap::new();
-            for e in &events {
-                match e {
-                    Event::DataKeyCreated(k) => {
-                        rows.entry(k.key_id.clone()).or_insert_with(|| {
-                            serde_json::json!({"id": k.key_id, "site": k.header.site_id, "period": k.period, "generation": k.generation,
-                                "master_key_id": k.master_key_id, "created_at": k.header.occurred_at, "state": "active"})
-                        });
+            let keys = tokio::task::block_in_place(|| read_key_metadata(&kafka))?;
+            let rows: Vec<serde_json::Value> = keys
+                .iter()
+                .map(|k| {
+                    let mut row = serde_json::json!({"id": k.key_id, "site": k.site_id, "period": k.period, "generation": k.generation,
+                        "master_key_id": k.master_key_id, "created_at": k.created_at,
+                        "state": if k.is_destroyed() { "destroyed" } else { "active" }});
+                    if let Some(reason) = &k.destroyed_reason {
+                        row["destroyed_reason"] = reason.clone().into();
                     }
-                    Event::DataKeyDestroyed(k) => {
-                        let row = rows.entry(k.key_id.clone()).or_insert_with(|| serde_json::json!({"id": k.key_id}));
-                        row["state"] = "destroyed".into();
-                        row["destroyed_reason"] = k.reason.clone().into();
-                    }
-                    _ => {}
-                }
-            }
+                    row
+                })
+                .collect();
             if json {
-                println!("{}", serde_json::to_string_pretty(&rows.values().collect::<Vec<_>>())?);
+                println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 println!("{:<28} {:<10} {:<8} {:>4} {:<10} master", "key id", "site", "period", "gen", "state");
-                for r in rows.values() {
+                for r in &rows {
                     let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
                     println!("{:<28} {:<10} {:<8} {:>4} {:<10} {}", s("id"), s("site"), s("period"), r["generation"], s("state"), s("master_key_id"));
                 }
@@ -73,6 +68,8 @@ pub async fn run(global: &GlobalArgs, cmd: KeysCommand) -> anyhow::Result<()> {
             if !settings.sites.contains_key(&site) {
                 anyhow::bail!("site {site:?} is not configured; rotate a site listed in the config file");
             }
+            let records = tokio::task::block_in_place(|| read_to_end(&kafka, Topic::Keys))?;
+            let events: Vec<Event> = records.iter().filter_map(|m| Codec::get().decode(m.payload()?).ok()).collect();
             let ring = KeyRing::new(master_key(&settings)?);
             for e in &events {
                 match e {

@@ -80,7 +80,10 @@ impl KeyRing {
             .iter()
             .map(|k| KeyInfo { id: k.id.clone(), site: k.site.clone(), period: k.period.clone(), generation: k.generation, state: "active" })
             .collect();
-        out.extend(self.destroyed.iter().map(|id| KeyInfo { id: id.clone(), site: String::new(), period: String::new(), generation: 0, state: "destroyed" }));
+        out.extend(self.destroyed.iter().map(|id| {
+            let (site, period, generation) = super::parse_data_key_id(&id).unwrap_or(("", "", 0));
+            KeyInfo { id: id.clone(), site: site.into(), period: period.into(), generation, state: "destroyed" }
+        }));
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out
     }

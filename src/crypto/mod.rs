@@ -146,6 +146,16 @@ pub fn data_key_id(site: &str, period: &str, generation: i32) -> String {
     format!("{site}.{period}.g{generation}")
 }
 
+/// The inverse of [`data_key_id`]: (site, period, generation). Site ids may hold dots; periods and
+/// generations do not.
+pub fn parse_data_key_id(id: &str) -> Option<(&str, &str, i32)> {
+    let mut parts = id.rsplitn(3, '.');
+    let generation = parts.next()?.strip_prefix('g')?.parse().ok()?;
+    let period = parts.next()?;
+    let site = parts.next()?;
+    Some((site, period, generation))
+}
+
 /// Associated data for one sealed answer.
 pub fn answer_ad<'a>(site: &'a str, form: &'a str, submission: &'a str, field: &'a str, key_id: &'a str) -> [&'a [u8]; 6] {
     [b"secureforms-answer-v1", site.as_bytes(), form.as_bytes(), submission.as_bytes(), field.as_bytes(), key_id.as_bytes()]
@@ -154,6 +164,13 @@ pub fn answer_ad<'a>(site: &'a str, form: &'a str, submission: &'a str, field: &
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn data_key_ids_parse_back() {
+        assert_eq!(parse_data_key_id(&data_key_id("acme.eu", "2026-11", 3)), Some(("acme.eu", "2026-11", 3)));
+        assert_eq!(parse_data_key_id("no-generation"), None);
+        assert_eq!(parse_data_key_id("acme.2026-11.x"), None);
+    }
 
     fn master() -> MasterKey {
         MasterKey::from_base64(&MasterKey::generate_base64()).unwrap()

@@ -87,6 +87,72 @@ impl Handler for KeysHandler {
     }
 }
 
+/// What the keys topic says about one data key: public facts only, never material.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyMeta {
+    pub key_id: String,
+    pub site_id: String,
+    pub period: String,
+    pub generation: i32,
+    /// Empty when the DataKeyCreated is no longer on the topic (compacted after destruction).
+    pub master_key_id: String,
+    pub created_at: Option<i64>,
+    /// Why it was destroyed; `None` while it is active.
+    pub destroyed_reason: Option<String>,
+}
+
+impl KeyMeta {
+    pub fn is_destroyed(&self) -> bool {
+        self.destroyed_reason.is_some()
+    }
+}
+
+/// Folds keys-topic events into key metadata, by key id: the first DataKeyCreated of an id wins (as
+/// in the key ring), a DataKeyDestroyed marks it (or stands alone once compaction removed the other).
+pub fn key_metadata<'a>(events: impl IntoIterator<Item = &'a Event>) -> Vec<KeyMeta> {
+    let mut keys: std::collections::BTreeMap<String, KeyMeta> = std::collections::BTreeMap::new();
+    for event in events {
+        match event {
+            Event::DataKeyCreated(e) => {
+                keys.entry(e.key_id.clone()).or_insert_with(|| KeyMeta {
+                    key_id: e.key_id.clone(),
+                    site_id: e.header.site_id.clone(),
+                    period: e.period.clone(),
+                    generation: e.generation,
+                    master_key_id: e.master_key_id.clone(),
+                    created_at: Some(e.header.occurred_at),
+                    destroyed_reason: None,
+                });
+            }
+            Event::DataKeyDestroyed(e) => {
+                let meta = keys.entry(e.key_id.clone()).or_insert_with(|| {
+                    let (site, period, generation) = crate::crypto::parse_data_key_id(&e.key_id).unwrap_or(("", "", 0));
+                    KeyMeta {
+                        key_id: e.key_id.clone(),
+                        site_id: site.into(),
+                        period: period.into(),
+                        generation,
+                        master_key_id: String::new(),
+                        created_at: None,
+                        destroyed_reason: None,
+                    }
+                });
+                meta.destroyed_reason = Some(e.reason.clone());
+            }
+            _ => {}
+        }
+    }
+    keys.into_values().collect()
+}
+
+/// Key metadata as the keys topic holds it now (no master key needed).
+pub fn read_key_metadata(kafka: &crate::kafka::KafkaSettings) -> Result<Vec<KeyMeta>, KafkaError> {
+    use rdkafka::message::Message;
+    let records = crate::kafka::reader::read_to_end(kafka, Topic::Keys)?;
+    let events: Vec<Event> = records.iter().filter_map(|m| Codec::get().decode(m.payload()?).ok()).collect();
+    Ok(key_metadata(&events))
+}
+
 /// Proposes a new data key for a site and period at `generation`, and waits until the key ring holds
 /// whichever key for that id won (possibly another node's).
 pub async fn create_key(ring: &KeyRing, producer: &EventProducer, site: &str, period: &str, generation: i32, now_ms: i64) -> Result<Arc<DataKey>, KafkaError> {
@@ -132,4 +198,45 @@ pub async fn rotate(ring: &KeyRing, producer: &EventProducer, site: &str, now_ms
     let period = crate::crypto::period_of(now_ms);
     let next = ring.current(site, &period).map(|k| k.generation + 1).unwrap_or(1);
     create_key(ring, producer, site, &period, next, now_ms).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::DataKeyDestroyed;
+
+    fn created(id: &str, site: &str, period: &str, generation: i32, master: &str) -> Event {
+        Event::DataKeyCreated(DataKeyCreated {
+            header: EventHeader::new(EventKind::DataKeyCreated, uuid::Uuid::new_v4(), 1_000, site, "", id),
+            key_id: id.into(),
+            period: period.into(),
+            generation,
+            master_key_id: master.into(),
+            wrapped_key: vec![1, 2, 3],
+        })
+    }
+
+    fn destroyed(id: &str) -> Event {
+        Event::DataKeyDestroyed(DataKeyDestroyed {
+            header: EventHeader::new(EventKind::DataKeyDestroyed, uuid::Uuid::new_v4(), 2_000, "", "", id),
+            key_id: id.into(),
+            reason: "retention".into(),
+        })
+    }
+
+    #[test]
+    fn metadata_keeps_the_first_creation_and_marks_destruction_even_without_it() {
+        let events = vec![
+            created("acme.2025-01.g1", "acme", "2025-01", 1, "mk-a"),
+            created("acme.2025-01.g1", "acme", "2025-01", 1, "mk-b"),
+            created("acme.2025-02.g1", "acme", "2025-02", 1, "mk-a"),
+            destroyed("acme.2025-01.g1"),
+            destroyed("old.site.2024-12.g2"),
+        ];
+        let m = key_metadata(&events);
+        assert_eq!(m.len(), 3);
+        assert_eq!((m[0].key_id.as_str(), m[0].master_key_id.as_str(), m[0].destroyed_reason.as_deref()), ("acme.2025-01.g1", "mk-a", Some("retention")));
+        assert!(!m[1].is_destroyed());
+        assert_eq!((m[2].site_id.as_str(), m[2].period.as_str(), m[2].generation, m[2].created_at), ("old.site", "2024-12", 2, None));
+    }
 }

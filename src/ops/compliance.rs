@@ -5,17 +5,14 @@
 //! setting and the purge worker, and the age of every live data key (a key whose period has fully
 //! expired should have been destroyed).
 
-use std::collections::BTreeMap;
-
 use serde::Serialize;
 
 use crate::config::{DEFAULT_RETENTION_MONTHS, Settings};
 use crate::domain::policy::pci_gaps;
 use crate::domain::retention::{format_ms, period_end, period_expired};
-use crate::events::{Codec, Event};
+pub use crate::handlers::keys::KeyMeta;
+use crate::handlers::keys::read_key_metadata;
 use crate::kafka::KafkaSettings;
-use crate::kafka::reader::read_to_end;
-use crate::topics::Topic;
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
@@ -68,44 +65,12 @@ pub struct ComplianceReport {
     pub sites: Vec<SiteCompliance>,
 }
 
-/// What the keys topic says about one data key.
-#[derive(Debug, Clone, PartialEq)]
-pub struct KeyMeta {
-    pub key_id: String,
-    pub site_id: String,
-    pub period: String,
-    pub destroyed: bool,
-}
-
-/// Key metadata from the keys topic (DataKeyCreated then DataKeyDestroyed, by key id).
+/// Key metadata from the keys topic; a deployment that never ran has no keys topic, and no keys.
 pub fn read_keys(kafka: &KafkaSettings) -> Result<Vec<KeyMeta>, crate::kafka::KafkaError> {
-    use rdkafka::message::Message;
-    let mut keys: BTreeMap<String, KeyMeta> = BTreeMap::new();
-    let records = match read_to_end(kafka, Topic::Keys) {
-        Ok(r) => r,
-        // A deployment that never ran has no keys topic yet, and so no keys.
-        Err(crate::kafka::KafkaError::Topic { message, .. }) if message.starts_with("does not exist") => Vec::new(),
-        Err(e) => return Err(e),
-    };
-    for m in records {
-        let Some(Ok(event)) = m.payload().map(|p| Codec::get().decode(p)) else { continue };
-        match event {
-            Event::DataKeyCreated(e) => {
-                keys.entry(e.key_id.clone()).or_insert(KeyMeta { key_id: e.key_id, site_id: e.header.site_id, period: e.period, destroyed: false });
-            }
-            Event::DataKeyDestroyed(e) => {
-                let meta = keys.entry(e.key_id.clone()).or_insert_with(|| {
-                    // The created record may be compacted away already; the id says site and period.
-                    let mut parts = e.key_id.rsplitn(3, '.');
-                    let (_, period, site) = (parts.next(), parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
-                    KeyMeta { key_id: e.key_id.clone(), site_id: site.to_string(), period: period.to_string(), destroyed: true }
-                });
-                meta.destroyed = true;
-            }
-            _ => {}
-        }
+    match read_key_metadata(kafka) {
+        Err(crate::kafka::KafkaError::Topic { message, .. }) if message.starts_with("does not exist") => Ok(Vec::new()),
+        other => other,
     }
-    Ok(keys.into_values().collect())
 }
 
 /// The report as of `now` (ms).
@@ -198,10 +163,10 @@ pub fn report(settings: &Settings, keys: &[KeyMeta], now: i64) -> ComplianceRepo
             ages.push(KeyAge {
                 key_id: k.key_id.clone(),
                 period: k.period.clone(),
-                state: if k.destroyed { "destroyed" } else { "active" },
+                state: if k.is_destroyed() { "destroyed" } else { "active" },
                 days_since_period_end: (now - end).div_euclid(86_400_000),
             });
-            if !k.destroyed && period_expired(&k.period, months, now) {
+            if !k.is_destroyed() && period_expired(&k.period, months, now) {
                 overdue.push(k.key_id.clone());
             }
         }
@@ -270,7 +235,15 @@ mod tests {
     }
 
     fn key(id: &str, site: &str, period: &str, destroyed: bool) -> KeyMeta {
-        KeyMeta { key_id: id.into(), site_id: site.into(), period: period.into(), destroyed }
+        KeyMeta {
+            key_id: id.into(),
+            site_id: site.into(),
+            period: period.into(),
+            generation: 1,
+            master_key_id: "mk-test".into(),
+            created_at: None,
+            destroyed_reason: destroyed.then(|| "retention".into()),
+        }
     }
 
     #[test]
