@@ -313,17 +313,26 @@ impl Service {
             service.tasks.spawn(async move { ("readiness", crate::ops::readiness::run(node, stop).await) });
         }
         if options.node_tasks {
-            let (audit, producer, stop) = (node.audit.clone(), node.producer.clone(), stop_rx.clone());
-            service.tasks.spawn(async move { ("audit relay", audit.relay(producer, stop).await) });
-            let stop = stop_rx.clone();
-            service.tasks.spawn(async move { ("audit writer", audit_writer.run(stop).await) });
-        } else {
-            drop(audit_writer);
+            service.spawn_node_tasks(audit_writer, &stop_rx).await?;
         }
-        if options.node_tasks {
+        tracing::info!(templates_published = n, keys_loaded, metrics = ?service.metrics_addr, brokers = %node.kafka.brokers, http = ?service.http_addr, master_key_id = %node.ring.master().id(), handlers = ?node.handlers.iter().map(|h| h.name).collect::<Vec<_>>(), "service starting");
+        Ok(service)
+    }
+
+    /// What a full node runs besides its handlers: the audit writer and relay, the off-the-record
+    /// sweeper, the purge worker, the HTTP gateway and the operations listener.
+    async fn spawn_node_tasks(&mut self, audit_writer: crate::audit::AuditWriter, stop_rx: &watch::Receiver<bool>) -> Result<(), ServiceError> {
+        let node = self.node.clone();
+        {
+            let (audit, producer, stop) = (node.audit.clone(), node.producer.clone(), stop_rx.clone());
+            self.tasks.spawn(async move { ("audit relay", audit.relay(producer, stop).await) });
+            let stop = stop_rx.clone();
+            self.tasks.spawn(async move { ("audit writer", audit_writer.run(stop).await) });
+        }
+        {
             // Expired off-the-record answers are dropped (and zeroized) within seconds.
             let (store, clock, mut stop) = (node.off_record.clone(), node.clock.clone(), stop_rx.clone());
-            service.tasks.spawn(async move {
+            self.tasks.spawn(async move {
                 let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
                 loop {
                     tokio::select! {
@@ -339,34 +348,29 @@ impl Service {
                 }
             });
         }
-        if options.node_tasks && node.settings.purge_interval_secs > 0 {
+        if node.settings.purge_interval_secs > 0 {
             let (node, stop) = (node.clone(), stop_rx.clone());
-            service.tasks.spawn(async move { ("purge worker", crate::ops::purge::worker(node, stop).await) });
+            self.tasks.spawn(async move { ("purge worker", crate::ops::purge::worker(node, stop).await) });
         }
-        if options.node_tasks
-            && let Some(listen) = node.settings.http_listen.clone().filter(|l| !l.is_empty())
-        {
+        if let Some(listen) = node.settings.http_listen.clone().filter(|l| !l.is_empty()) {
             let server = crate::http::bind(node.clone(), &listen).await?;
-            service.http_addr = Some(server.local_addr());
+            self.http_addr = Some(server.local_addr());
             let mut stop = stop_rx.clone();
-            service.tasks.spawn(async move {
+            self.tasks.spawn(async move {
                 let result = server.run(async move { let _ = stop.changed().await; }).await;
                 ("http gateway", result.map_err(|e| KafkaError::Topic { topic: "http".into(), message: e.to_string() }))
             });
         }
-        if options.node_tasks
-            && let Some(listen) = node.settings.metrics_listen.clone().filter(|l| !l.is_empty())
-        {
-            let (listener, router) = crate::http::serve_ops(node.clone(), &listen).await?;
-            service.metrics_addr = listener.local_addr().ok();
+        if let Some(listen) = node.settings.metrics_listen.clone().filter(|l| !l.is_empty()) {
+            let (listener, router) = crate::http::bind_ops(node.clone(), &listen).await?;
+            self.metrics_addr = listener.local_addr().ok();
             let mut stop = stop_rx.clone();
-            service.tasks.spawn(async move {
+            self.tasks.spawn(async move {
                 let result = axum::serve(listener, router).with_graceful_shutdown(async move { let _ = stop.changed().await; }).await;
                 ("metrics listener", result.map_err(|e| KafkaError::Topic { topic: "http".into(), message: e.to_string() }))
             });
         }
-        tracing::info!(templates_published = n, keys_loaded, metrics = ?service.metrics_addr, brokers = %node.kafka.brokers, http = ?service.http_addr, master_key_id = %node.ring.master().id(), handlers = ?node.handlers.iter().map(|h| h.name).collect::<Vec<_>>(), "service starting");
-        Ok(service)
+        Ok(())
     }
 
     /// Waits until every handler has caught up with the topics as they were at start (what /readyz

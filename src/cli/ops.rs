@@ -4,6 +4,7 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use super::GlobalArgs;
+use crate::config::Settings;
 use crate::kafka::runtime::system_clock;
 use crate::ops::erase::EraseTarget;
 use crate::ops::{compliance, connect, erase, ops_settings, purge, replay};
@@ -72,12 +73,22 @@ pub struct ComplianceArgs {
     json: bool,
 }
 
+/// Runs `f` with the brokers to use (see [`connect`]); an embedded broker started for the command
+/// is stopped afterwards, whatever `f` returned.
+async fn with_brokers<T>(settings: &Settings, f: impl AsyncFnOnce(String) -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let (brokers, embedded) = connect(settings).await?;
+    let result = f(brokers).await;
+    if let Some(b) = embedded {
+        b.stop().await;
+    }
+    result
+}
+
 /// Starts an operations replica, waits until it has caught up, runs `f`, stops.
 async fn with_ops_node<T>(global: &GlobalArgs, f: impl AsyncFnOnce(&Node) -> anyhow::Result<T>) -> anyhow::Result<T> {
     let settings = global.settings()?;
     crate::service::master_key(&settings)?;
-    let (brokers, embedded) = connect(&settings).await?;
-    let result = async {
+    with_brokers(&settings, async |brokers| {
         let mut service = Service::start_with(ops_settings(&settings), brokers, system_clock(), StartOptions::ops()).await?;
         eprintln!("catching up with the topics (operations replica in {})...", settings.data_dir.join("ops").display());
         let out = match service.wait_ready(CATCH_UP).await {
@@ -86,12 +97,8 @@ async fn with_ops_node<T>(global: &GlobalArgs, f: impl AsyncFnOnce(&Node) -> any
         };
         service.stop().await;
         out
-    }
-    .await;
-    if let Some(b) = embedded {
-        b.stop().await;
-    }
-    result
+    })
+    .await
 }
 
 pub async fn purge(global: &GlobalArgs, a: PurgeArgs) -> anyhow::Result<()> {
@@ -149,12 +156,8 @@ pub async fn replay(global: &GlobalArgs, a: ReplayArgs) -> anyhow::Result<()> {
     let settings = global.settings()?;
     crate::service::master_key(&settings)?;
     let handlers = replay::parse_projection(&a.projection)?;
-    let (brokers, embedded) = connect(&settings).await?;
-    let result = replay::replay(&settings, &brokers, system_clock(), handlers, std::io::stderr().is_terminal()).await;
-    if let Some(b) = embedded {
-        b.stop().await;
-    }
-    let s = result?;
+    let show_progress = std::io::stderr().is_terminal();
+    let s = with_brokers(&settings, async |brokers| Ok(replay::replay(&settings, &brokers, system_clock(), handlers, show_progress).await?)).await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&s)?);
     } else {
@@ -174,13 +177,12 @@ pub async fn replay(global: &GlobalArgs, a: ReplayArgs) -> anyhow::Result<()> {
 
 pub async fn compliance(global: &GlobalArgs, a: ComplianceArgs) -> anyhow::Result<()> {
     let settings = global.settings()?;
-    let (brokers, embedded) = connect(&settings).await?;
-    let kafka = kafka_settings(&settings, brokers, "compliance");
-    let keys = tokio::task::block_in_place(|| compliance::read_keys(&kafka));
-    if let Some(b) = embedded {
-        b.stop().await;
-    }
-    let report = compliance::report(&settings, &keys?, system_clock()());
+    let keys = with_brokers(&settings, async |brokers| {
+        let kafka = kafka_settings(&settings, brokers, "compliance");
+        Ok(tokio::task::block_in_place(|| compliance::read_keys(&kafka))?)
+    })
+    .await?;
+    let report = compliance::report(&settings, &keys, system_clock()());
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -130,9 +130,9 @@ impl Handler for Tokenizer {
                 Ok(vec![Event::FormReady(ready)])
             }
             Event::SubmissionPurged(p) => {
-                let mut ids = Vec::with_capacity(p.submission_ids.len());
+                let mut ids = std::collections::BTreeSet::new();
                 for raw in &p.submission_ids {
-                    ids.push(
+                    ids.insert(
                         uuid::Uuid::parse_str(raw)
                             .map_err(|_| ApplyError::Unprocessable(format!("SubmissionPurged lists {raw:?}, which is not a UUID")))?,
                     );
@@ -142,7 +142,7 @@ impl Handler for Tokenizer {
                     let prefix = conversation_prefix(&p.header.site_id, &p.header.conversation_id);
                     for k in tx.scan_prefix_keys(trees::BY_CONVERSATION, &prefix)? {
                         if let Ok(id) = uuid::Uuid::from_slice(&k[prefix.len()..]) {
-                            ids.push(id);
+                            ids.insert(id);
                         }
                     }
                 }

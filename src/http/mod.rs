@@ -120,8 +120,8 @@ async fn record_latency(State(state): State<Arc<AppState>>, request: Request, ne
     response
 }
 
-/// Serves [`ops_router`] on `listen` (plain HTTP) until `shutdown`.
-pub async fn serve_ops(node: Arc<Node>, listen: &str) -> Result<(tokio::net::TcpListener, Router), HttpError> {
+/// Binds the operations listener on `listen` (plain HTTP) and returns it with [`ops_router`].
+pub async fn bind_ops(node: Arc<Node>, listen: &str) -> Result<(tokio::net::TcpListener, Router), HttpError> {
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|source| HttpError::Bind { addr: listen.to_string(), source })?;
     if listener.local_addr().is_ok_and(|a| !a.ip().is_loopback()) {
         tracing::info!(addr = %listen, "metrics listener is not on loopback: restrict who can reach it (network policy or firewall)");

@@ -382,29 +382,22 @@ async fn process_batch<H: Handler>(
             continue;
         }
         metrics.consumed(handler.name(), m.topic());
-        let outputs = match settings.names.parse(m.topic()) {
-            None => vec![dead_letter(m, group, "apply", format!("topic {} is not one this consumer knows", m.topic()))],
+        let (outputs, replay) = match settings.names.parse(m.topic()) {
+            None => (vec![dead_letter(m, group, "apply", format!("topic {} is not one this consumer knows", m.topic()))], false),
             Some(topic) => {
                 let replay = emitted.get(&(m.topic().to_string(), m.partition())).is_some_and(|&e| m.offset() < e);
                 let meta = RecordMeta { topic, partition: m.partition(), offset: m.offset(), replay };
-                let outputs = apply_one(handler, &mut tx, m, &meta, group, now_ms)?;
-                if replay {
-                    // Already delivered by the run that first applied it; counted, not re-sent.
-                    for e in &outputs {
-                        if let Event::DeadLetter(d) = e {
-                            metrics.dead_letter(handler.name(), &d.error_kind);
-                        }
-                    }
-                    Vec::new()
-                } else {
-                    outputs
-                }
+                (apply_one(handler, &mut tx, m, &meta, group, now_ms)?, replay)
             }
         };
-        for (i, event) in outputs.iter().enumerate() {
-            if let Event::DeadLetter(d) = event {
+        for e in &outputs {
+            if let Event::DeadLetter(d) = e {
                 metrics.dead_letter(handler.name(), &d.error_kind);
             }
+        }
+        // A replayed record's outputs were delivered by the run that first applied it: counted, not re-sent.
+        let outputs = if replay { Vec::new() } else { outputs };
+        for (i, event) in outputs.iter().enumerate() {
             let payload = Codec::get().encode(event)?;
             let entry = OutboxEntry { topic: event.kind().topic(), key: event.record_key().into_bytes(), payload };
             let mut k = okey.clone();

@@ -26,8 +26,6 @@ pub fn ops_settings(settings: &Settings) -> Settings {
     s.data_dir = settings.data_dir.join("ops");
     s.node_id = format!("{}-ops", settings.node_id);
     s.group_prefix = format!("{}-ops", settings.group_prefix);
-    s.http_listen = None;
-    s.purge_interval_secs = 0;
     s
 }
 

@@ -139,14 +139,14 @@ pub async fn purge(node: &Node, as_of: i64, dry_run: bool) -> Result<PurgeReport
     for site in sites_with_data(node)? {
         let months = retention_of(node, &site);
         let ids = expired(&node.vault, &site, months, as_of)?;
-        let mut keys: Vec<String> = node
+        // KeyRing::list is sorted by id.
+        let keys: Vec<String> = node
             .ring
             .list()
             .into_iter()
             .filter(|k| k.state == "active" && k.site == site && period_expired(&k.period, months, as_of))
             .map(|k| k.id)
             .collect();
-        keys.sort();
         if ids.is_empty() && keys.is_empty() {
             continue;
         }

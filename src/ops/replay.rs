@@ -108,8 +108,9 @@ async fn run_phase(
     let marks = tokio::task::spawn_blocking(move || watermarks(&kafka, &topics))
         .await
         .map_err(|e| OpsError::Invalid(e.to_string()))??;
-    let start: u64 = positions(&node, &marks)?.values().map(|p| *p as u64).sum();
-    let total: u64 = positions(&node, &marks)?
+    let at_start = positions(&node, &marks)?;
+    let start: u64 = at_start.values().map(|p| *p as u64).sum();
+    let total: u64 = at_start
         .iter()
         .map(|((_, t, p), pos)| marks.get(&(t.clone(), *p)).map(|(_, h)| (*h - *pos).max(0) as u64).unwrap_or(0))
         .sum();
