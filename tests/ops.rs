@@ -113,6 +113,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purge_across_fourteen_months_removes_only_the_expired_destroys_their_key_and_replay_brings_nothing_back() {
+    let log = logs();
     let prefix = unique_prefix("purge");
     let dir = tempfile::tempdir().unwrap();
     let settings = settings(&prefix, dir.path());
@@ -211,6 +212,13 @@ async fn purge_across_fourteen_months_removes_only_the_expired_destroys_their_ke
     assert_eq!(service.vault.tree(trees::SUBMISSIONS).unwrap().len(), 24);
     let mut service = service;
     service.stop().await;
+
+    // Purging, replaying and refusing logged ids and counts only: no card number in any encoding.
+    let logged = log.lock().unwrap().clone();
+    assert!(contains(&logged, b"data key destroyed"), "the TRACE capture is live");
+    for (_, _, _, pan) in &made {
+        assert_eq!(hits(&logged, &forms_of(pan)), 0, "a card number reached the logs");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -407,4 +415,22 @@ async fn the_purge_worker_purges_on_its_own_once_the_clock_passes_retention() {
     }
     assert!(matches!(service.detokenizer.open_for_history("acme", id), Err(DetokenizeError::Refused(Refusal::Purged))));
     service.stop().await;
+}
+
+/// The scanner the canary checks rely on finds what it must (positive control).
+#[test]
+fn the_canary_scanner_finds_each_encoding_and_respects_digit_boundaries() {
+    use base64::Engine;
+    let pan = luhn_pan(42);
+    let forms = forms_of(&pan);
+    for haystack in [
+        format!("log: pan={pan}, done"),
+        format!("{{\"v\":\"{}\"}}", hex::encode(&pan)),
+        format!("b64 {}", base64::engine::general_purpose::STANDARD.encode(format!("xx{pan}yy"))),
+    ] {
+        assert!(hits(haystack.as_bytes(), &forms) > 0, "not found in {haystack}");
+    }
+    assert_eq!(find(format!("9{pan}").as_bytes(), pan.as_bytes()), None, "inside a longer number is not the value");
+    assert_eq!(find(format!("9{pan} {pan}").as_bytes(), pan.as_bytes()), Some(18));
+    assert_eq!(hits(b"nothing to see", &forms), 0);
 }

@@ -6,12 +6,10 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::path::Path;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine;
 use common::*;
 use rdkafka::message::Message;
 use secureforms::config::Settings;
@@ -23,31 +21,6 @@ use secureforms::vault::detokenize::{DetokenizeError, Refusal};
 use secureforms::vault::offrecord::OffRecord;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// Everything any test in this binary logs, at every level.
-fn logs() -> &'static Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        let writer = buf.clone();
-        let _ = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_writer(move || LogWriter(writer.clone()))
-            .try_init();
-        buf
-    })
-}
-
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
-impl Write for LogWriter {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 async fn start(settings: Settings, clock: Clock) -> Service {
     Service::start(settings.clone(), brokers(), clock).await.expect("service starts")
@@ -74,42 +47,6 @@ async fn ready_events(prefix: &str, n: usize) -> BTreeMap<String, Vec<Vec<u8>>> 
         }
     }
     out
-}
-
-/// The canary as raw text, hex (both cases) and base64 at every alignment (standard and URL-safe).
-fn forms_of(canary: &str) -> Vec<Vec<u8>> {
-    // Also as a decimal byte list, the way Debug prints byte slices (sled's trace logs do).
-    let decimal = canary.bytes().map(|b| b.to_string()).collect::<Vec<_>>().join(", ");
-    let mut forms = vec![canary.as_bytes().to_vec(), hex::encode(canary).into_bytes(), hex::encode_upper(canary).into_bytes(), decimal.into_bytes()];
-    for pad in 0..3 {
-        let mut input = vec![b'x'; pad];
-        input.extend_from_slice(canary.as_bytes());
-        for engine in [&base64::engine::general_purpose::STANDARD, &base64::engine::general_purpose::URL_SAFE] {
-            let enc = engine.encode(&input);
-            // Drop the characters that depend on the padding bytes and on what follows.
-            let start = if pad == 0 { 0 } else { 4 };
-            let stable = &enc.as_bytes()[start..enc.len().saturating_sub(4)];
-            if stable.len() >= 8 {
-                forms.push(stable.to_vec());
-            }
-        }
-    }
-    forms
-}
-
-fn hits(haystack: &[u8], needles: &[Vec<u8>]) -> usize {
-    needles.iter().filter(|n| find(haystack, n).is_some()).count()
-}
-
-/// First place `needle` occurs without a digit right before or after it (a short all-digit value
-/// such as a CVV otherwise "occurs" inside any timestamp).
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    let digits = needle.iter().all(u8::is_ascii_digit);
-    haystack.windows(needle.len()).enumerate().map(|(i, _)| i).find(|&i| {
-        &haystack[i..i + needle.len()] == needle
-            && (!digits
-                || (!haystack.get(i.wrapping_sub(1)).is_some_and(u8::is_ascii_digit) && !haystack.get(i + needle.len()).is_some_and(u8::is_ascii_digit)))
-    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

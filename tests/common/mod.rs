@@ -3,6 +3,10 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -228,4 +232,71 @@ pub fn all_files(dir: &Path) -> Vec<std::path::PathBuf> {
         if p.is_dir() { out.extend(all_files(&p)) } else { out.push(p) }
     }
     out
+}
+
+/// Everything any test in this binary logs, at every level.
+pub fn logs() -> &'static Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let writer = buf.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(move || LogWriter(writer.clone()))
+            .try_init();
+        buf
+    })
+}
+
+pub struct LogWriter(Arc<Mutex<Vec<u8>>>);
+impl Write for LogWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The canary as raw text, hex (both cases) and base64 at every alignment (standard and URL-safe).
+pub fn forms_of(canary: &str) -> Vec<Vec<u8>> {
+    // Also as a decimal byte list, the way Debug prints byte slices (sled's trace logs do).
+    let decimal = canary.bytes().map(|b| b.to_string()).collect::<Vec<_>>().join(", ");
+    let mut forms = vec![canary.as_bytes().to_vec(), hex::encode(canary).into_bytes(), hex::encode_upper(canary).into_bytes(), decimal.into_bytes()];
+    for pad in 0..3 {
+        let mut input = vec![b'x'; pad];
+        input.extend_from_slice(canary.as_bytes());
+        for engine in [&base64::engine::general_purpose::STANDARD, &base64::engine::general_purpose::URL_SAFE] {
+            let enc = engine.encode(&input);
+            // Drop the characters that depend on the padding bytes and on what follows.
+            let start = if pad == 0 { 0 } else { 4 };
+            let stable = &enc.as_bytes()[start..enc.len().saturating_sub(4)];
+            if stable.len() >= 8 {
+                forms.push(stable.to_vec());
+            }
+        }
+    }
+    forms
+}
+
+/// How many of `needles` occur in `haystack`.
+pub fn hits(haystack: &[u8], needles: &[Vec<u8>]) -> usize {
+    needles.iter().filter(|n| find(haystack, n).is_some()).count()
+}
+
+/// First place `needle` occurs without a digit right before or after it (a short all-digit value
+/// such as a CVV otherwise "occurs" inside any timestamp).
+pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    let digits = needle.iter().all(u8::is_ascii_digit);
+    let bounded = |i: usize| {
+        !digits || (!haystack.get(i.wrapping_sub(1)).is_some_and(u8::is_ascii_digit) && !haystack.get(i + needle.len()).is_some_and(u8::is_ascii_digit))
+    };
+    // A literal regex searches with memchr/memmem: logs of tens of MB scan in milliseconds. Inside a
+    // longer run of digits every occurrence of a digit needle touches a digit, so skipping the
+    // overlapping candidates of a rejected match loses nothing.
+    match std::str::from_utf8(needle) {
+        Ok(text) => regex::bytes::Regex::new(&regex::escape(text)).expect("an escaped literal is a regex").find_iter(haystack).map(|m| m.start()).find(|&i| bounded(i)),
+        Err(_) => haystack.windows(needle.len()).enumerate().find(|&(i, w)| w == needle && bounded(i)).map(|(i, _)| i),
+    }
 }
