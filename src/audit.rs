@@ -52,7 +52,12 @@ impl AuditLog {
     /// Opens the log. Run the returned writer (as a service task) for `record` to make progress.
     pub fn open(store: Store) -> Result<(Arc<AuditLog>, AuditWriter), StoreError> {
         let (writes, queue) = mpsc::channel::<Write>(4096);
-        let log = Arc::new(AuditLog { outbox: store.tree(trees::OUTBOX)?, spent: store.tree(trees::SPENT)?, wake: Notify::new(), writes });
+        let log = Arc::new(AuditLog {
+            outbox: store.tree(trees::OUTBOX)?,
+            spent: store.tree(trees::SPENT)?,
+            wake: Notify::new(),
+            writes,
+        });
         Ok((log.clone(), AuditWriter { store, queue, log: Arc::downgrade(&log) }))
     }
 
@@ -85,7 +90,11 @@ impl AuditLog {
     }
 
     /// Delivers recorded events to Kafka, oldest first, until `stop`; retries on failure.
-    pub async fn relay(self: Arc<Self>, producer: EventProducer, mut stop: watch::Receiver<bool>) -> Result<(), KafkaError> {
+    pub async fn relay(
+        self: Arc<Self>,
+        producer: EventProducer,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(), KafkaError> {
         loop {
             let batch: Vec<(sled::IVec, sled::IVec)> = self.outbox.iter().take(500).filter_map(Result::ok).collect();
             if batch.is_empty() {

@@ -81,7 +81,13 @@ fn submissions(n: usize) -> Vec<(uuid::Uuid, Event)> {
     let now = system_clock()();
     let id = data_key_id("bench", &period_of(now), 1);
     let material = KeyMaterial::random();
-    let key = crate::crypto::keyring::DataKey { id: id.clone(), site: "bench".into(), period: period_of(now), generation: 1, material };
+    let key = crate::crypto::keyring::DataKey {
+        id: id.clone(),
+        site: "bench".into(),
+        period: period_of(now),
+        generation: 1,
+        material,
+    };
     let template: crate::domain::template::Template = toml::from_str(
         r#"id = "card-payment"
            title = "Card payment"
@@ -118,10 +124,11 @@ fn submissions(n: usize) -> Vec<(uuid::Uuid, Event)> {
                 now_ms: now,
                 node_id: "bench",
             };
-            let answers: BTreeMap<String, Secret> = [("cardholder", "A Visitor"), ("pan", "4111111111111111"), ("expiry", "12/30"), ("cvv", "123")]
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), Secret::new(v.to_string())))
-                .collect();
+            let answers: BTreeMap<String, Secret> =
+                [("cardholder", "A Visitor"), ("pan", "4111111111111111"), ("expiry", "12/30"), ("cvv", "123")]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), Secret::new(v.to_string())))
+                    .collect();
             let sealed = seal_submission(&key, &ctx, answers).expect("bench sealing");
             (sid, Event::FormSubmitted(sealed.event))
         })
@@ -165,7 +172,12 @@ async fn wait_for(c: &StreamConsumer, n: usize) -> Instant {
 }
 
 /// Runs the copier (consume -> produce, no state) until `n` records moved.
-async fn copy(consumer: &StreamConsumer, producer: &EventProducer, max_batch: usize, n: usize) -> Result<(), KafkaError> {
+async fn copy(
+    consumer: &StreamConsumer,
+    producer: &EventProducer,
+    max_batch: usize,
+    n: usize,
+) -> Result<(), KafkaError> {
     let mut moved = 0;
     while moved < n {
         let mut batch = Vec::new();
@@ -178,7 +190,9 @@ async fn copy(consumer: &StreamConsumer, producer: &EventProducer, max_batch: us
                 _ => break,
             }
         }
-        let sends = batch.iter().map(|m| producer.send_raw(Topic::AgentEvents, m.key().unwrap_or_default(), m.payload().unwrap_or_default()));
+        let sends = batch.iter().map(|m| {
+            producer.send_raw(Topic::AgentEvents, m.key().unwrap_or_default(), m.payload().unwrap_or_default())
+        });
         for r in futures::future::join_all(sends).await {
             r?;
         }
@@ -200,7 +214,11 @@ async fn passthrough(k: &KafkaSettings, events: &[(uuid::Uuid, Event)]) -> Resul
     copied?;
     let n = events.len();
     let start = Instant::now();
-    let (produced, copied, end) = tokio::join!(produce_all(&producer, events), copy(&consumer, &producer, k.max_batch, n), wait_for(&out_reader, n));
+    let (produced, copied, end) = tokio::join!(
+        produce_all(&producer, events),
+        copy(&consumer, &producer, k.max_batch, n),
+        wait_for(&out_reader, n)
+    );
     produced?;
     copied?;
     Ok(n as f64 / (end - start).as_secs_f64())
@@ -212,19 +230,35 @@ fn bench_sites() -> Arc<BTreeMap<String, SiteConfig>> {
 
 /// The tokenizer as the service runs it (its key ring only answers "destroyed?" here: empty).
 fn bench_tokenizer() -> Tokenizer {
-    let master = crate::crypto::MasterKey::from_base64(&crate::crypto::MasterKey::generate_base64()).expect("a generated master key parses");
-    Tokenizer::new(bench_sites(), Arc::new(crate::crypto::KeyRing::new(master)), Arc::new(crate::metrics::Metrics::new()))
+    let master = crate::crypto::MasterKey::from_base64(&crate::crypto::MasterKey::generate_base64())
+        .expect("a generated master key parses");
+    Tokenizer::new(
+        bench_sites(),
+        Arc::new(crate::crypto::KeyRing::new(master)),
+        Arc::new(crate::metrics::Metrics::new()),
+    )
 }
 
 /// The tokenizer on the real runtime. Warmed with one record (group joined, partitions assigned),
 /// then timed like the passthrough.
-async fn tokenizer(k: &KafkaSettings, dir: &std::path::Path, events: &[(uuid::Uuid, Event)]) -> Result<f64, KafkaError> {
+async fn tokenizer(
+    k: &KafkaSettings,
+    dir: &std::path::Path,
+    events: &[(uuid::Uuid, Event)],
+) -> Result<f64, KafkaError> {
     apply_topics(k, 1).await?;
     let producer = EventProducer::new(k)?;
     let out_reader = reader(k, &k.names.name(Topic::AgentEvents), Topic::AgentEvents.spec().partitions)?;
     let store = Store::open(&dir.join("tokenizer"))?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(runtime::run(k.clone(), store, producer.clone(), bench_tokenizer(), RunContext::new(system_clock()), stop_rx));
+    let task = tokio::spawn(runtime::run(
+        k.clone(),
+        store,
+        producer.clone(),
+        bench_tokenizer(),
+        RunContext::new(system_clock()),
+        stop_rx,
+    ));
     produce_all(&producer, &submissions(1)).await?;
     wait_for(&out_reader, 1).await;
     let start = Instant::now();
@@ -240,7 +274,14 @@ async fn latency(k: &KafkaSettings, dir: &std::path::Path, rate: u32, secs: u64)
     let producer = EventProducer::new(k)?;
     let store = Store::open(&dir.join("latency"))?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(runtime::run(k.clone(), store, producer.clone(), bench_tokenizer(), RunContext::new(system_clock()), stop_rx));
+    let task = tokio::spawn(runtime::run(
+        k.clone(),
+        store,
+        producer.clone(),
+        bench_tokenizer(),
+        RunContext::new(system_clock()),
+        stop_rx,
+    ));
     let out_reader = reader(k, &k.names.name(Topic::AgentEvents), Topic::AgentEvents.spec().partitions)?;
     // Warm up: one record through the whole path before measuring.
     let warm = submissions(1);
@@ -295,14 +336,20 @@ async fn latency(k: &KafkaSettings, dir: &std::path::Path, rate: u32, secs: u64)
 
 /// Agent retrieval at a steady rate: a real service (HTTP gateway, projections) with one ready
 /// submission per request in live conversations; each request presents its own one-time key.
-async fn retrieve_latency(brokers: &str, dir: &std::path::Path, rate: u32, secs: u64) -> Result<(Vec<f64>, usize), KafkaError> {
+async fn retrieve_latency(
+    brokers: &str,
+    dir: &std::path::Path,
+    rate: u32,
+    secs: u64,
+) -> Result<(Vec<f64>, usize), KafkaError> {
     use crate::service::{Service, Submission};
     let bench_err = |m: String| KafkaError::Topic { topic: "bench".into(), message: m };
     let n = (rate as u64 * secs) as usize;
     let p = format!("bench-{}-ret.", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let root = dir.join("retrieve");
     std::fs::create_dir_all(&root).map_err(|e| bench_err(e.to_string()))?;
-    std::fs::write(root.join("master.key"), crate::crypto::MasterKey::generate_base64().as_bytes()).map_err(|e| bench_err(e.to_string()))?;
+    std::fs::write(root.join("master.key"), crate::crypto::MasterKey::generate_base64().as_bytes())
+        .map_err(|e| bench_err(e.to_string()))?;
     let secret = "bench-shared-secret";
     std::fs::write(root.join("jwt.secret"), secret).map_err(|e| bench_err(e.to_string()))?;
     let mut s: Settings = toml::from_str(BENCH_SITE).map_err(|e| bench_err(e.to_string()))?;
@@ -315,13 +362,21 @@ async fn retrieve_latency(brokers: &str, dir: &std::path::Path, rate: u32, secs:
     s.metrics_listen = None;
     s.purge_interval_secs = 0;
     s.agent_auth.jwt_secret_file = Some(root.join("jwt.secret"));
-    let mut service = Service::start(s, brokers.to_string(), system_clock()).await.map_err(|e| bench_err(e.to_string()))?;
+    let mut service =
+        Service::start(s, brokers.to_string(), system_clock()).await.map_err(|e| bench_err(e.to_string()))?;
     let addr = service.http_addr.ok_or_else(|| bench_err("no http address".into()))?;
     let conversations = 50;
     let sends: Vec<Event> = (0..conversations)
         .map(|c| {
             Event::FormSent(crate::events::FormSent {
-                header: crate::events::EventHeader::new(crate::events::EventKind::FormSent, uuid::Uuid::new_v4(), system_clock()(), "bench", &format!("conv-{c}"), &format!("f-{c}")),
+                header: crate::events::EventHeader::new(
+                    crate::events::EventKind::FormSent,
+                    uuid::Uuid::new_v4(),
+                    system_clock()(),
+                    "bench",
+                    &format!("conv-{c}"),
+                    &format!("f-{c}"),
+                ),
                 form_id: format!("f-{c}"),
                 agent_id: "bench-agent".into(),
                 agent_profile: "agent".into(),
@@ -341,8 +396,20 @@ async fn retrieve_latency(brokers: &str, dir: &std::path::Path, rate: u32, secs:
             let template = &template;
             let node = &service.node;
             async move {
-                let answers: BTreeMap<String, Secret> = [("pan", "4111111111111111"), ("expiry", "12/39"), ("cvv", "123")].into_iter().map(|(k, v)| (k.to_string(), Secret::new(v.to_string()))).collect();
-                node.submit(Submission { site_id: "bench", conversation_id: &conv, form_id: &form, agent_id: "bench-agent", template, answers }).await
+                let answers: BTreeMap<String, Secret> =
+                    [("pan", "4111111111111111"), ("expiry", "12/39"), ("cvv", "123")]
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), Secret::new(v.to_string())))
+                        .collect();
+                node.submit(Submission {
+                    site_id: "bench",
+                    conversation_id: &conv,
+                    form_id: &form,
+                    agent_id: "bench-agent",
+                    template,
+                    answers,
+                })
+                .await
             }
         });
         for r in futures::future::join_all(subs).await {
@@ -361,7 +428,9 @@ async fn retrieve_latency(brokers: &str, dir: &std::path::Path, rate: u32, secs:
         }
     }
     let deadline = Instant::now() + Duration::from_secs(120);
-    while service.detokenizer.known_keys() < n || service.visibility.tree(crate::handlers::visibility::trees::SUBMISSIONS).map(|t| t.len()).unwrap_or(0) < n {
+    while service.detokenizer.known_keys() < n
+        || service.visibility.tree(crate::handlers::visibility::trees::SUBMISSIONS).map(|t| t.len()).unwrap_or(0) < n
+    {
         if Instant::now() > deadline {
             return Err(bench_err("projections did not catch up within 120 s".into()));
         }
@@ -375,8 +444,14 @@ async fn retrieve_latency(brokers: &str, dir: &std::path::Path, rate: u32, secs:
         sid: "bench".into(),
         exp: system_clock()() / 1000 + 3600,
     };
-    let token = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes())).map_err(|e| bench_err(e.to_string()))?;
-    let client = reqwest::Client::builder().pool_max_idle_per_host(256).build().map_err(|e| bench_err(e.to_string()))?;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .map_err(|e| bench_err(e.to_string()))?;
+    let client =
+        reqwest::Client::builder().pool_max_idle_per_host(256).build().map_err(|e| bench_err(e.to_string()))?;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut inflight = Vec::with_capacity(n);
@@ -522,7 +597,10 @@ impl Drop for ScratchDir {
 
 fn tempfile_dir() -> Result<ScratchDir, KafkaError> {
     let p = std::env::temp_dir().join(format!("secureforms-bench-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&p).map_err(|e| KafkaError::Topic { topic: "bench".into(), message: format!("cannot create {}: {e}", p.display()) })?;
+    std::fs::create_dir_all(&p).map_err(|e| KafkaError::Topic {
+        topic: "bench".into(),
+        message: format!("cannot create {}: {e}", p.display()),
+    })?;
     Ok(ScratchDir(p))
 }
 

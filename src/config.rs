@@ -267,11 +267,14 @@ impl Settings {
             )));
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
-            return Err(ConfigError::Invalid("tls_cert and tls_key go together: set both (PEM files) or neither".into()));
+            return Err(ConfigError::Invalid(
+                "tls_cert and tls_key go together: set both (PEM files) or neither".into(),
+            ));
         }
         if let Some(listen) = self.http_listen.as_deref().filter(|l| !l.is_empty()) {
-            let addr: std::net::SocketAddr =
-                listen.parse().map_err(|_| ConfigError::Invalid(format!("http_listen {listen:?} is not an address like 127.0.0.1:8080")))?;
+            let addr: std::net::SocketAddr = listen.parse().map_err(|_| {
+                ConfigError::Invalid(format!("http_listen {listen:?} is not an address like 127.0.0.1:8080"))
+            })?;
             let tls = self.tls_cert.is_some() || self.tls_self_signed;
             if !tls && !addr.ip().is_loopback() {
                 return Err(ConfigError::Invalid(format!(
@@ -280,7 +283,10 @@ impl Settings {
             }
         }
         if self.max_batch == 0 || self.max_batch > 100_000 {
-            return Err(ConfigError::Invalid(format!("max_batch must be between 1 and 100000, not {}", self.max_batch)));
+            return Err(ConfigError::Invalid(format!(
+                "max_batch must be between 1 and 100000, not {}",
+                self.max_batch
+            )));
         }
         if !["text", "json"].contains(&self.log_format.as_str()) {
             return Err(ConfigError::Invalid(format!("log_format must be text or json, not {:?}", self.log_format)));
@@ -313,7 +319,11 @@ impl Settings {
                 if !seen.insert(t.id.as_str()) {
                     return Err(bad(format!("template id {:?} is defined twice", t.id)));
                 }
-                t.validate().map_err(|source| ConfigError::Template { site: site.clone(), template: t.id.clone(), source })?;
+                t.validate().map_err(|source| ConfigError::Template {
+                    site: site.clone(),
+                    template: t.id.clone(),
+                    source,
+                })?;
             }
         }
         Ok(())

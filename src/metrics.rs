@@ -75,15 +75,31 @@ impl Metrics {
         };
         registry.register("events_consumed", "Records read by a handler, per handler and topic", m.consumed.clone());
         registry.register("events_produced", "Events produced by this node, per topic", m.produced.clone());
-        registry.register("dead_letters", "Records sent to the dead-letter topic, per handler and error kind", m.dead_letters.clone());
+        registry.register(
+            "dead_letters",
+            "Records sent to the dead-letter topic, per handler and error kind",
+            m.dead_letters.clone(),
+        );
         registry.register("consumer_lag", "Records not yet applied, per handler, topic and partition", m.lag.clone());
         registry.register("otk_checks", "One-time key checks, per purpose and outcome", m.otk.clone());
         registry.register("retrievals", "Agent retrievals, per outcome and reason", m.retrievals.clone());
         registry.register("submissions_purged", "Submissions removed from the vault, per reason", m.purged.clone());
-        registry.register("data_keys_destroyed", "Data keys destroyed (crypto-shredding), per reason", m.keys_destroyed.clone());
+        registry.register(
+            "data_keys_destroyed",
+            "Data keys destroyed (crypto-shredding), per reason",
+            m.keys_destroyed.clone(),
+        );
         registry.register("purge_runs", "Retention purge runs finished on this node", m.purge_runs.clone());
-        registry.register("submissions_skipped_purged", "Submissions not stored because they were already purged", m.skipped_purged.clone());
-        registry.register("http_request_duration_seconds", "HTTP request latency, per method, route and status", m.http.clone());
+        registry.register(
+            "submissions_skipped_purged",
+            "Submissions not stored because they were already purged",
+            m.skipped_purged.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency, per method, route and status",
+            m.http.clone(),
+        );
         registry.register("ready", "1 once every projection has caught up", m.ready_gauge.clone());
         Metrics { registry, ..m }
     }
@@ -102,7 +118,11 @@ impl Metrics {
 
     pub fn set_lag(&self, handler: &str, topic: &str, partition: i32, lag: i64) {
         self.lag
-            .get_or_create(&[("handler", handler.to_string()), ("topic", topic.to_string()), ("partition", partition.to_string())])
+            .get_or_create(&[
+                ("handler", handler.to_string()),
+                ("topic", topic.to_string()),
+                ("partition", partition.to_string()),
+            ])
             .set(lag);
     }
 
@@ -125,7 +145,11 @@ impl Metrics {
 
     pub fn http(&self, method: &str, route: &str, status: u16, seconds: f64) {
         self.http
-            .get_or_create(&[("method", method.to_string()), ("route", route.to_string()), ("status", status.to_string())])
+            .get_or_create(&[
+                ("method", method.to_string()),
+                ("route", route.to_string()),
+                ("status", status.to_string()),
+            ])
             .observe(seconds);
     }
 

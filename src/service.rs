@@ -17,6 +17,7 @@ use tokio::task::JoinSet;
 use crate::broker::{self, BrokerError, EmbeddedBroker};
 use crate::config::Settings;
 use crate::crypto::{KeyError, KeyRing, MasterKey};
+use crate::domain::template::Template;
 use crate::events::{Event, EventHeader, EventKind, FormTemplateDefined};
 use crate::handlers::gateway::GatewayProjection;
 use crate::handlers::issuer::Issuer;
@@ -29,7 +30,6 @@ use crate::kafka::runtime::{self, Clock};
 use crate::kafka::{EventProducer, Handler, KafkaError, KafkaSettings};
 use crate::store::{Store, StoreError};
 use crate::topics::{TopicAction, TopicNames};
-use crate::domain::template::Template;
 use crate::vault::detokenize::Detokenizer;
 use crate::vault::offrecord::{OffRecordStore, Secret};
 use crate::vault::seal::{SealError, SubmissionContext, seal_submission};
@@ -100,7 +100,12 @@ pub fn master_key(settings: &Settings) -> Result<MasterKey, KeyError> {
 }
 
 /// Publishes each configured template once per version, so templates are events and replayable.
-pub async fn publish_templates(settings: &Settings, producer: &EventProducer, store: &Store, now_ms: i64) -> Result<usize, ServiceError> {
+pub async fn publish_templates(
+    settings: &Settings,
+    producer: &EventProducer,
+    store: &Store,
+    now_ms: i64,
+) -> Result<usize, ServiceError> {
     let published = store.tree("sys.templates_published")?;
     let mut count = 0;
     for (site_id, site) in &settings.sites {
@@ -238,7 +243,12 @@ impl Service {
     }
 
     /// Starts the parts `options` asks for.
-    pub async fn start_with(settings: Settings, brokers: String, clock: Clock, options: StartOptions) -> Result<Service, ServiceError> {
+    pub async fn start_with(
+        settings: Settings,
+        brokers: String,
+        clock: Clock,
+        options: StartOptions,
+    ) -> Result<Service, ServiceError> {
         let master = master_key(&settings)?;
         let kafka = kafka_settings(&settings, brokers, if options.shadow { "ops" } else { "service" });
         apply_topics(&kafka, settings.replication_factor).await?;
@@ -249,20 +259,32 @@ impl Service {
             .chain(["audit"].iter())
             .map(|h| Ok((*h, Store::open(&store_dir(&settings, h))?)))
             .collect::<Result<BTreeMap<_, _>, StoreError>>()?;
-        let n = if options.node_tasks { publish_templates(&settings, &producer, &stores["issuer"], clock()).await? } else { 0 };
+        let n = if options.node_tasks {
+            publish_templates(&settings, &producer, &stores["issuer"], clock()).await?
+        } else {
+            0
+        };
 
         let ring = Arc::new(KeyRing::new(master));
         let keys_loaded = load_ring(&ring, &stores["keys"])?;
         let off_record = Arc::new(OffRecordStore::new());
         let (audit, audit_writer) = crate::audit::AuditLog::open(stores["audit"].clone())?;
-        let detokenizer =
-            Arc::new(Detokenizer::new(stores["tokenizer"].clone(), stores["retrieval"].clone(), ring.clone(), off_record.clone()).with_audit(audit.clone()));
+        let detokenizer = Arc::new(
+            Detokenizer::new(
+                stores["tokenizer"].clone(),
+                stores["retrieval"].clone(),
+                ring.clone(),
+                off_record.clone(),
+            )
+            .with_audit(audit.clone()),
+        );
         let (stop, stop_rx) = watch::channel(false);
         let sites = Arc::new(settings.sites.clone());
         let keys_handler = KeysHandler::new(ring.clone());
         let issuer = Issuer::new(sites.clone(), settings.public_url.clone());
         let tokenizer = Tokenizer::new(sites, ring.clone(), metrics.clone());
-        let info = |h: &dyn Handler| HandlerInfo { name: h.name(), topics: h.topics(), store: stores[h.name()].clone() };
+        let info =
+            |h: &dyn Handler| HandlerInfo { name: h.name(), topics: h.topics(), store: stores[h.name()].clone() };
         let running: Vec<HandlerInfo> = [
             info(&keys_handler),
             info(&issuer),
@@ -289,7 +311,14 @@ impl Service {
             metrics,
             handlers: running,
         });
-        let mut service = Service { node: node.clone(), http_addr: None, metrics_addr: None, stop, tasks: JoinSet::new(), shadow: options.shadow };
+        let mut service = Service {
+            node: node.clone(),
+            http_addr: None,
+            metrics_addr: None,
+            stop,
+            tasks: JoinSet::new(),
+            shadow: options.shadow,
+        };
         if options.runs("keys") {
             service.spawn(keys_handler, &stores["keys"], &stop_rx);
         }
@@ -321,7 +350,11 @@ impl Service {
 
     /// What a full node runs besides its handlers: the audit writer and relay, the off-the-record
     /// sweeper, the purge worker, the HTTP gateway and the operations listener.
-    async fn spawn_node_tasks(&mut self, audit_writer: crate::audit::AuditWriter, stop_rx: &watch::Receiver<bool>) -> Result<(), ServiceError> {
+    async fn spawn_node_tasks(
+        &mut self,
+        audit_writer: crate::audit::AuditWriter,
+        stop_rx: &watch::Receiver<bool>,
+    ) -> Result<(), ServiceError> {
         let node = self.node.clone();
         {
             let (audit, producer, stop) = (node.audit.clone(), node.producer.clone(), stop_rx.clone());
@@ -357,7 +390,11 @@ impl Service {
             self.http_addr = Some(server.local_addr());
             let mut stop = stop_rx.clone();
             self.tasks.spawn(async move {
-                let result = server.run(async move { let _ = stop.changed().await; }).await;
+                let result = server
+                    .run(async move {
+                        let _ = stop.changed().await;
+                    })
+                    .await;
                 ("http gateway", result.map_err(|e| KafkaError::Topic { topic: "http".into(), message: e.to_string() }))
             });
         }
@@ -366,8 +403,15 @@ impl Service {
             self.metrics_addr = listener.local_addr().ok();
             let mut stop = stop_rx.clone();
             self.tasks.spawn(async move {
-                let result = axum::serve(listener, router).with_graceful_shutdown(async move { let _ = stop.changed().await; }).await;
-                ("metrics listener", result.map_err(|e| KafkaError::Topic { topic: "http".into(), message: e.to_string() }))
+                let result = axum::serve(listener, router)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.changed().await;
+                    })
+                    .await;
+                (
+                    "metrics listener",
+                    result.map_err(|e| KafkaError::Topic { topic: "http".into(), message: e.to_string() }),
+                )
             });
         }
         Ok(())
@@ -443,7 +487,8 @@ impl Node {
     /// Seals a submission at the edge and produces it (acks=all) before returning, so the visitor is
     /// told it worked only once it is durable. Off-the-record answers stay in this node's memory.
     pub async fn submit(&self, s: Submission<'_>) -> Result<uuid::Uuid, ServiceError> {
-        let site = self.settings.sites.get(s.site_id).ok_or_else(|| ServiceError::UnknownSite(s.site_id.to_string()))?;
+        let site =
+            self.settings.sites.get(s.site_id).ok_or_else(|| ServiceError::UnknownSite(s.site_id.to_string()))?;
         let now = (self.clock)();
         let key = crate::handlers::keys::current_key(&self.ring, &self.producer, s.site_id, now).await?;
         let submission_id = uuid::Uuid::new_v4();
@@ -472,7 +517,9 @@ impl Node {
 /// Runs the whole service until `shutdown` resolves.
 pub async fn serve(settings: Settings, clock: Clock, shutdown: impl Future<Output = ()>) -> Result<(), ServiceError> {
     if settings.sites.is_empty() {
-        tracing::warn!("no sites are configured, so every FormSent will be rejected; pass --config with a [sites.<id>] table (see config/secureforms.example.toml)");
+        tracing::warn!(
+            "no sites are configured, so every FormSent will be rejected; pass --config with a [sites.<id>] table (see config/secureforms.example.toml)"
+        );
     }
     // Fail on a missing master key before starting anything.
     master_key(&settings)?;
@@ -483,7 +530,8 @@ pub async fn serve(settings: Settings, clock: Clock, shutdown: impl Future<Outpu
             Some(EmbeddedBroker::start(&bin, &settings.data_dir, settings.embedded_broker_port).await?)
         }
     };
-    let brokers = embedded.as_ref().map(|b| b.addr().to_string()).or_else(|| settings.brokers.clone()).unwrap_or_default();
+    let brokers =
+        embedded.as_ref().map(|b| b.addr().to_string()).or_else(|| settings.brokers.clone()).unwrap_or_default();
     let result = match Service::start(settings, brokers, clock).await {
         Ok(service) => service.run_until(shutdown).await,
         Err(e) => Err(e),

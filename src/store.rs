@@ -13,7 +13,9 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot open the state database at {path}: {source}; check the data directory exists, is writable and is not used by another secureforms process")]
+    #[error(
+        "cannot open the state database at {path}: {source}; check the data directory exists, is writable and is not used by another secureforms process"
+    )]
     Open {
         path: String,
         #[source]

@@ -146,7 +146,8 @@ pub fn plan(names: &TopicNames, observed: &BTreeMap<String, ObservedTopic>) -> V
                 Some(o) => {
                     let mut differences = Vec::new();
                     if o.partitions != spec.partitions {
-                        differences.push(format!("partitions: declared {}, broker has {}", spec.partitions, o.partitions));
+                        differences
+                            .push(format!("partitions: declared {}, broker has {}", spec.partitions, o.partitions));
                     }
                     match &o.configs {
                         Some(configs) => {
@@ -160,7 +161,11 @@ pub fn plan(names: &TopicNames, observed: &BTreeMap<String, ObservedTopic>) -> V
                         }
                         None => differences.push("configs: broker did not describe them".into()),
                     }
-                    if differences.is_empty() { TopicAction::UpToDate { name } } else { TopicAction::Drift { name, differences } }
+                    if differences.is_empty() {
+                        TopicAction::UpToDate { name }
+                    } else {
+                        TopicAction::Drift { name, differences }
+                    }
                 }
             }
         })
@@ -174,7 +179,9 @@ mod tests {
     fn observed_as_declared(names: &TopicNames) -> BTreeMap<String, ObservedTopic> {
         Topic::ALL
             .iter()
-            .map(|&t| (names.name(t), ObservedTopic { partitions: t.spec().partitions, configs: Some(t.spec().configs()) }))
+            .map(|&t| {
+                (names.name(t), ObservedTopic { partitions: t.spec().partitions, configs: Some(t.spec().configs()) })
+            })
             .collect()
     }
 
@@ -194,7 +201,10 @@ mod tests {
         let mut observed = observed_as_declared(&names);
         observed.remove("t.keys");
         let actions = plan(&names, &observed);
-        let creates: Vec<_> = actions.iter().filter_map(|a| if let TopicAction::Create { name, .. } = a { Some(name.as_str()) } else { None }).collect();
+        let creates: Vec<_> = actions
+            .iter()
+            .filter_map(|a| if let TopicAction::Create { name, .. } = a { Some(name.as_str()) } else { None })
+            .collect();
         assert_eq!(creates, vec!["t.keys"]);
         assert_eq!(actions.iter().filter(|a| matches!(a, TopicAction::UpToDate { .. })).count(), Topic::ALL.len() - 1);
     }
@@ -208,7 +218,9 @@ mod tests {
         chat.configs.as_mut().unwrap().insert("retention.ms".into(), "1000".into());
         let drift = plan(&names, &observed)
             .into_iter()
-            .find_map(|a| if let TopicAction::Drift { name, differences } = a { Some((name, differences)) } else { None })
+            .find_map(
+                |a| if let TopicAction::Drift { name, differences } = a { Some((name, differences)) } else { None },
+            )
             .expect("drift reported");
         assert_eq!(drift.0, "chat-events");
         assert_eq!(drift.1.len(), 2, "{:?}", drift.1);

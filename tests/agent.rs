@@ -10,7 +10,9 @@ use std::time::Duration;
 use common::*;
 use jsonwebtoken::{EncodingKey, Header, encode};
 use rdkafka::message::Message;
-use secureforms::events::{AgentSessionEnded, ConversationClosed, ConversationTransferred, Codec, Event, EventHeader, EventKind};
+use secureforms::events::{
+    AgentSessionEnded, Codec, ConversationClosed, ConversationTransferred, Event, EventHeader, EventKind,
+};
 use secureforms::http::auth::AgentClaims;
 use secureforms::kafka::runtime::system_clock;
 use secureforms::service::Service;
@@ -46,7 +48,11 @@ struct Env {
 
 impl Env {
     async fn post(&self, path: &str, bearer: Option<&str>, body: Value) -> (u16, Value) {
-        let mut r = self.client.post(format!("{}{}", self.base, path)).header("content-type", "application/json").body(body.to_string());
+        let mut r = self
+            .client
+            .post(format!("{}{}", self.base, path))
+            .header("content-type", "application/json")
+            .body(body.to_string());
         if let Some(t) = bearer {
             r = r.bearer_auth(t);
         }
@@ -70,7 +76,12 @@ impl Env {
     }
 
     /// Polls until the visibility projection shows `check` for the conversation.
-    async fn until_conversation(&self, site: &str, conv: &str, check: impl Fn(&secureforms::domain::access::Conversation) -> bool) {
+    async fn until_conversation(
+        &self,
+        site: &str,
+        conv: &str,
+        check: impl Fn(&secureforms::domain::access::Conversation) -> bool,
+    ) {
         let key = secureforms::handlers::visibility::conversation_key(site, conv);
         let deadline = std::time::Instant::now() + WAIT;
         loop {
@@ -106,7 +117,11 @@ async fn submitted_form(e: &Env, site: &str, conv: &str, form: &str, sender: &st
     e.chat(form_sent(site, conv, form, sender, "agent", "card-payment")).await;
     let mut links = TopicReader::new(&e.prefix, Topic::FormLinks).await;
     assert!(links.read_until(WAIT, |r| r.iter().any(|m| matches!(m.payload().map(|p| Codec::get().decode(p)), Some(Ok(Event::FormIssued(i))) if i.form_id == form))).await);
-    let link = links.events().into_iter().find_map(|ev| if let Event::FormIssued(i) = ev { (i.form_id == form).then_some(i.link) } else { None }).unwrap();
+    let link = links
+        .events()
+        .into_iter()
+        .find_map(|ev| if let Event::FormIssued(i) = ev { (i.form_id == form).then_some(i.link) } else { None })
+        .unwrap();
     let path = link.trim_start_matches("http://127.0.0.1:8080").to_string();
     let key = secureforms::handlers::issuer::form_key(site, form);
     let deadline = std::time::Instant::now() + WAIT;
@@ -117,17 +132,41 @@ async fn submitted_form(e: &Env, site: &str, conv: &str, form: &str, sender: &st
     let page = e.client.get(format!("{}{}", e.base, path)).send().await.unwrap().text().await.unwrap();
     let at = page.find("name=\"k\" value=\"").unwrap() + 16;
     let submit_key = page[at..at + 22].to_string();
-    let body = serde_urlencoded::to_string([("k", submit_key.as_str()), ("cardholder", "Ada"), ("pan", "4111111111111111"), ("expiry", "12/39"), ("cvv", "737")]).unwrap();
-    let r = e.client.post(format!("{}{}", e.base, path.split('?').next().unwrap())).header("content-type", "application/x-www-form-urlencoded").body(body).send().await.unwrap();
+    let body = serde_urlencoded::to_string([
+        ("k", submit_key.as_str()),
+        ("cardholder", "Ada"),
+        ("pan", "4111111111111111"),
+        ("expiry", "12/39"),
+        ("cvv", "737"),
+    ])
+    .unwrap();
+    let r = e
+        .client
+        .post(format!("{}{}", e.base, path.split('?').next().unwrap()))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 200);
     let mut agent_events = TopicReader::new(&e.prefix, Topic::AgentEvents).await;
     assert!(agent_events.read_until(WAIT, |r| r.iter().any(|m| matches!(m.payload().map(|p| Codec::get().decode(p)), Some(Ok(Event::FormReady(f))) if f.form_id == form))).await);
-    let ready = agent_events.events().into_iter().find_map(|ev| if let Event::FormReady(f) = ev { (f.form_id == form).then_some(f) } else { None }).unwrap();
+    let ready = agent_events
+        .events()
+        .into_iter()
+        .find_map(|ev| if let Event::FormReady(f) = ev { (f.form_id == form).then_some(f) } else { None })
+        .unwrap();
     // Wait until both projections know the submission.
     let id = uuid::Uuid::parse_str(&ready.submission_id).unwrap();
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        let vis = e.service.visibility.tree(secureforms::handlers::visibility::trees::SUBMISSIONS).unwrap().contains_key(id.as_bytes()).unwrap();
+        let vis = e
+            .service
+            .visibility
+            .tree(secureforms::handlers::visibility::trees::SUBMISSIONS)
+            .unwrap()
+            .contains_key(id.as_bytes())
+            .unwrap();
         if vis && e.service.detokenizer.record(&id).unwrap().is_some() {
             break;
         }
@@ -147,7 +186,13 @@ async fn the_access_matrix_with_one_audit_event_per_attempt() {
     let (sub, key, submit_key) = submitted_form(&e, "acme", "conv-1", "form-1", "alice").await;
     let (beta_sub, beta_key, _) = submitted_form(&e, "beta", "conv-b", "form-b", "alice").await;
     let mut expected: Vec<(&str, &str)> = Vec::new();
-    fn check(expected: &mut Vec<(&'static str, &'static str)>, got: (u16, Value), status: u16, code: &'static str, outcome: &'static str) {
+    fn check(
+        expected: &mut Vec<(&'static str, &'static str)>,
+        got: (u16, Value),
+        status: u16,
+        code: &'static str,
+        outcome: &'static str,
+    ) {
         assert_eq!(got.0, status, "{code}: {}", got.1);
         if outcome == "denied" {
             assert_eq!(got.1["error"], code, "{}", got.1);
@@ -156,11 +201,37 @@ async fn the_access_matrix_with_one_audit_event_per_attempt() {
     }
 
     check(&mut expected, e.retrieve(&sub, Some(&agent("bob", "s-bob")), &key).await, 403, "not_sender", "denied");
-    check(&mut expected, e.retrieve(&sub, Some(&token("alice", "acme", &[], &["agent"], "s-a", 600, SECRET)), &key).await, 403, "permission_denied", "denied");
-    check(&mut expected, e.retrieve(&sub, Some(&token("alice", "acme", &["use_secure_form"], &["agent"], "s-a", 600, "forged")), &key).await, 401, "token_invalid", "denied");
-    check(&mut expected, e.retrieve(&sub, Some(&token("alice", "acme", &["use_secure_form"], &["agent"], "s-a", -10, SECRET)), &key).await, 401, "token_expired", "denied");
+    check(
+        &mut expected,
+        e.retrieve(&sub, Some(&token("alice", "acme", &[], &["agent"], "s-a", 600, SECRET)), &key).await,
+        403,
+        "permission_denied",
+        "denied",
+    );
+    check(
+        &mut expected,
+        e.retrieve(&sub, Some(&token("alice", "acme", &["use_secure_form"], &["agent"], "s-a", 600, "forged")), &key)
+            .await,
+        401,
+        "token_invalid",
+        "denied",
+    );
+    check(
+        &mut expected,
+        e.retrieve(&sub, Some(&token("alice", "acme", &["use_secure_form"], &["agent"], "s-a", -10, SECRET)), &key)
+            .await,
+        401,
+        "token_expired",
+        "denied",
+    );
     check(&mut expected, e.retrieve(&sub, None, &key).await, 401, "token_missing", "denied");
-    check(&mut expected, e.retrieve(&sub, Some(&agent("alice", "s-a")), &submit_key).await, 403, "wrong_purpose", "denied");
+    check(
+        &mut expected,
+        e.retrieve(&sub, Some(&agent("alice", "s-a")), &submit_key).await,
+        403,
+        "wrong_purpose",
+        "denied",
+    );
     check(&mut expected, e.retrieve(&sub, Some(&agent("alice", "s-a")), &beta_key).await, 403, "invalid_key", "denied");
     // A key and submission of another site, with an acme token.
     let (s, body) = e.retrieve(&beta_sub, Some(&agent("alice", "s-a")), &beta_key).await;
@@ -177,7 +248,8 @@ async fn the_access_matrix_with_one_audit_event_per_attempt() {
     check(&mut expected, e.retrieve(&sub, Some(&agent("alice", "s-a")), &key).await, 403, "key_spent", "denied");
 
     // A fresh key for the sender works once.
-    let (status, fresh) = e.post(&format!("/api/v1/submissions/{sub}/retrieve-key"), Some(&agent("alice", "s-a")), json!({})).await;
+    let (status, fresh) =
+        e.post(&format!("/api/v1/submissions/{sub}/retrieve-key"), Some(&agent("alice", "s-a")), json!({})).await;
     assert_eq!(status, 201, "{fresh}");
     let fresh_key = fresh["retrieve_key"].as_str().unwrap().to_string();
     let deadline = std::time::Instant::now() + WAIT;
@@ -192,24 +264,44 @@ async fn the_access_matrix_with_one_audit_event_per_attempt() {
         assert!(std::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (status, _) = e.post(&format!("/api/v1/submissions/{sub}/retrieve-key"), Some(&agent("bob", "s-bob")), json!({})).await;
+    let (status, _) =
+        e.post(&format!("/api/v1/submissions/{sub}/retrieve-key"), Some(&agent("bob", "s-bob")), json!({})).await;
     assert_eq!(status, 403, "only the sender gets fresh keys");
 
     // Transfer and reassignment: the new holders are denied.
-    e.chat(Event::ConversationTransferred(ConversationTransferred { header: header(EventKind::ConversationTransferred, "acme", "conv-1"), from_agent_id: "alice".into(), to_agent_id: "carol".into(), kind: "transfer".into() })).await;
+    e.chat(Event::ConversationTransferred(ConversationTransferred {
+        header: header(EventKind::ConversationTransferred, "acme", "conv-1"),
+        from_agent_id: "alice".into(),
+        to_agent_id: "carol".into(),
+        kind: "transfer".into(),
+    }))
+    .await;
     e.until_conversation("acme", "conv-1", |c| c.current_agent.as_deref() == Some("carol")).await;
     check(&mut expected, e.retrieve(&sub, Some(&agent("carol", "s-carol")), &key).await, 403, "not_sender", "denied");
-    e.chat(Event::ConversationTransferred(ConversationTransferred { header: header(EventKind::ConversationTransferred, "acme", "conv-1"), from_agent_id: "carol".into(), to_agent_id: "dave".into(), kind: "reassign".into() })).await;
+    e.chat(Event::ConversationTransferred(ConversationTransferred {
+        header: header(EventKind::ConversationTransferred, "acme", "conv-1"),
+        from_agent_id: "carol".into(),
+        to_agent_id: "dave".into(),
+        kind: "reassign".into(),
+    }))
+    .await;
     e.until_conversation("acme", "conv-1", |c| c.current_agent.as_deref() == Some("dave")).await;
     check(&mut expected, e.retrieve(&sub, Some(&agent("dave", "s-dave")), &key).await, 403, "not_sender", "denied");
 
     // Manager history: responses only with the permission, never off-the-record ones.
-    let (status, h) = e.get("/api/v1/conversations/conv-1/history", &token("meg", "acme", &[], &["agent_manager"], "s-m", 600, SECRET)).await;
+    let (status, h) = e
+        .get("/api/v1/conversations/conv-1/history", &token("meg", "acme", &[], &["agent_manager"], "s-m", 600, SECRET))
+        .await;
     assert_eq!(status, 200, "{h}");
     assert_eq!(h["secure_forms"][0]["responses_visible"], false);
     assert!(h["secure_forms"][0]["answers"].is_null());
     assert_eq!(h["secure_forms"][0]["note"], "a secure form was submitted; responses are hidden");
-    let (status, h) = e.get("/api/v1/conversations/conv-1/history", &token("meg", "acme", &["view_secure_form_responses_in_history"], &["agent_manager"], "s-m", 600, SECRET)).await;
+    let (status, h) = e
+        .get(
+            "/api/v1/conversations/conv-1/history",
+            &token("meg", "acme", &["view_secure_form_responses_in_history"], &["agent_manager"], "s-m", 600, SECRET),
+        )
+        .await;
     assert_eq!(status, 200);
     assert_eq!(h["secure_forms"][0]["answers"]["pan"], "4111111111111111");
     assert!(h["secure_forms"][0]["answers"].get("cvv").is_none(), "off the record never in history");
@@ -218,7 +310,13 @@ async fn the_access_matrix_with_one_audit_event_per_attempt() {
     assert_eq!(status, 403, "history is for managers");
 
     // An ended session revokes its tokens at once.
-    e.chat(Event::AgentSessionEnded(AgentSessionEnded { header: header(EventKind::AgentSessionEnded, "acme", "conv-1"), agent_id: "alice".into(), session_id: "s-a".into(), reason: "idle_logout".into() })).await;
+    e.chat(Event::AgentSessionEnded(AgentSessionEnded {
+        header: header(EventKind::AgentSessionEnded, "acme", "conv-1"),
+        agent_id: "alice".into(),
+        session_id: "s-a".into(),
+        reason: "idle_logout".into(),
+    }))
+    .await;
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         let (status, body) = e.retrieve(&sub, Some(&agent("alice", "s-a")), &key).await;
@@ -233,15 +331,31 @@ async fn the_access_matrix_with_one_audit_event_per_attempt() {
     }
 
     // The sender after close.
-    e.chat(Event::ConversationClosed(ConversationClosed { header: header(EventKind::ConversationClosed, "acme", "conv-1"), closed_by: "agent".into(), reason: "resolved".into() })).await;
+    e.chat(Event::ConversationClosed(ConversationClosed {
+        header: header(EventKind::ConversationClosed, "acme", "conv-1"),
+        closed_by: "agent".into(),
+        reason: "resolved".into(),
+    }))
+    .await;
     e.until_conversation("acme", "conv-1", |c| !c.live).await;
-    check(&mut expected, e.retrieve(&sub, Some(&agent("alice", "s-a2")), &key).await, 403, "conversation_closed", "denied");
+    check(
+        &mut expected,
+        e.retrieve(&sub, Some(&agent("alice", "s-a2")), &key).await,
+        403,
+        "conversation_closed",
+        "denied",
+    );
 
     // Exactly one audit event per attempt, in order, none carrying answers.
     let mut audit = TopicReader::new(&e.prefix, Topic::AgentEvents).await;
     let n = expected.len();
     let of_sub = |rs: &[rdkafka::message::OwnedMessage]| -> Vec<secureforms::events::FormRetrieved> {
-        rs.iter().filter_map(|m| match Codec::get().decode(m.payload()?) { Ok(Event::FormRetrieved(r)) if r.submission_id == sub => Some(r), _ => None }).collect()
+        rs.iter()
+            .filter_map(|m| match Codec::get().decode(m.payload()?) {
+                Ok(Event::FormRetrieved(r)) if r.submission_id == sub => Some(r),
+                _ => None,
+            })
+            .collect()
     };
     assert!(audit.read_until(WAIT, |rs| of_sub(rs).len() >= n).await, "{n} audit events");
     let got: Vec<(String, String)> = of_sub(&audit.records).into_iter().map(|r| (r.outcome, r.reason)).collect();

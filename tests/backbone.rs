@@ -16,7 +16,9 @@ use secureforms::topics::Topic;
 const WAIT: Duration = Duration::from_secs(60);
 
 /// Starts the service in-process; the returned sender stops it.
-fn start_service(settings: secureforms::config::Settings) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+fn start_service(
+    settings: secureforms::config::Settings,
+) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let handle = tokio::spawn(async move {
         secureforms::service::serve(settings, system_clock(), async {
@@ -48,7 +50,11 @@ async fn form_sent_becomes_form_issued_or_form_rejected_with_a_reason() {
         produce_when_ready(&producer, &ev).await;
     }
     let mut reader = TopicReader::new(&prefix, Topic::FormLinks).await;
-    assert!(reader.read_until(WAIT, |r| r.len() >= cases.len()).await, "all outcomes arrive; got {}", reader.records.len());
+    assert!(
+        reader.read_until(WAIT, |r| r.len() >= cases.len()).await,
+        "all outcomes arrive; got {}",
+        reader.records.len()
+    );
     let outcomes = by_correlation(&reader.events());
     for (form, _, _, _, expected) in &cases {
         let evs = &outcomes[*form];
@@ -188,7 +194,9 @@ async fn a_consumer_killed_mid_stream_loses_nothing_and_applies_nothing_twice() 
     let mut child = spawn();
     let producer = producer(&prefix).await;
     const N: usize = 300;
-    let forms: Vec<Event> = (0..N).map(|i| form_sent("acme", &format!("conv-{}", i % 17), &format!("f-{i}"), "agent-1", "agent", "card-payment")).collect();
+    let forms: Vec<Event> = (0..N)
+        .map(|i| form_sent("acme", &format!("conv-{}", i % 17), &format!("f-{i}"), "agent-1", "agent", "card-payment"))
+        .collect();
     produce_when_ready(&producer, &forms[0]).await;
     let sends = forms[1..].iter().map(|e| producer.send(e));
     for r in futures::future::join_all(sends).await {
@@ -205,7 +213,11 @@ async fn a_consumer_killed_mid_stream_loses_nothing_and_applies_nothing_twice() 
     let mut child = spawn();
     let complete = links
         .read_until(WAIT, |r| {
-            let distinct: BTreeSet<_> = r.iter().filter_map(|m| Codec::get().decode(m.payload()?).ok()).map(|e| e.header().correlation_id.clone()).collect();
+            let distinct: BTreeSet<_> = r
+                .iter()
+                .filter_map(|m| Codec::get().decode(m.payload()?).ok())
+                .map(|e| e.header().correlation_id.clone())
+                .collect();
             distinct.len() >= N
         })
         .await;
@@ -213,7 +225,10 @@ async fn a_consumer_killed_mid_stream_loses_nothing_and_applies_nothing_twice() 
     child.wait().unwrap();
     if !complete {
         let log = std::fs::read_to_string(dir.path().join("serve-1.log")).unwrap_or_default();
-        panic!("every form answered after the restart (had {at_kill} at the kill, {} now); restarted service log:\n{log}", links.records.len());
+        panic!(
+            "every form answered after the restart (had {at_kill} at the kill, {} now); restarted service log:\n{log}",
+            links.records.len()
+        );
     }
 
     let mut payloads: BTreeMap<String, BTreeSet<Vec<u8>>> = BTreeMap::new();
@@ -247,7 +262,10 @@ async fn topics_apply_creates_what_is_missing_is_idempotent_and_reports_drift() 
     assert_eq!(created, Topic::ALL.len() - 1);
     let second = secureforms::service::apply_topics(&k, 1).await.unwrap();
     assert_eq!(second.iter().filter(|a| matches!(a, TopicAction::Create { .. })).count(), 0, "idempotent");
-    let drift: Vec<_> = second.iter().filter_map(|a| if let TopicAction::Drift { name, differences } = a { Some((name, differences)) } else { None }).collect();
+    let drift: Vec<_> = second
+        .iter()
+        .filter_map(|a| if let TopicAction::Drift { name, differences } = a { Some((name, differences)) } else { None })
+        .collect();
     assert_eq!(drift.len(), 1, "{second:?}");
     assert!(drift[0].1.iter().any(|d| d.contains("partitions: declared 6, broker has 2")), "{drift:?}");
     let up_to_date = second.iter().filter(|a| matches!(a, TopicAction::UpToDate { .. })).count();

@@ -29,7 +29,13 @@ async fn the_visitor_page_passes_axe_keyboard_phone_and_no_script_checks_in_chro
     let base = format!("http://{}", service.http_addr.unwrap());
 
     let producer = producer(&prefix).await;
-    let forms = [("b-0", "card-payment"), ("b-1", "identity"), ("b-2", "card-payment"), ("b-3", "card-payment"), ("b-4", "card-payment")];
+    let forms = [
+        ("b-0", "card-payment"),
+        ("b-1", "identity"),
+        ("b-2", "card-payment"),
+        ("b-3", "card-payment"),
+        ("b-4", "card-payment"),
+    ];
     for (form, template) in forms {
         producer.send(&form_sent("acme", &format!("conv-{form}"), form, "agent-1", "agent", template)).await.unwrap();
     }
@@ -38,7 +44,13 @@ async fn the_visitor_page_passes_axe_keyboard_phone_and_no_script_checks_in_chro
     let by_form: std::collections::BTreeMap<String, String> = links
         .events()
         .into_iter()
-        .filter_map(|e| if let Event::FormIssued(i) = e { Some((i.form_id, i.link.trim_start_matches("http://127.0.0.1:8080").to_string())) } else { None })
+        .filter_map(|e| {
+            if let Event::FormIssued(i) = e {
+                Some((i.form_id, i.link.trim_start_matches("http://127.0.0.1:8080").to_string()))
+            } else {
+                None
+            }
+        })
         .collect();
     let ordered: Vec<&String> = forms.iter().map(|(f, _)| &by_form[*f]).collect();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -68,7 +80,13 @@ async fn the_visitor_page_passes_axe_keyboard_phone_and_no_script_checks_in_chro
     println!("{report}");
     service.stop().await;
     assert!(out.status.success(), "browser tests failed:\n{report}");
-    for shot in ["form-desktop.png", "form-errors-desktop.png", "thank-you-desktop.png", "form-phone.png", "form-errors-phone.png"] {
+    for shot in [
+        "form-desktop.png",
+        "form-errors-desktop.png",
+        "thank-you-desktop.png",
+        "form-phone.png",
+        "form-errors-phone.png",
+    ] {
         assert!(root.join("test-artifacts").join(shot).exists(), "{shot} taken");
     }
 }

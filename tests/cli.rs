@@ -60,8 +60,19 @@ fn schemas_lists_every_event_with_its_fingerprint() {
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
     let names: Vec<_> = rows.iter().map(|r| r["name"].as_str().unwrap().to_string()).collect();
     for required in [
-        "FormSent", "FormIssued", "FormRejected", "FormOpened", "FormSubmitted", "FormReady", "FormRetrieved",
-        "ConversationTransferred", "ConversationClosed", "AgentSessionEnded", "FormTemplateDefined", "SubmissionPurged", "DeadLetter",
+        "FormSent",
+        "FormIssued",
+        "FormRejected",
+        "FormOpened",
+        "FormSubmitted",
+        "FormReady",
+        "FormRetrieved",
+        "ConversationTransferred",
+        "ConversationClosed",
+        "AgentSessionEnded",
+        "FormTemplateDefined",
+        "SubmissionPurged",
+        "DeadLetter",
     ] {
         assert!(names.iter().any(|n| n == required), "{required} missing from {names:?}");
     }
@@ -186,7 +197,8 @@ fn stop(mut s: Serve) {
 }
 
 fn tail_lines(data_dir: &Path, topic: &str, n: usize) -> Vec<serde_json::Value> {
-    let o = run(&["tail", topic, "--max", &n.to_string(), "--idle-exit", "60", "--data-dir", data_dir.to_str().unwrap()]);
+    let o =
+        run(&["tail", topic, "--max", &n.to_string(), "--idle-exit", "60", "--data-dir", data_dir.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
     String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
@@ -196,7 +208,22 @@ fn the_embedded_default_runs_the_flow_and_keeps_its_data_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap();
     let serve = serve_embedded(dir.path());
-    let o = run(&["chatbus", "send-form", "--data-dir", d, "--site", "acme", "--conversation", "c-1", "--agent", "a-7", "--template", "card-payment", "--form-id", "f-1"]);
+    let o = run(&[
+        "chatbus",
+        "send-form",
+        "--data-dir",
+        d,
+        "--site",
+        "acme",
+        "--conversation",
+        "c-1",
+        "--agent",
+        "a-7",
+        "--template",
+        "card-payment",
+        "--form-id",
+        "f-1",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     let first = tail_lines(dir.path(), "form-links", 1);
     assert_eq!(first[0]["type"], "FormIssued");
@@ -205,7 +232,22 @@ fn the_embedded_default_runs_the_flow_and_keeps_its_data_across_a_restart() {
     stop(serve);
 
     let serve = serve_embedded(dir.path());
-    let o = run(&["chatbus", "send-form", "--data-dir", d, "--site", "weakco", "--conversation", "c-2", "--agent", "a-7", "--template", "card-payment", "--form-id", "f-2"]);
+    let o = run(&[
+        "chatbus",
+        "send-form",
+        "--data-dir",
+        d,
+        "--site",
+        "weakco",
+        "--conversation",
+        "c-2",
+        "--agent",
+        "a-7",
+        "--template",
+        "card-payment",
+        "--form-id",
+        "f-2",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     let both = tail_lines(dir.path(), "form-links", 2);
     let forms: Vec<_> = both.iter().map(|l| l["event"]["form_id"].as_str().unwrap().to_string()).collect();
@@ -245,15 +287,32 @@ fn operations_commands_run_beside_a_live_node_and_replay_after_it_stops() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap();
     let serve = serve_embedded(dir.path());
-    let o = run(&["chatbus", "send-form", "--data-dir", d, "--site", "acme", "--conversation", "c-9", "--agent", "a-7", "--template", "card-payment", "--form-id", "f-9"]);
+    let o = run(&[
+        "chatbus",
+        "send-form",
+        "--data-dir",
+        d,
+        "--site",
+        "acme",
+        "--conversation",
+        "c-9",
+        "--agent",
+        "a-7",
+        "--template",
+        "card-payment",
+        "--form-id",
+        "f-9",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(tail_lines(dir.path(), "form-links", 1)[0]["type"], "FormIssued");
 
     // Beside the live node: an operations replica under <data_dir>/ops.
     let o = ops(dir.path(), &["compliance", "--json"]);
     let report = json_of(&o);
-    let acme = report["sites"].as_array().unwrap().iter().find(|s| s["site_id"] == "acme").expect("acme reported").clone();
-    let controls: Vec<&str> = acme["controls"].as_array().unwrap().iter().map(|c| c["control"].as_str().unwrap()).collect();
+    let acme =
+        report["sites"].as_array().unwrap().iter().find(|s| s["site_id"] == "acme").expect("acme reported").clone();
+    let controls: Vec<&str> =
+        acme["controls"].as_array().unwrap().iter().map(|c| c["control"].as_str().unwrap()).collect();
     for c in ["policy_gate", "permissions", "retention", "purge_worker", "key_ages"] {
         assert!(controls.contains(&c), "{c} missing: {controls:?}");
     }

@@ -70,9 +70,12 @@ async fn a_dead_letter_re_driven_after_a_config_fix_is_applied_exactly_once() {
     }
     let out = redrive(&prefix, &[]);
     assert!(out.contains("re-drove 0 dead letter"), "each letter is re-driven once: {out}");
-    let keys = tokio::task::block_in_place(|| secureforms::kafka::reader::read_to_end(&kafka(&prefix), Topic::Keys)).unwrap();
+    let keys =
+        tokio::task::block_in_place(|| secureforms::kafka::reader::read_to_end(&kafka(&prefix), Topic::Keys)).unwrap();
     assert_eq!(keys.len(), 2, "the original and its one re-drive");
-    let letters = tokio::task::block_in_place(|| secureforms::kafka::reader::read_to_end(&kafka(&prefix), Topic::DeadLetters)).unwrap();
+    let letters =
+        tokio::task::block_in_place(|| secureforms::kafka::reader::read_to_end(&kafka(&prefix), Topic::DeadLetters))
+            .unwrap();
     assert_eq!(letters.len(), 1, "applied without a new failure");
     assert_eq!(service.ring.list().iter().filter(|k| k.id == id).count(), 1);
     service.stop().await;

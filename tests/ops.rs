@@ -75,7 +75,12 @@ fn dump_all(settings: &Settings) -> Dump {
         .iter()
         .map(|h| {
             let store = Store::open(&store_dir(settings, h)).unwrap();
-            let trees = store.dump().unwrap().into_iter().filter(|(name, _)| name != "sys.templates_published" && name != "sys.outbox").collect();
+            let trees = store
+                .dump()
+                .unwrap()
+                .into_iter()
+                .filter(|(name, _)| name != "sys.templates_published" && name != "sys.outbox")
+                .collect();
             (h.to_string(), trees)
         })
         .collect()
@@ -92,8 +97,18 @@ fn differences(before: &Dump, after: &Dump) -> Vec<String> {
             let (rb, ra) = (b.and_then(|t| t.get(name)), a.and_then(|t| t.get(name)));
             if rb != ra {
                 let rows = |r: Option<&Vec<(Vec<u8>, Vec<u8>)>>| r.map(|r| r.len()).unwrap_or(0);
-                let first = rb.zip(ra).and_then(|(x, y)| x.iter().zip(y.iter()).find(|(p, q)| p != q).map(|(p, q)| (String::from_utf8_lossy(&p.0).to_string(), String::from_utf8_lossy(&q.0).to_string(), String::from_utf8_lossy(&p.1).to_string(), String::from_utf8_lossy(&q.1).to_string())));
-                let line = format!("{h}/{name}: {} rows before, {} after; first difference {first:?}", rows(rb), rows(ra));
+                let first = rb.zip(ra).and_then(|(x, y)| {
+                    x.iter().zip(y.iter()).find(|(p, q)| p != q).map(|(p, q)| {
+                        (
+                            String::from_utf8_lossy(&p.0).to_string(),
+                            String::from_utf8_lossy(&q.0).to_string(),
+                            String::from_utf8_lossy(&p.1).to_string(),
+                            String::from_utf8_lossy(&q.1).to_string(),
+                        )
+                    })
+                });
+                let line =
+                    format!("{h}/{name}: {} rows before, {} after; first difference {first:?}", rows(rb), rows(ra));
                 if !out.contains(&line) {
                     out.push(line);
                 }
@@ -143,7 +158,8 @@ async fn purge_across_fourteen_months_removes_only_the_expired_destroys_their_ke
     assert_eq!(report.sites.len(), 1, "{report:?}");
     assert_eq!(report.sites[0].submissions_purged, 4);
     assert_eq!(report.sites[0].keys_destroyed, vec!["acme.2025-01.g1".to_string()]);
-    let expired: Vec<&(i64, uuid::Uuid, String, String)> = made.iter().filter(|(at, ..)| add_months(*at, 13) <= as_of).collect();
+    let expired: Vec<&(i64, uuid::Uuid, String, String)> =
+        made.iter().filter(|(at, ..)| add_months(*at, 13) <= as_of).collect();
     assert_eq!(expired.len(), 4);
     for (_, id, ..) in &expired {
         assert!(!in_vault(&service, id), "expired {id} still in the vault");
@@ -156,13 +172,25 @@ async fn purge_across_fourteen_months_removes_only_the_expired_destroys_their_ke
     assert_eq!(opened["pan"].expose(), survivor.3);
     let listed = service.ring.list();
     assert!(listed.iter().any(|k| k.id == "acme.2025-01.g1" && k.state == "destroyed"));
-    assert!(listed.iter().any(|k| k.id == "acme.2025-02.g1" && k.state == "active"), "February's key lives until its period expires");
+    assert!(
+        listed.iter().any(|k| k.id == "acme.2025-02.g1" && k.state == "active"),
+        "February's key lives until its period expires"
+    );
     assert_eq!(service.metrics.total("secureforms_submissions_purged_total", &[("reason", "retention")]), 4.0);
 
     // The receipt and the destruction are events.
     let mut r = TopicReader::new(&prefix, Topic::Submissions).await;
-    assert!(r.read_until(WAIT, |rs| rs.iter().any(|m| matches!(Codec::get().decode(m.payload().unwrap()), Ok(Event::SubmissionPurged(_))))).await);
-    let receipts: Vec<_> = r.events().into_iter().filter_map(|e| if let Event::SubmissionPurged(p) = e { Some(p) } else { None }).collect();
+    assert!(
+        r.read_until(WAIT, |rs| rs
+            .iter()
+            .any(|m| matches!(Codec::get().decode(m.payload().unwrap()), Ok(Event::SubmissionPurged(_)))))
+            .await
+    );
+    let receipts: Vec<_> = r
+        .events()
+        .into_iter()
+        .filter_map(|e| if let Event::SubmissionPurged(p) = e { Some(p) } else { None })
+        .collect();
     assert_eq!(receipts.len(), 1);
     assert_eq!((receipts[0].count, receipts[0].reason.as_str(), receipts[0].as_of), (4, "retention", as_of));
     assert_eq!(receipts[0].destroyed_key_ids, vec!["acme.2025-01.g1".to_string()]);
@@ -185,7 +213,9 @@ async fn purge_across_fourteen_months_removes_only_the_expired_destroys_their_ke
     let before = dump_all(&settings);
 
     // Replay every topic from the beginning into wiped stores.
-    let summary = secureforms::ops::replay::replay(&settings, &brokers(), clock.clone(), ALL_HANDLERS.to_vec(), false).await.expect("replay");
+    let summary = secureforms::ops::replay::replay(&settings, &brokers(), clock.clone(), ALL_HANDLERS.to_vec(), false)
+        .await
+        .expect("replay");
     assert!(summary.skipped_as_purged >= 4, "{summary:?}");
     assert_eq!(summary.dead_lettered, 0);
     assert!(summary.read > 28 && summary.applied > 0, "{summary:?}");
@@ -200,7 +230,10 @@ async fn purge_across_fourteen_months_removes_only_the_expired_destroys_their_ke
     }
     for ct in &ciphertexts {
         let json_list = ct[..16].iter().map(|b| b.to_string()).collect::<Vec<_>>().join(",");
-        assert!(!contains(&vault_bytes, &ct[..16]) && !contains(&vault_bytes, json_list.as_bytes()), "purged ciphertext is back in the vault files");
+        assert!(
+            !contains(&vault_bytes, &ct[..16]) && !contains(&vault_bytes, json_list.as_bytes()),
+            "purged ciphertext is back in the vault files"
+        );
     }
 
     // Retrieving: still purged after the rebuild.
@@ -232,7 +265,9 @@ async fn an_interrupted_replay_resumes_instead_of_starting_over_and_a_running_no
     }
     wait_vault_len(&service, 6).await;
     // The node holds its stores: replay says to stop it.
-    let err = secureforms::ops::replay::replay(&settings, &brokers(), system_clock(), vec!["visibility"], false).await.unwrap_err();
+    let err = secureforms::ops::replay::replay(&settings, &brokers(), system_clock(), vec!["visibility"], false)
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("Stop it first"), "{err}");
     service.stop().await;
     drop(service);
@@ -241,11 +276,15 @@ async fn an_interrupted_replay_resumes_instead_of_starting_over_and_a_running_no
     // A replay left a marker and got half way: running it again continues (no wipe) and finishes.
     let marker = dir.path().join("state").join("replay-in-progress.json");
     std::fs::write(&marker, r#"{"handlers":["tokenizer"]}"#).unwrap();
-    let resumed = secureforms::ops::replay::replay(&settings, &brokers(), system_clock(), vec!["tokenizer"], false).await.unwrap();
+    let resumed = secureforms::ops::replay::replay(&settings, &brokers(), system_clock(), vec!["tokenizer"], false)
+        .await
+        .unwrap();
     assert!(resumed.resumed);
     assert_eq!(resumed.read, 0, "the store was complete: nothing to re-read");
     assert!(!marker.exists());
-    let fresh = secureforms::ops::replay::replay(&settings, &brokers(), system_clock(), vec!["tokenizer"], false).await.unwrap();
+    let fresh = secureforms::ops::replay::replay(&settings, &brokers(), system_clock(), vec!["tokenizer"], false)
+        .await
+        .unwrap();
     assert!(!fresh.resumed);
     assert!(fresh.read >= 6, "{fresh:?}");
     assert_eq!(differences(&before, &dump_all(&settings)), Vec::<String>::new());
@@ -259,7 +298,11 @@ async fn erasure_by_conversation_and_by_visitor_reference_is_immediate_and_survi
     let mut service = start(&settings, system_clock()).await;
     let producer = producer(&prefix).await;
     for (conv, visitor) in [("conv-a", "crm-1"), ("conv-b", "crm-1"), ("conv-c", "crm-2")] {
-        let Event::FormSent(mut sent) = form_sent("acme", conv, &format!("f-{conv}"), "agent-1", "agent", "card-payment") else { unreachable!() };
+        let Event::FormSent(mut sent) =
+            form_sent("acme", conv, &format!("f-{conv}"), "agent-1", "agent", "card-payment")
+        else {
+            unreachable!()
+        };
         sent.visitor_ref = Some(visitor.into());
         producer.send(&Event::FormSent(FormSent { ..sent })).await.unwrap();
     }
@@ -269,7 +312,12 @@ async fn erasure_by_conversation_and_by_visitor_reference_is_immediate_and_survi
     let c = submit(&service, &settings, "conv-c", "f-c", &luhn_pan(4)).await;
     wait_vault_len(&service, 4).await;
 
-    let report = secureforms::ops::erase::erase(&service, &EraseTarget::Conversation { site: None, conversation: "conv-a".into() }).await.unwrap();
+    let report = secureforms::ops::erase::erase(
+        &service,
+        &EraseTarget::Conversation { site: None, conversation: "conv-a".into() },
+    )
+    .await
+    .unwrap();
     assert_eq!(report.conversations.len(), 1);
     assert_eq!(report.conversations[0].submissions_erased, 2);
     assert!(!in_vault(&service, &a1) && !in_vault(&service, &a2), "erased at once");
@@ -281,19 +329,39 @@ async fn erasure_by_conversation_and_by_visitor_reference_is_immediate_and_survi
         assert!(Instant::now() < deadline, "visitor refs not projected");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let report = secureforms::ops::erase::erase(&service, &EraseTarget::Visitor { site: "acme".into(), visitor_ref: "crm-1".into() }).await.unwrap();
+    let report = secureforms::ops::erase::erase(
+        &service,
+        &EraseTarget::Visitor { site: "acme".into(), visitor_ref: "crm-1".into() },
+    )
+    .await
+    .unwrap();
     let convs: BTreeSet<&str> = report.conversations.iter().map(|c| c.conversation_id.as_str()).collect();
     assert_eq!(convs, ["conv-a", "conv-b"].into());
     assert!(!in_vault(&service, &b) && in_vault(&service, &c));
     for id in [a1, a2, b] {
-        assert!(matches!(service.detokenizer.open_for_history("acme", id), Err(DetokenizeError::Refused(Refusal::Purged))));
+        assert!(matches!(
+            service.detokenizer.open_for_history("acme", id),
+            Err(DetokenizeError::Refused(Refusal::Purged))
+        ));
     }
-    let unknown = secureforms::ops::erase::erase(&service, &EraseTarget::Visitor { site: "acme".into(), visitor_ref: "nobody".into() }).await.unwrap_err();
+    let unknown = secureforms::ops::erase::erase(
+        &service,
+        &EraseTarget::Visitor { site: "acme".into(), visitor_ref: "nobody".into() },
+    )
+    .await
+    .unwrap_err();
     assert!(unknown.to_string().contains("erase by --conversation"), "{unknown}");
 
     // Receipts are keyed by conversation, after its submissions.
     let mut r = TopicReader::new(&prefix, Topic::Submissions).await;
-    assert!(r.read_until(WAIT, |rs| rs.iter().filter(|m| matches!(Codec::get().decode(m.payload().unwrap()), Ok(Event::SubmissionPurged(_)))).count() >= 3).await);
+    assert!(
+        r.read_until(WAIT, |rs| rs
+            .iter()
+            .filter(|m| matches!(Codec::get().decode(m.payload().unwrap()), Ok(Event::SubmissionPurged(_))))
+            .count()
+            >= 3)
+            .await
+    );
     for m in &r.records {
         if let Ok(Event::SubmissionPurged(p)) = Codec::get().decode(m.payload().unwrap()) {
             assert_eq!(p.reason, "erasure");
@@ -333,7 +401,11 @@ async fn metrics_counters_move_during_a_run_and_readyz_says_ready() {
         let r = client.get(format!("http://{addr}/readyz")).send().await.unwrap();
         assert_eq!((r.status().as_u16(), r.text().await.unwrap()), (200, "ready".to_string()));
     }
-    assert_eq!(client.get(format!("http://{web}/metrics")).send().await.unwrap().status(), 404, "metrics stay off the public gateway");
+    assert_eq!(
+        client.get(format!("http://{web}/metrics")).send().await.unwrap().status(),
+        404,
+        "metrics stay off the public gateway"
+    );
     let before = scrape(&client, ops).await;
 
     let producer = producer(&prefix).await;
@@ -341,7 +413,12 @@ async fn metrics_counters_move_during_a_run_and_readyz_says_ready() {
     producer.send_raw(Topic::ChatEvents, b"conv-bad", b"not avro").await.unwrap();
     let id = submit(&service, &settings, "conv-m", "f-m", &luhn_pan(9)).await;
     wait_vault_len(&service, 1).await;
-    let denied = client.post(format!("http://{web}/api/v1/submissions/{id}/retrieve")).json(&serde_json::json!({"key": "x"})).send().await.unwrap();
+    let denied = client
+        .post(format!("http://{web}/api/v1/submissions/{id}/retrieve"))
+        .json(&serde_json::json!({"key": "x"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(denied.status(), 401);
 
     let total = |text: &str, family: &str, filter: &[(&str, &str)]| parse_total(text, family, filter);
@@ -358,18 +435,31 @@ async fn metrics_counters_move_during_a_run_and_readyz_says_ready() {
     };
     let chat = format!("{prefix}chat-events");
     assert!(total(&after, "secureforms_events_consumed_total", &[("handler", "issuer"), ("topic", &chat)]) >= 2.0);
-    assert!(total(&after, "secureforms_events_consumed_total", &[]) > total(&before, "secureforms_events_consumed_total", &[]));
+    assert!(
+        total(&after, "secureforms_events_consumed_total", &[])
+            > total(&before, "secureforms_events_consumed_total", &[])
+    );
     assert!(total(&after, "secureforms_events_produced_total", &[("topic", &format!("{prefix}submissions"))]) >= 1.0);
     assert!(total(&after, "secureforms_events_produced_total", &[("topic", &format!("{prefix}keys"))]) >= 1.0);
     assert!(total(&after, "secureforms_retrievals_total", &[("outcome", "denied")]) >= 1.0);
-    assert!(total(&after, "secureforms_http_request_duration_seconds_count", &[("route", "/api/v1/submissions/{id}/retrieve"), ("status", "401")]) >= 1.0);
+    assert!(
+        total(
+            &after,
+            "secureforms_http_request_duration_seconds_count",
+            &[("route", "/api/v1/submissions/{id}/retrieve"), ("status", "401")]
+        ) >= 1.0
+    );
     assert!(total(&after, "secureforms_http_request_duration_seconds_count", &[("route", "/readyz")]) >= 1.0);
     assert_eq!(total(&after, "secureforms_ready", &[]), 1.0);
     // Lag is reported per handler, topic and partition once the node is ready (every 5 s).
     let deadline = Instant::now() + WAIT;
     loop {
         let text = scrape(&client, ops).await;
-        if text.lines().any(|l| l.starts_with("secureforms_consumer_lag{") && l.contains("partition=\"5\"") && l.contains("handler=\"tokenizer\"")) {
+        if text.lines().any(|l| {
+            l.starts_with("secureforms_consumer_lag{")
+                && l.contains("partition=\"5\"")
+                && l.contains("handler=\"tokenizer\"")
+        }) {
             break;
         }
         assert!(Instant::now() < deadline, "no consumer_lag per partition:\n{text}");

@@ -107,7 +107,8 @@ async fn canaries_appear_nowhere_but_come_back_to_the_agent() {
     // The FormSubmitted on the topic holds neither off-the-record field, not even encrypted.
     let mut subs = TopicReader::new(&prefix, Topic::Submissions).await;
     assert!(subs.read_until(WAIT, |rs| count_of(rs, EventKind::FormSubmitted) >= 1).await);
-    let submitted = subs.events().into_iter().find_map(|e| if let Event::FormSubmitted(s) = e { Some(s) } else { None }).unwrap();
+    let submitted =
+        subs.events().into_iter().find_map(|e| if let Event::FormSubmitted(s) = e { Some(s) } else { None }).unwrap();
     let sealed_fields: BTreeSet<_> = submitted.answers.iter().map(|a| a.field_id.as_str()).collect();
     assert_eq!(sealed_fields, BTreeSet::from(["pan", "ssn"]));
 
@@ -116,7 +117,9 @@ async fn canaries_appear_nowhere_but_come_back_to_the_agent() {
     let got = loop {
         match service.detokenizer.detokenize("acme", id, &r.retrieve_key, now_ms()) {
             Ok(got) => break got,
-            Err(DetokenizeError::Refused(Refusal::InvalidKey)) if std::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(DetokenizeError::Refused(Refusal::InvalidKey)) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
             Err(e) => panic!("retrieve failed: {e}"),
         }
     };
@@ -153,7 +156,9 @@ async fn canaries_appear_nowhere_but_come_back_to_the_agent() {
     for (name, canary) in canaries.into_iter().chain([("cvv", cvv.as_str())]) {
         for form in forms_of(canary) {
             if let Some(at) = find(&log, &form) {
-                let context = String::from_utf8_lossy(&log[at.saturating_sub(120)..(at + form.len() + 40).min(log.len())]).to_string();
+                let context =
+                    String::from_utf8_lossy(&log[at.saturating_sub(120)..(at + form.len() + 40).min(log.len())])
+                        .to_string();
                 panic!("{name} found in the logs as {:?}: ...{context}...", String::from_utf8_lossy(&form));
             }
         }
@@ -222,8 +227,14 @@ async fn deleting_the_vault_and_replaying_rebuilds_it_byte_for_byte_without_new_
 
     // The rebuild emitted nothing the agent workspace had already seen.
     let k = kafka(&prefix);
-    let agent_events = tokio::task::block_in_place(|| secureforms::kafka::reader::read_to_end(&k, Topic::AgentEvents)).unwrap();
-    let ready_after = agent_events.iter().filter(|m| Codec::get().decode(m.payload().unwrap()).map(|e| e.kind() == EventKind::FormReady).unwrap_or(false)).count();
+    let agent_events =
+        tokio::task::block_in_place(|| secureforms::kafka::reader::read_to_end(&k, Topic::AgentEvents)).unwrap();
+    let ready_after = agent_events
+        .iter()
+        .filter(|m| {
+            Codec::get().decode(m.payload().unwrap()).map(|e| e.kind() == EventKind::FormReady).unwrap_or(false)
+        })
+        .count();
     assert_eq!(ready_after, ready_before.values().map(Vec::len).sum::<usize>());
 }
 
@@ -236,7 +247,14 @@ async fn produce_sealed(prefix: &str, settings: &Settings, dir: &Path, n: usize)
     let now = now_ms();
     let id = data_key_id("acme", &period_of(now), 1);
     let created = secureforms::events::DataKeyCreated {
-        header: secureforms::events::EventHeader::new(EventKind::DataKeyCreated, uuid::Uuid::new_v4(), now, "acme", "", &id),
+        header: secureforms::events::EventHeader::new(
+            EventKind::DataKeyCreated,
+            uuid::Uuid::new_v4(),
+            now,
+            "acme",
+            "",
+            &id,
+        ),
         wrapped_key: ring.master().wrap(&id, &KeyMaterial::random()).unwrap(),
         key_id: id.clone(),
         period: period_of(now),
@@ -264,7 +282,12 @@ async fn produce_sealed(prefix: &str, settings: &Settings, dir: &Path, n: usize)
             now_ms: now,
             node_id: "test",
         };
-        let sealed = secureforms::vault::seal::seal_submission(&key, &ctx, answers(&[("cardholder", "A Visitor"), ("pan", &luhn_pan(i as u64)), ("cvv", "123")])).unwrap();
+        let sealed = secureforms::vault::seal::seal_submission(
+            &key,
+            &ctx,
+            answers(&[("cardholder", "A Visitor"), ("pan", &luhn_pan(i as u64)), ("cvv", "123")]),
+        )
+        .unwrap();
         sends.push(Event::FormSubmitted(sealed.event));
         ids.push(sid);
     }
@@ -292,7 +315,7 @@ async fn a_tokenizer_killed_at_any_point_keeps_every_submission_once_with_one_fo
                 .arg("--master-key-file")
                 .arg(master_key_file(dir.path()))
                 .env("SECUREFORMS_GROUP_PREFIX", prefix.trim_end_matches('.'))
-            .env("SECUREFORMS_HTTP_LISTEN", "127.0.0.1:0")
+                .env("SECUREFORMS_HTTP_LISTEN", "127.0.0.1:0")
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null());
             if let Some(f) = failpoint {
@@ -348,7 +371,11 @@ async fn swapped_ciphertexts_do_not_open_and_retrieve_keys_refuse_every_misuse()
     // submission's PAN moved into it, under a new submission id.
     let mut subs = TopicReader::new(&prefix, Topic::Submissions).await;
     assert!(subs.read_until(WAIT, |rs| count_of(rs, EventKind::FormSubmitted) >= 2).await);
-    let originals: Vec<_> = subs.events().into_iter().filter_map(|e| if let Event::FormSubmitted(s) = e { Some(s) } else { None }).collect();
+    let originals: Vec<_> = subs
+        .events()
+        .into_iter()
+        .filter_map(|e| if let Event::FormSubmitted(s) = e { Some(s) } else { None })
+        .collect();
     let mut swapped = originals[0].clone();
     swapped.header.event_id = uuid::Uuid::new_v4().to_string();
     let (a, b) = (swapped.answers[0].ciphertext.clone(), swapped.answers[1].ciphertext.clone());
@@ -369,15 +396,29 @@ async fn swapped_ciphertexts_do_not_open_and_retrieve_keys_refuse_every_misuse()
         let Event::FormReady(r) = Codec::get().decode(&ready[id][0]).unwrap() else { unreachable!() };
         r.retrieve_key
     };
-    let retrieve = |site: &str, id: &str, key: &str| service.detokenizer.detokenize(site, uuid::Uuid::parse_str(id).unwrap(), key, now.load(std::sync::atomic::Ordering::SeqCst));
+    let retrieve = |site: &str, id: &str, key: &str| {
+        service.detokenizer.detokenize(
+            site,
+            uuid::Uuid::parse_str(id).unwrap(),
+            key,
+            now.load(std::sync::atomic::Ordering::SeqCst),
+        )
+    };
     let retrieve_when_projected = |site: &'static str, id: String, key: String| {
         let service = &service;
         let now = now.clone();
         async move {
             let deadline = std::time::Instant::now() + WAIT;
             loop {
-                match service.detokenizer.detokenize(site, uuid::Uuid::parse_str(&id).unwrap(), &key, now.load(std::sync::atomic::Ordering::SeqCst)) {
-                    Err(DetokenizeError::Refused(Refusal::InvalidKey)) if std::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+                match service.detokenizer.detokenize(
+                    site,
+                    uuid::Uuid::parse_str(&id).unwrap(),
+                    &key,
+                    now.load(std::sync::atomic::Ordering::SeqCst),
+                ) {
+                    Err(DetokenizeError::Refused(Refusal::InvalidKey)) if std::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(50)).await
+                    }
                     other => return other,
                 }
             }
@@ -385,22 +426,41 @@ async fn swapped_ciphertexts_do_not_open_and_retrieve_keys_refuse_every_misuse()
     };
     for tampered in [&swapped.submission_id, &moved.submission_id] {
         let r = retrieve_when_projected("acme", tampered.clone(), key_of(tampered)).await;
-        assert!(matches!(r, Err(DetokenizeError::Key(secureforms::crypto::KeyError::Open))), "tampered record must not open: {r:?}");
+        assert!(
+            matches!(r, Err(DetokenizeError::Key(secureforms::crypto::KeyError::Open))),
+            "tampered record must not open: {r:?}"
+        );
     }
 
     let first = ids[0].to_string();
     let key = key_of(&first);
     assert!(matches!(retrieve("other-site", &first, &key), Err(DetokenizeError::Refused(Refusal::WrongSite))));
-    assert!(matches!(retrieve("acme", &first, "AAAAAAAAAAAAAAAAAAAAAA"), Err(DetokenizeError::Refused(Refusal::InvalidKey))));
+    assert!(matches!(
+        retrieve("acme", &first, "AAAAAAAAAAAAAAAAAAAAAA"),
+        Err(DetokenizeError::Refused(Refusal::InvalidKey))
+    ));
     assert!(matches!(retrieve("acme", &first, "not-a-key"), Err(DetokenizeError::Refused(Refusal::InvalidKey))));
-    assert!(matches!(retrieve("acme", &uuid::Uuid::new_v4().to_string(), &key), Err(DetokenizeError::Refused(Refusal::UnknownSubmission))));
+    assert!(matches!(
+        retrieve("acme", &uuid::Uuid::new_v4().to_string(), &key),
+        Err(DetokenizeError::Refused(Refusal::UnknownSubmission))
+    ));
     let other_key = key_of(&ids[1].to_string());
-    assert!(matches!(retrieve("acme", &first, &other_key), Err(DetokenizeError::Refused(Refusal::InvalidKey))), "another submission's key");
+    assert!(
+        matches!(retrieve("acme", &first, &other_key), Err(DetokenizeError::Refused(Refusal::InvalidKey))),
+        "another submission's key"
+    );
 
     // A submit key for the same form (as the gateway would have issued) cannot retrieve.
     let submit_key = secureforms::domain::otk::OtkSecret::parse("SUBMITSUBMITSUBMITSUBM").unwrap();
     let opened = Event::FormOpened(secureforms::events::FormOpened {
-        header: secureforms::events::EventHeader::new(EventKind::FormOpened, uuid::Uuid::new_v4(), now_ms(), "acme", "conv-0", "form-0"),
+        header: secureforms::events::EventHeader::new(
+            EventKind::FormOpened,
+            uuid::Uuid::new_v4(),
+            now_ms(),
+            "acme",
+            "conv-0",
+            "form-0",
+        ),
         form_id: "form-0".into(),
         open_count: 1,
         submit_key_hash: submit_key.hash(secureforms::domain::otk::Purpose::Submit, "acme", "form-0"),
@@ -411,7 +471,9 @@ async fn swapped_ciphertexts_do_not_open_and_retrieve_keys_refuse_every_misuse()
     loop {
         match retrieve("acme", &first, submit_key.expose()) {
             Err(DetokenizeError::Refused(Refusal::WrongPurpose)) => break,
-            Err(DetokenizeError::Refused(Refusal::InvalidKey)) if std::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(DetokenizeError::Refused(Refusal::InvalidKey)) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
             other => panic!("a submit key must be refused as wrong_purpose: {other:?}"),
         }
     }
@@ -436,7 +498,8 @@ async fn rotation_moves_new_writes_to_a_new_key_and_old_data_stays_readable() {
     let mut service = start(settings.clone(), system_clock()).await;
     let before = submit_many(&service, &settings, 1).await;
     let k1 = service.detokenizer.record(&before[0]).unwrap();
-    let rotated = secureforms::handlers::keys::rotate(&service.ring, &service.producer, "acme", now_ms()).await.unwrap();
+    let rotated =
+        secureforms::handlers::keys::rotate(&service.ring, &service.producer, "acme", now_ms()).await.unwrap();
     assert_eq!(rotated.generation, 2);
     let after = submit_many(&service, &settings, 1).await;
     wait_for_vault(&service, 2).await;
@@ -450,7 +513,9 @@ async fn rotation_moves_new_writes_to_a_new_key_and_old_data_stays_readable() {
         let got = loop {
             match service.detokenizer.detokenize("acme", *id, &r.retrieve_key, now_ms()) {
                 Ok(g) => break g,
-                Err(DetokenizeError::Refused(Refusal::InvalidKey)) if std::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(DetokenizeError::Refused(Refusal::InvalidKey)) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
                 Err(e) => panic!("{e}"),
             }
         };
@@ -471,7 +536,11 @@ async fn a_duplicate_form_submitted_changes_nothing_and_emits_nothing() {
     // The same record again (a producer retry), then a marker submission behind it.
     let mut subs = TopicReader::new(&prefix, Topic::Submissions).await;
     assert!(subs.read_until(WAIT, |r| count_of(r, EventKind::FormSubmitted) >= 1).await);
-    let original = subs.records.iter().find(|m| matches!(Codec::get().decode(m.payload().unwrap()), Ok(Event::FormSubmitted(_)))).unwrap();
+    let original = subs
+        .records
+        .iter()
+        .find(|m| matches!(Codec::get().decode(m.payload().unwrap()), Ok(Event::FormSubmitted(_))))
+        .unwrap();
     let p = producer(&prefix).await;
     p.send_raw(Topic::Submissions, original.key().unwrap(), original.payload().unwrap()).await.unwrap();
     let marker = submit_many(&service, &settings, 1).await;
@@ -480,7 +549,9 @@ async fn a_duplicate_form_submitted_changes_nothing_and_emits_nothing() {
     assert!(ready.contains_key(&marker[0].to_string()));
     wait_for_vault(&service, 2).await;
     let after = vault_dump(&service.vault);
-    let only_original = |d: &BTreeMap<String, Vec<(Vec<u8>, Vec<u8>)>>| d["vault.submissions"].iter().filter(|(k, _)| k.as_slice() == ids[0].as_bytes()).cloned().collect::<Vec<_>>();
+    let only_original = |d: &BTreeMap<String, Vec<(Vec<u8>, Vec<u8>)>>| {
+        d["vault.submissions"].iter().filter(|(k, _)| k.as_slice() == ids[0].as_bytes()).cloned().collect::<Vec<_>>()
+    };
     assert_eq!(only_original(&before), only_original(&after), "the duplicate changed nothing");
     assert_eq!(after["vault.submissions"].len(), 2);
     service.stop().await;

@@ -62,7 +62,14 @@ impl Fixture {
         // The gateway projection must know the form before the visitor can open it.
         let key = secureforms::handlers::issuer::form_key("acme", form);
         let deadline = std::time::Instant::now() + WAIT;
-        while !self.service.gateway.tree(secureforms::handlers::gateway::FORMS_TREE).unwrap().contains_key(&key).unwrap() {
+        while !self
+            .service
+            .gateway
+            .tree(secureforms::handlers::gateway::FORMS_TREE)
+            .unwrap()
+            .contains_key(&key)
+            .unwrap()
+        {
             assert!(std::time::Instant::now() < deadline, "gateway projection has {form}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -75,7 +82,14 @@ impl Fixture {
     }
 
     async fn post(&self, path: &str, content_type: &str, body: impl Into<reqwest::Body>) -> (u16, String) {
-        let r = self.client.post(format!("{}{}", self.base, path)).header("content-type", content_type).body(body).send().await.unwrap();
+        let r = self
+            .client
+            .post(format!("{}{}", self.base, path))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
         (r.status().as_u16(), r.text().await.unwrap())
     }
 
@@ -128,10 +142,14 @@ async fn a_visitor_opens_fills_and_submits_and_only_ciphertext_reaches_the_topic
     for m in &subs.records {
         let raw = m.payload().unwrap();
         for needle in ["4111111111111111", "737", "Lovelace"] {
-            assert!(!raw.windows(needle.len()).any(|w| w == needle.as_bytes()), "{needle} in clear on the submissions topic");
+            assert!(
+                !raw.windows(needle.len()).any(|w| w == needle.as_bytes()),
+                "{needle} in clear on the submissions topic"
+            );
         }
     }
-    let submitted = subs.events().into_iter().find_map(|e| if let Event::FormSubmitted(s) = e { Some(s) } else { None }).unwrap();
+    let submitted =
+        subs.events().into_iter().find_map(|e| if let Event::FormSubmitted(s) = e { Some(s) } else { None }).unwrap();
     assert_eq!(submitted.off_record_field_ids, vec!["cvv"]);
     assert!(submitted.answers.iter().all(|a| a.field_id != "cvv"));
     f.service.stop().await;
@@ -146,7 +164,12 @@ async fn every_key_misuse_gets_a_clear_page_and_an_audit_event() {
     let mut expected_refusals = 0;
 
     // Forged, missing, malformed and cross-site keys.
-    for bad in [format!("{path}?k=AAAAAAAAAAAAAAAAAAAAAA"), path.clone(), format!("{path}?k=short"), format!("/f/other-site/form-2?k={open_key}")] {
+    for bad in [
+        format!("{path}?k=AAAAAAAAAAAAAAAAAAAAAA"),
+        path.clone(),
+        format!("{path}?k=short"),
+        format!("/f/other-site/form-2?k={open_key}"),
+    ] {
         let (status, _, page) = f.get(&bad).await;
         assert_eq!(status, 403, "{bad}");
         assert!(page.contains("This link cannot be used"));
@@ -217,14 +240,28 @@ async fn invalid_answers_re_render_with_a_summary_and_masked_values_are_not_echo
     let link = f.issue("form-4", "card-payment").await;
     let (_, _, page) = f.get(&link).await;
     let k = submit_key(&page);
-    let (status, page) = f.submit(&link, &[("k", &k), ("cardholder", "<script>alert(1)</script>"), ("pan", "4111 1111 1111 1112"), ("expiry", "01/20"), ("cvv", "99")]).await;
+    let (status, page) = f
+        .submit(
+            &link,
+            &[
+                ("k", &k),
+                ("cardholder", "<script>alert(1)</script>"),
+                ("pan", "4111 1111 1111 1112"),
+                ("expiry", "01/20"),
+                ("cvv", "99"),
+            ],
+        )
+        .await;
     assert_eq!(status, 422, "{page}");
     assert!(page.contains("There is a problem"));
     assert!(page.contains("href=\"#f-pan\""), "summary links to the field");
     assert!(page.contains("id=\"f-pan-error\""));
     assert!(page.contains("aria-invalid=\"true\""));
     assert!(page.contains("aria-describedby=\"f-pan-help f-pan-error\""));
-    assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt;") || page.contains("&#60;script&#62;"), "kept and escaped");
+    assert!(
+        page.contains("&lt;script&gt;alert(1)&lt;/script&gt;") || page.contains("&#60;script&#62;"),
+        "kept and escaped"
+    );
     assert!(!page.contains("<script>alert(1)"), "never markup");
     assert!(page.contains("value=\"4111 1111 1111 1112\""), "non-masked values are kept");
     assert!(!page.contains("value=\"99\""), "the CVV is never echoed");
@@ -247,7 +284,13 @@ async fn bad_input_gets_a_4xx_with_a_message_never_a_5xx_and_every_response_has_
         // body far larger than the socket buffers can still be mid-write then (broken pipe, client side).
         ("oversized", "application/x-www-form-urlencoded", vec![b'a'; 70 * 1024], 413, ""),
         ("unknown field", "application/x-www-form-urlencoded", format!("k={k}&admin=1").into_bytes(), 400, "admin"),
-        ("malformed encoding", "application/x-www-form-urlencoded", format!("k={k}&pan=%FF%FE").into_bytes(), 400, "encoded"),
+        (
+            "malformed encoding",
+            "application/x-www-form-urlencoded",
+            format!("k={k}&pan=%FF%FE").into_bytes(),
+            400,
+            "encoded",
+        ),
     ];
     for (what, ct, body, want, says) in cases {
         let (status, page) = f.post(&path, ct, body).await;
@@ -258,7 +301,10 @@ async fn bad_input_gets_a_4xx_with_a_message_never_a_5xx_and_every_response_has_
         let (status, h, _) = f.get(p).await;
         assert!(status < 500, "{p}");
         let csp = h["content-security-policy"].to_str().unwrap();
-        assert!(csp.contains("default-src 'none'") && csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"), "{p}: {csp}");
+        assert!(
+            csp.contains("default-src 'none'") && csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"),
+            "{p}: {csp}"
+        );
         assert_eq!(h["cache-control"], "no-store", "{p}");
         assert_eq!(h["referrer-policy"], "no-referrer", "{p}");
         assert!(h.get("strict-transport-security").is_none(), "no HSTS over plain HTTP");
@@ -280,7 +326,8 @@ async fn a_visitor_mid_form_survives_a_restart_of_the_service() {
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         let tree = service.gateway.tree(secureforms::handlers::gateway::FORMS_TREE).unwrap();
-        let state: secureforms::domain::visitor::FormState = serde_json::from_slice(&tree.get(&key).unwrap().unwrap()).unwrap();
+        let state: secureforms::domain::visitor::FormState =
+            serde_json::from_slice(&tree.get(&key).unwrap().unwrap()).unwrap();
         if state.open_count == 1 {
             break;
         }
@@ -294,7 +341,13 @@ async fn a_visitor_mid_form_survives_a_restart_of_the_service() {
     let mut service = Service::start(http_settings(&prefix, dir.path()), brokers(), clock).await.unwrap();
     let base = format!("http://{}", service.http_addr.unwrap());
     let body = serde_urlencoded::to_string(good_answers(&k)).unwrap();
-    let r = client.post(format!("{base}{}", link.split('?').next().unwrap())).header("content-type", "application/x-www-form-urlencoded").body(body).send().await.unwrap();
+    let r = client
+        .post(format!("{base}{}", link.split('?').next().unwrap()))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 200, "the submit key from before the restart still works");
     service.stop().await;
 }
@@ -302,7 +355,12 @@ async fn a_visitor_mid_form_survives_a_restart_of_the_service() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hammering_one_form_is_rate_limited() {
     let mut f = fixture("ratelimit").await;
-    let statuses: Vec<u16> = futures::future::join_all((0..40).map(|_| f.get("/f/acme/no-such-form?k=AAAAAAAAAAAAAAAAAAAAAA"))).await.into_iter().map(|r| r.0).collect();
+    let statuses: Vec<u16> =
+        futures::future::join_all((0..40).map(|_| f.get("/f/acme/no-such-form?k=AAAAAAAAAAAAAAAAAAAAAA")))
+            .await
+            .into_iter()
+            .map(|r| r.0)
+            .collect();
     assert!(statuses.contains(&429), "{statuses:?}");
     assert!(statuses.iter().all(|s| *s == 403 || *s == 429), "{statuses:?}");
     let r = f.client.get(format!("{}/f/acme/no-such-form", f.base)).send().await.unwrap();
@@ -326,10 +384,20 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAny {
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
         Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
-    fn verify_tls12_signature(&self, m: &[u8], c: &rustls::pki_types::CertificateDer<'_>, d: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
     }
-    fn verify_tls13_signature(&self, m: &[u8], c: &rustls::pki_types::CertificateDer<'_>, d: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
@@ -355,12 +423,18 @@ async fn https_with_a_generated_certificate_adds_hsts() {
         .with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut tls = connector.connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp).await.expect("TLS handshake");
+    let mut tls = connector
+        .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("TLS handshake");
     tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.unwrap();
     let mut response = String::new();
     tls.read_to_string(&mut response).await.unwrap();
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    assert!(response.to_ascii_lowercase().contains("strict-transport-security: max-age=31536000"), "HSTS over HTTPS: {response}");
+    assert!(
+        response.to_ascii_lowercase().contains("strict-transport-security: max-age=31536000"),
+        "HSTS over HTTPS: {response}"
+    );
     // Plain HTTP to the TLS port gets no page.
     let mut plain = tokio::net::TcpStream::connect(addr).await.unwrap();
     plain.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();

@@ -7,7 +7,9 @@ use crate::service::resolve_brokers;
 ///
 /// Uses fresh topics under a unique prefix; leaves them behind (delete them on a shared cluster).
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Examples:\n  scripts/bench.sh\n  secureforms bench --brokers 127.0.0.1:9092 --records 20000 --json")]
+#[command(
+    after_help = "Examples:\n  scripts/bench.sh\n  secureforms bench --brokers 127.0.0.1:9092 --records 20000 --json"
+)]
 pub struct Args {
     /// Records for the throughput phases.
     #[arg(long, default_value_t = 10_000)]
@@ -30,18 +32,30 @@ pub struct Args {
 }
 
 pub async fn run(global: &GlobalArgs, args: Args) -> anyhow::Result<()> {
-    if args.records == 0 || args.latency_rate == 0 || args.latency_secs == 0 || args.retrieve_rate == 0 || args.retrieve_secs == 0 {
-        anyhow::bail!("--records, --latency-rate, --latency-secs, --retrieve-rate and --retrieve-secs must be at least 1");
+    if args.records == 0
+        || args.latency_rate == 0
+        || args.latency_secs == 0
+        || args.retrieve_rate == 0
+        || args.retrieve_secs == 0
+    {
+        anyhow::bail!(
+            "--records, --latency-rate, --latency-secs, --retrieve-rate and --retrieve-secs must be at least 1"
+        );
     }
     let settings = global.settings()?;
     let brokers = resolve_brokers(&settings)?;
-    let report = run_bench(&settings, &brokers, &BenchOptions {
+    let report = run_bench(
+        &settings,
+        &brokers,
+        &BenchOptions {
             records: args.records,
             latency_rate: args.latency_rate,
             latency_secs: args.latency_secs,
             retrieve_rate: args.retrieve_rate,
             retrieve_secs: args.retrieve_secs,
-        }).await?;
+        },
+    )
+    .await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

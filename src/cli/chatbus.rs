@@ -10,7 +10,9 @@ use crate::topics::Topic;
 #[derive(Debug, clap::Subcommand)]
 pub enum ChatbusCommand {
     /// Produce a FormSent: an agent sends a secure form in a conversation.
-    #[command(after_help = "Example:\n  secureforms chatbus send-form --site acme --conversation c-1 --agent a-7 --template card-payment")]
+    #[command(
+        after_help = "Example:\n  secureforms chatbus send-form --site acme --conversation c-1 --agent a-7 --template card-payment"
+    )]
     SendForm {
         #[arg(long)]
         site: String,
@@ -28,7 +30,9 @@ pub enum ChatbusCommand {
         form_id: Option<String>,
     },
     /// Produce a ConversationTransferred (kind transfer or reassign).
-    #[command(after_help = "Example:\n  secureforms chatbus transfer --site acme --conversation c-1 --from a-7 --to a-9")]
+    #[command(
+        after_help = "Example:\n  secureforms chatbus transfer --site acme --conversation c-1 --from a-7 --to a-9"
+    )]
     Transfer {
         #[arg(long)]
         site: String,
@@ -83,19 +87,24 @@ pub async fn run(global: &GlobalArgs, cmd: ChatbusCommand) -> anyhow::Result<()>
                 visitor_ref: None,
             })
         }
-        ChatbusCommand::Transfer { site, conversation, from, to, kind } => Event::ConversationTransferred(ConversationTransferred {
-            header: header(EventKind::ConversationTransferred, &site, &conversation, &conversation),
-            from_agent_id: from,
-            to_agent_id: to,
-            kind,
-        }),
+        ChatbusCommand::Transfer { site, conversation, from, to, kind } => {
+            Event::ConversationTransferred(ConversationTransferred {
+                header: header(EventKind::ConversationTransferred, &site, &conversation, &conversation),
+                from_agent_id: from,
+                to_agent_id: to,
+                kind,
+            })
+        }
         ChatbusCommand::Close { site, conversation } => Event::ConversationClosed(ConversationClosed {
             header: header(EventKind::ConversationClosed, &site, &conversation, &conversation),
             closed_by: "agent".into(),
             reason: "resolved".into(),
         }),
         ChatbusCommand::Raw { key, text } => {
-            let (p, o) = producer.send_raw(Topic::ChatEvents, key.as_bytes(), text.as_bytes()).await.context("producing the raw record")?;
+            let (p, o) = producer
+                .send_raw(Topic::ChatEvents, key.as_bytes(), text.as_bytes())
+                .await
+                .context("producing the raw record")?;
             println!("{{\"produced\":\"raw\",\"partition\":{p},\"offset\":{o}}}");
             return Ok(());
         }

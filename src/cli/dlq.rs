@@ -22,7 +22,9 @@ pub enum DlqCommand {
     /// After fixing the cause, send dead letters back to their source topic, byte for byte, each
     /// once (progress is kept in the consumer group <group_prefix>-dlq-redrive). Consumers apply a
     /// re-driven record once: they dedupe on event ids and state.
-    #[command(after_help = "Examples:\n  secureforms dlq redrive --dry-run\n  secureforms dlq redrive --error-kind apply --source-topic secureforms.keys")]
+    #[command(
+        after_help = "Examples:\n  secureforms dlq redrive --dry-run\n  secureforms dlq redrive --error-kind apply --source-topic secureforms.keys"
+    )]
     Redrive {
         /// Only letters with this error kind (decode, unknown_schema, apply).
         #[arg(long)]
@@ -55,7 +57,14 @@ pub async fn run(global: &GlobalArgs, cmd: DlqCommand) -> anyhow::Result<()> {
             } else {
                 println!("{} dead letter(s)", rows.len());
                 for r in rows {
-                    println!("{}/{}@{} [{}] {}", r["source_topic"].as_str().unwrap_or(""), r["source_partition"], r["source_offset"], r["error_kind"].as_str().unwrap_or(""), r["reason"].as_str().unwrap_or(""));
+                    println!(
+                        "{}/{}@{} [{}] {}",
+                        r["source_topic"].as_str().unwrap_or(""),
+                        r["source_partition"],
+                        r["source_offset"],
+                        r["error_kind"].as_str().unwrap_or(""),
+                        r["reason"].as_str().unwrap_or("")
+                    );
                 }
             }
             Ok(())
@@ -73,30 +82,39 @@ pub async fn run(global: &GlobalArgs, cmd: DlqCommand) -> anyhow::Result<()> {
             let topic = kafka.names.name(Topic::DeadLetters);
             consumer.subscribe(&[&topic]).map_err(|e| kafka.client_error(e))?;
             // Stop once every partition is done up to where it ended when we started.
-            let md = tokio::task::block_in_place(|| consumer.fetch_metadata(Some(&topic), crate::kafka::ADMIN_TIMEOUT)).map_err(|e| kafka.client_error(e))?;
+            let md = tokio::task::block_in_place(|| consumer.fetch_metadata(Some(&topic), crate::kafka::ADMIN_TIMEOUT))
+                .map_err(|e| kafka.client_error(e))?;
             let partitions = md.topics().first().map(|t| t.partitions().len() as i32).unwrap_or(0);
             let mut ends = std::collections::BTreeMap::new();
             for p in 0..partitions {
-                let (_, high) = tokio::task::block_in_place(|| consumer.fetch_watermarks(&topic, p, crate::kafka::ADMIN_TIMEOUT)).map_err(|e| kafka.client_error(e))?;
+                let (_, high) =
+                    tokio::task::block_in_place(|| consumer.fetch_watermarks(&topic, p, crate::kafka::ADMIN_TIMEOUT))
+                        .map_err(|e| kafka.client_error(e))?;
                 ends.insert(p, high);
             }
             let mut done: std::collections::BTreeMap<i32, i64> = std::collections::BTreeMap::new();
             let (mut sent, mut skipped) = (0, 0);
             let deadline = std::time::Instant::now() + Duration::from_secs(120);
             loop {
-                let finished = |done: &std::collections::BTreeMap<i32, i64>| ends.iter().all(|(p, high)| done.get(p).copied().unwrap_or(0) >= *high);
+                let finished = |done: &std::collections::BTreeMap<i32, i64>| {
+                    ends.iter().all(|(p, high)| done.get(p).copied().unwrap_or(0) >= *high)
+                };
                 if finished(&done) {
                     break;
                 }
                 if std::time::Instant::now() > deadline {
-                    anyhow::bail!("could not read the dead-letter topic to its end within 120 s; check the brokers and run again (progress is kept)");
+                    anyhow::bail!(
+                        "could not read the dead-letter topic to its end within 120 s; check the brokers and run again (progress is kept)"
+                    );
                 }
                 let m = match tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await {
                     Ok(Ok(m)) => m,
                     Ok(Err(e)) => return Err(kafka.client_error(e).into()),
                     Err(_) => {
                         // Idle: what the group already committed counts as done.
-                        if let Ok(committed) = tokio::task::block_in_place(|| consumer.committed(Duration::from_secs(5))) {
+                        if let Ok(committed) =
+                            tokio::task::block_in_place(|| consumer.committed(Duration::from_secs(5)))
+                        {
                             for e in committed.elements() {
                                 if let rdkafka::Offset::Offset(o) = e.offset() {
                                     let d = done.entry(e.partition()).or_insert(0);
@@ -116,21 +134,36 @@ pub async fn run(global: &GlobalArgs, cmd: DlqCommand) -> anyhow::Result<()> {
                         continue;
                     }
                 };
-                let wanted = error_kind.as_ref().is_none_or(|k| *k == letter.error_kind) && source_topic.as_ref().is_none_or(|t| *t == letter.source_topic);
+                let wanted = error_kind.as_ref().is_none_or(|k| *k == letter.error_kind)
+                    && source_topic.as_ref().is_none_or(|t| *t == letter.source_topic);
                 if !wanted {
                     skipped += 1;
                 } else if dry_run {
-                    println!("would re-drive {}/{}@{} ({})", letter.source_topic, letter.source_partition, letter.source_offset, letter.reason);
+                    println!(
+                        "would re-drive {}/{}@{} ({})",
+                        letter.source_topic, letter.source_partition, letter.source_offset, letter.reason
+                    );
                     sent += 1;
                     continue;
                 } else {
-                    producer.send_to(&letter.source_topic, letter.source_key.as_deref().unwrap_or_default(), &letter.payload).await?;
+                    producer
+                        .send_to(
+                            &letter.source_topic,
+                            letter.source_key.as_deref().unwrap_or_default(),
+                            &letter.payload,
+                        )
+                        .await?;
                     println!("re-drove {}/{}@{}", letter.source_topic, letter.source_partition, letter.source_offset);
                     sent += 1;
                 }
                 consumer.commit_message(&m, CommitMode::Sync).map_err(|e| kafka.client_error(e))?;
             }
-            println!("{} {} dead letter(s), {} left as they are", if dry_run { "would re-drive" } else { "re-drove" }, sent, skipped);
+            println!(
+                "{} {} dead letter(s), {} left as they are",
+                if dry_run { "would re-drive" } else { "re-drove" },
+                sent,
+                skipped
+            );
             Ok(())
         }
     }

@@ -13,7 +13,9 @@ use crate::topics::Topic;
 #[derive(Debug, clap::Subcommand)]
 pub enum KeysCommand {
     /// Print a new random master key (base64) for SECUREFORMS_MASTER_KEY or master_key_file.
-    #[command(after_help = "Example:\n  secureforms keys generate-master > /etc/secureforms/master.key && chmod 600 /etc/secureforms/master.key")]
+    #[command(
+        after_help = "Example:\n  secureforms keys generate-master > /etc/secureforms/master.key && chmod 600 /etc/secureforms/master.key"
+    )]
     GenerateMaster,
     /// Start a new data key generation for a site: new writes use it, old data stays readable.
     #[command(after_help = "Example:\n  secureforms keys rotate --site acme")]
@@ -59,7 +61,15 @@ pub async fn run(global: &GlobalArgs, cmd: KeysCommand) -> anyhow::Result<()> {
                 println!("{:<28} {:<10} {:<8} {:>4} {:<10} master", "key id", "site", "period", "gen", "state");
                 for r in &rows {
                     let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
-                    println!("{:<28} {:<10} {:<8} {:>4} {:<10} {}", s("id"), s("site"), s("period"), r["generation"], s("state"), s("master_key_id"));
+                    println!(
+                        "{:<28} {:<10} {:<8} {:>4} {:<10} {}",
+                        s("id"),
+                        s("site"),
+                        s("period"),
+                        r["generation"],
+                        s("state"),
+                        s("master_key_id")
+                    );
                 }
             }
             Ok(())

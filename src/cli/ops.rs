@@ -20,7 +20,9 @@ const CATCH_UP: Duration = Duration::from_secs(600);
 /// topics), so it works beside a running node; every node applies the receipts to its own vault.
 /// The service also purges on its own every purge_interval_secs.
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Examples:\n  secureforms purge --as-of 2027-12-31 --dry-run\n  secureforms purge --as-of 2027-12-31T00:00:00Z --json")]
+#[command(
+    after_help = "Examples:\n  secureforms purge --as-of 2027-12-31 --dry-run\n  secureforms purge --as-of 2027-12-31T00:00:00Z --json"
+)]
 pub struct PurgeArgs {
     /// Purge as of this date: YYYY-MM-DD (the end of that day, UTC) or RFC 3339. Default: now.
     #[arg(long)]
@@ -36,7 +38,9 @@ pub struct PurgeArgs {
 /// reference in a site) from the vault now, for good, and emit a SubmissionPurged receipt (reason
 /// erasure) per conversation.
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Examples:\n  secureforms erase --conversation conv-42\n  secureforms erase --site acme --conversation conv-42\n  secureforms erase --site acme --visitor-ref crm-7781 --json")]
+#[command(
+    after_help = "Examples:\n  secureforms erase --conversation conv-42\n  secureforms erase --site acme --conversation conv-42\n  secureforms erase --site acme --visitor-ref crm-7781 --json"
+)]
 pub struct EraseArgs {
     /// The conversation whose submissions to erase.
     #[arg(long, required_unless_present = "visitor_ref", conflicts_with = "visitor_ref")]
@@ -55,7 +59,9 @@ pub struct EraseArgs {
 /// stores are locked while it runs). Resumes an interrupted replay; shows records/s and ETA on a
 /// terminal; prints records read, applied, skipped as purged and dead-lettered.
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Examples:\n  secureforms replay\n  secureforms replay --projection vault\n  secureforms replay --projection visibility --json")]
+#[command(
+    after_help = "Examples:\n  secureforms replay\n  secureforms replay --projection vault\n  secureforms replay --projection visibility --json"
+)]
 pub struct ReplayArgs {
     /// all, or one of: keys, issuer, tokenizer (vault), retrieval, gateway, visibility.
     #[arg(long, default_value = "all")]
@@ -89,7 +95,8 @@ async fn with_ops_node<T>(global: &GlobalArgs, f: impl AsyncFnOnce(&Node) -> any
     let settings = global.settings()?;
     crate::service::master_key(&settings)?;
     with_brokers(&settings, async |brokers| {
-        let mut service = Service::start_with(ops_settings(&settings), brokers, system_clock(), StartOptions::ops()).await?;
+        let mut service =
+            Service::start_with(ops_settings(&settings), brokers, system_clock(), StartOptions::ops()).await?;
         eprintln!("catching up with the topics (operations replica in {})...", settings.data_dir.join("ops").display());
         let out = match service.wait_ready(CATCH_UP).await {
             Ok(()) => f(&service.node).await,
@@ -112,7 +119,11 @@ pub async fn purge(global: &GlobalArgs, a: PurgeArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let verb = if report.dry_run { "would purge" } else { "purged" };
-    println!("retention purge as of {}{}", report.as_of, if report.dry_run { " (dry run: nothing emitted)" } else { "" });
+    println!(
+        "retention purge as of {}{}",
+        report.as_of,
+        if report.dry_run { " (dry run: nothing emitted)" } else { "" }
+    );
     if report.sites.is_empty() {
         println!("nothing has expired");
     }
@@ -157,7 +168,10 @@ pub async fn replay(global: &GlobalArgs, a: ReplayArgs) -> anyhow::Result<()> {
     crate::service::master_key(&settings)?;
     let handlers = replay::parse_projection(&a.projection)?;
     let show_progress = std::io::stderr().is_terminal();
-    let s = with_brokers(&settings, async |brokers| Ok(replay::replay(&settings, &brokers, system_clock(), handlers, show_progress).await?)).await?;
+    let s = with_brokers(&settings, async |brokers| {
+        Ok(replay::replay(&settings, &brokers, system_clock(), handlers, show_progress).await?)
+    })
+    .await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&s)?);
     } else {
@@ -188,7 +202,8 @@ pub async fn compliance(global: &GlobalArgs, a: ComplianceArgs) -> anyhow::Resul
     } else {
         print!("{}", compliance::render_text(&report));
     }
-    let failing: Vec<&str> = report.sites.iter().filter(|s| s.status == compliance::Status::Fail).map(|s| s.site_id.as_str()).collect();
+    let failing: Vec<&str> =
+        report.sites.iter().filter(|s| s.status == compliance::Status::Fail).map(|s| s.site_id.as_str()).collect();
     if !failing.is_empty() {
         anyhow::bail!("controls fail for site(s) {}: see the fix lines above", failing.join(", "));
     }

@@ -30,7 +30,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("{:<24} {:>7} {:<18} {:<14} file", "schema", "version", "fingerprint", "topic");
         for e in entries {
             let v = if e.current { format!("{}", e.version) } else { format!("{} (old)", e.version) };
-            println!("{:<24} {:>7} {:<18} {:<14} schemas/{}", e.kind.name(), v, hex::encode(e.fingerprint), e.kind.topic().suffix(), e.file);
+            println!(
+                "{:<24} {:>7} {:<18} {:<14} schemas/{}",
+                e.kind.name(),
+                v,
+                hex::encode(e.fingerprint),
+                e.kind.topic().suffix(),
+                e.file
+            );
         }
     }
     Ok(())

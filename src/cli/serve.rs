@@ -10,12 +10,16 @@ use crate::kafka::runtime::system_clock;
 /// Without --brokers it starts the embedded broker (tansu, from scripts/install-broker.sh) with its
 /// data in the data directory, so everything survives a restart.
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Examples:\n  secureforms serve --config config/demo.toml\n  secureforms serve --brokers kafka-1:9092,kafka-2:9092 --config /etc/secureforms.toml")]
+#[command(
+    after_help = "Examples:\n  secureforms serve --config config/demo.toml\n  secureforms serve --brokers kafka-1:9092,kafka-2:9092 --config /etc/secureforms.toml"
+)]
 pub struct Args {}
 
 pub async fn run(global: &GlobalArgs, _args: Args) -> anyhow::Result<()> {
     let settings = global.settings()?;
-    crate::service::serve(settings, system_clock(), shutdown_signal()).await.context("the service stopped with an error")
+    crate::service::serve(settings, system_clock(), shutdown_signal())
+        .await
+        .context("the service stopped with an error")
 }
 
 /// Resolves on SIGINT or SIGTERM.

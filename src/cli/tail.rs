@@ -19,7 +19,9 @@ use crate::topics::TopicNames;
 /// base64. A record that does not decode is printed with the error instead. Reads from the
 /// beginning, joins no consumer group and commits nothing.
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Examples:\n  secureforms tail form-links\n  secureforms tail secureforms.dead-letters --max 10\n  secureforms tail chat-events --from-end --idle-exit 30\n  secureforms tail dead-letters --until-end")]
+#[command(
+    after_help = "Examples:\n  secureforms tail form-links\n  secureforms tail secureforms.dead-letters --max 10\n  secureforms tail chat-events --from-end --idle-exit 30\n  secureforms tail dead-letters --until-end"
+)]
 pub struct Args {
     /// Topic: its short name (form-links) or its full name (secureforms.form-links).
     topic: String,
@@ -55,7 +57,8 @@ pub async fn run(global: &GlobalArgs, args: Args) -> anyhow::Result<()> {
         .set("fetch.wait.max.ms", "50")
         .create()
         .map_err(|e| kafka.client_error(e))?;
-    let md = tokio::task::block_in_place(|| consumer.fetch_metadata(Some(&topic), ADMIN_TIMEOUT)).map_err(|e| kafka.client_error(e))?;
+    let md = tokio::task::block_in_place(|| consumer.fetch_metadata(Some(&topic), ADMIN_TIMEOUT))
+        .map_err(|e| kafka.client_error(e))?;
     let partitions = md.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
     let known = md.topics().first().map(|t| t.error().is_none()).unwrap_or(false);
     if partitions == 0 || !known {
@@ -71,7 +74,8 @@ pub async fn run(global: &GlobalArgs, args: Args) -> anyhow::Result<()> {
     let mut remaining = std::collections::BTreeMap::new();
     if args.until_end {
         for p in 0..partitions as i32 {
-            let (low, high) = tokio::task::block_in_place(|| consumer.fetch_watermarks(&topic, p, ADMIN_TIMEOUT)).map_err(|e| kafka.client_error(e))?;
+            let (low, high) = tokio::task::block_in_place(|| consumer.fetch_watermarks(&topic, p, ADMIN_TIMEOUT))
+                .map_err(|e| kafka.client_error(e))?;
             if high > low {
                 remaining.insert(p, high);
             }
@@ -108,7 +112,8 @@ pub async fn run(global: &GlobalArgs, args: Args) -> anyhow::Result<()> {
             remaining.remove(&m.partition());
         }
         let key = m.key().map(|k| String::from_utf8_lossy(k).to_string());
-        let mut line = serde_json::json!({ "topic": m.topic(), "partition": m.partition(), "offset": m.offset(), "key": key });
+        let mut line =
+            serde_json::json!({ "topic": m.topic(), "partition": m.partition(), "offset": m.offset(), "key": key });
         match m.payload().map(|p| Codec::get().decode_value(p)) {
             None => line["tombstone"] = true.into(),
             Some(Ok((kind, value))) => {

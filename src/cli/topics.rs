@@ -27,7 +27,9 @@ pub async fn run(global: &GlobalArgs, cmd: TopicsCommand) -> anyhow::Result<()> 
             let mut drift = 0;
             for a in actions {
                 match a {
-                    TopicAction::Create { name, spec } => println!("created   {name} (partitions {}, {})", spec.partitions, spec.cleanup_policy),
+                    TopicAction::Create { name, spec } => {
+                        println!("created   {name} (partitions {}, {})", spec.partitions, spec.cleanup_policy)
+                    }
                     TopicAction::UpToDate { name } => println!("ok        {name}"),
                     TopicAction::Drift { name, differences } => {
                         drift += 1;
@@ -36,19 +38,27 @@ pub async fn run(global: &GlobalArgs, cmd: TopicsCommand) -> anyhow::Result<()> 
                 }
             }
             if drift > 0 {
-                println!("{drift} topic(s) differ from topics/: change the broker or the file on purpose; apply never alters existing topics");
+                println!(
+                    "{drift} topic(s) differ from topics/: change the broker or the file on purpose; apply never alters existing topics"
+                );
             }
             Ok(())
         }
         TopicsCommand::List => {
             let names = TopicNames::new(settings.topic_prefix.clone());
             let observed = Admin::new(&kafka)?.observe(&names).await?;
-            println!("{:<34} {:>10} {:>8} {:<8} {:<14} key", "topic", "partitions", "broker", "cleanup", "retention.ms");
+            println!(
+                "{:<34} {:>10} {:>8} {:<8} {:<14} key",
+                "topic", "partitions", "broker", "cleanup", "retention.ms"
+            );
             for &t in Topic::ALL {
                 let spec = t.spec();
                 let name = names.name(t);
                 let broker = observed.get(&name).map(|o| o.partitions.to_string()).unwrap_or_else(|| "missing".into());
-                println!("{:<34} {:>10} {:>8} {:<8} {:<14} {}", name, spec.partitions, broker, spec.cleanup_policy, spec.retention_ms, spec.key);
+                println!(
+                    "{:<34} {:>10} {:>8} {:<8} {:<14} {}",
+                    name, spec.partitions, broker, spec.cleanup_policy, spec.retention_ms, spec.key
+                );
             }
             Ok(())
         }

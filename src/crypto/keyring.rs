@@ -52,7 +52,13 @@ impl KeyRing {
         let material = self.master.unwrap_key(&e.key_id, &e.wrapped_key)?;
         self.keys.insert(
             e.key_id.clone(),
-            Arc::new(DataKey { id: e.key_id.clone(), site: e.header.site_id.clone(), period: e.period.clone(), generation: e.generation, material }),
+            Arc::new(DataKey {
+                id: e.key_id.clone(),
+                site: e.header.site_id.clone(),
+                period: e.period.clone(),
+                generation: e.generation,
+                material,
+            }),
         );
         Ok(true)
     }
@@ -71,14 +77,24 @@ impl KeyRing {
 
     /// The newest generation for a site and period: the key new writes use.
     pub fn current(&self, site: &str, period: &str) -> Option<Arc<DataKey>> {
-        self.keys.iter().filter(|k| k.site == site && k.period == period).max_by_key(|k| k.generation).map(|k| k.clone())
+        self.keys
+            .iter()
+            .filter(|k| k.site == site && k.period == period)
+            .max_by_key(|k| k.generation)
+            .map(|k| k.clone())
     }
 
     pub fn list(&self) -> Vec<KeyInfo> {
         let mut out: Vec<KeyInfo> = self
             .keys
             .iter()
-            .map(|k| KeyInfo { id: k.id.clone(), site: k.site.clone(), period: k.period.clone(), generation: k.generation, state: "active" })
+            .map(|k| KeyInfo {
+                id: k.id.clone(),
+                site: k.site.clone(),
+                period: k.period.clone(),
+                generation: k.generation,
+                state: "active",
+            })
             .collect();
         out.extend(self.destroyed.iter().map(|id| {
             let (site, period, generation) = super::parse_data_key_id(&id).unwrap_or(("", "", 0));
@@ -116,7 +132,10 @@ mod tests {
         let r = ring();
         let a = KeyMaterial::random();
         assert!(r.created(&created(&r, "acme", "2026-11", 1, &a)).unwrap());
-        assert!(!r.created(&created(&r, "acme", "2026-11", 1, &KeyMaterial::random())).unwrap(), "a racing second key is ignored");
+        assert!(
+            !r.created(&created(&r, "acme", "2026-11", 1, &KeyMaterial::random())).unwrap(),
+            "a racing second key is ignored"
+        );
         let ad: [&[u8]; 1] = [b"x"];
         let sealed = r.get("acme.2026-11.g1").unwrap().material.seal(&ad, b"v").unwrap();
         assert_eq!(sealed, a.seal(&ad, b"v").unwrap(), "the first material is the one in use");

@@ -28,7 +28,9 @@ pub enum KeyError {
         "no master key: set SECUREFORMS_MASTER_KEY to 64 random bytes in base64, or master_key_file to a file holding it; generate one with `secureforms keys generate-master`"
     )]
     MissingMaster,
-    #[error("the master key is malformed ({0}); it must be 64 bytes in standard base64 (88 characters); generate one with `secureforms keys generate-master`")]
+    #[error(
+        "the master key is malformed ({0}); it must be 64 bytes in standard base64 (88 characters); generate one with `secureforms keys generate-master`"
+    )]
     MalformedMaster(String),
     #[error("cannot read the master key file {path}: {source}")]
     MasterFile {
@@ -61,7 +63,8 @@ impl fmt::Debug for KeyMaterial {
 impl KeyMaterial {
     pub fn random() -> KeyMaterial {
         let mut k = Zeroizing::new([0u8; KEY_LEN]);
-        rand::TryRngCore::try_fill_bytes(&mut rand::rngs::OsRng, k.as_mut()).expect("the OS random source is available");
+        rand::TryRngCore::try_fill_bytes(&mut rand::rngs::OsRng, k.as_mut())
+            .expect("the OS random source is available");
         KeyMaterial(k)
     }
 
@@ -96,12 +99,17 @@ const WRAP_TAG: &[u8] = b"secureforms-data-key-v1";
 impl MasterKey {
     /// Parses base64 text (surrounding whitespace ignored).
     pub fn from_base64(text: &str) -> Result<MasterKey, KeyError> {
-        let mut bytes = STANDARD.decode(text.trim()).map_err(|e| KeyError::MalformedMaster(format!("not base64: {e}")))?;
+        let mut bytes =
+            STANDARD.decode(text.trim()).map_err(|e| KeyError::MalformedMaster(format!("not base64: {e}")))?;
         let material = KeyMaterial::from_slice(&bytes);
         let len = bytes.len();
         bytes.zeroize();
-        let material = material.ok_or_else(|| KeyError::MalformedMaster(format!("{len} bytes instead of {KEY_LEN}")))?;
-        let id = format!("mk-{}", &hex::encode(Sha256::digest([b"secureforms-master-id".as_slice(), material.0.as_ref()].concat()))[..12]);
+        let material =
+            material.ok_or_else(|| KeyError::MalformedMaster(format!("{len} bytes instead of {KEY_LEN}")))?;
+        let id = format!(
+            "mk-{}",
+            &hex::encode(Sha256::digest([b"secureforms-master-id".as_slice(), material.0.as_ref()].concat()))[..12]
+        );
         Ok(MasterKey { id, material })
     }
 
@@ -112,7 +120,8 @@ impl MasterKey {
         }
         let path = file.ok_or(KeyError::MissingMaster)?;
         let text = Zeroizing::new(
-            std::fs::read_to_string(path).map_err(|source| KeyError::MasterFile { path: path.display().to_string(), source })?,
+            std::fs::read_to_string(path)
+                .map_err(|source| KeyError::MasterFile { path: path.display().to_string(), source })?,
         );
         MasterKey::from_base64(&text)
     }
@@ -131,7 +140,10 @@ impl MasterKey {
     }
 
     pub fn unwrap_key(&self, key_id: &str, wrapped: &[u8]) -> Result<KeyMaterial, KeyError> {
-        let plain = self.material.open(&[WRAP_TAG, key_id.as_bytes()], wrapped).map_err(|_| KeyError::Unwrap(key_id.into(), self.id.clone()))?;
+        let plain = self
+            .material
+            .open(&[WRAP_TAG, key_id.as_bytes()], wrapped)
+            .map_err(|_| KeyError::Unwrap(key_id.into(), self.id.clone()))?;
         KeyMaterial::from_slice(&plain).ok_or_else(|| KeyError::Unwrap(key_id.into(), self.id.clone()))
     }
 }
@@ -157,8 +169,21 @@ pub fn parse_data_key_id(id: &str) -> Option<(&str, &str, i32)> {
 }
 
 /// Associated data for one sealed answer.
-pub fn answer_ad<'a>(site: &'a str, form: &'a str, submission: &'a str, field: &'a str, key_id: &'a str) -> [&'a [u8]; 6] {
-    [b"secureforms-answer-v1", site.as_bytes(), form.as_bytes(), submission.as_bytes(), field.as_bytes(), key_id.as_bytes()]
+pub fn answer_ad<'a>(
+    site: &'a str,
+    form: &'a str,
+    submission: &'a str,
+    field: &'a str,
+    key_id: &'a str,
+) -> [&'a [u8]; 6] {
+    [
+        b"secureforms-answer-v1",
+        site.as_bytes(),
+        form.as_bytes(),
+        submission.as_bytes(),
+        field.as_bytes(),
+        key_id.as_bytes(),
+    ]
 }
 
 #[cfg(test)]

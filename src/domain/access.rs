@@ -56,7 +56,9 @@ impl Denial {
             Denial::WrongSite => "the submission belongs to another site",
             Denial::PermissionDenied => "the token lacks the \"use secure form within a conversation\" permission",
             Denial::NotSender => "only the agent who sent the form can retrieve it",
-            Denial::ConversationClosed => "the conversation has ended; secure form data is only available while it is live",
+            Denial::ConversationClosed => {
+                "the conversation has ended; secure form data is only available while it is live"
+            }
         }
     }
 }
@@ -68,7 +70,11 @@ pub struct Requester<'a> {
     pub permissions: &'a [String],
 }
 
-pub fn may_retrieve(who: &Requester<'_>, owner: Option<&SubmissionOwner>, conversation: Option<&Conversation>) -> Result<(), Denial> {
+pub fn may_retrieve(
+    who: &Requester<'_>,
+    owner: Option<&SubmissionOwner>,
+    conversation: Option<&Conversation>,
+) -> Result<(), Denial> {
     let owner = owner.ok_or(Denial::UnknownSubmission)?;
     if owner.site_id != who.site_id {
         return Err(Denial::WrongSite);
@@ -95,7 +101,14 @@ mod tests {
     use super::*;
 
     fn owner() -> SubmissionOwner {
-        SubmissionOwner { site_id: "acme".into(), conversation_id: "c1".into(), form_id: "f1".into(), sender: "alice".into(), submitted_at: 0, template_id: "t".into() }
+        SubmissionOwner {
+            site_id: "acme".into(),
+            conversation_id: "c1".into(),
+            form_id: "f1".into(),
+            sender: "alice".into(),
+            submitted_at: 0,
+            template_id: "t".into(),
+        }
     }
 
     fn live(agent: &str) -> Conversation {
@@ -104,7 +117,11 @@ mod tests {
 
     fn ask(agent: &str, site: &str, perms: &[&str], conv: &Conversation) -> Result<(), Denial> {
         let permissions: Vec<String> = perms.iter().map(|p| p.to_string()).collect();
-        may_retrieve(&Requester { agent_id: agent, site_id: site, permissions: &permissions }, Some(&owner()), Some(conv))
+        may_retrieve(
+            &Requester { agent_id: agent, site_id: site, permissions: &permissions },
+            Some(&owner()),
+            Some(conv),
+        )
     }
 
     #[test]
@@ -115,10 +132,18 @@ mod tests {
         assert_eq!(ask("carol", "acme", &p, &live("carol")), Err(Denial::NotSender), "the agent it was transferred to");
         let closed = Conversation { live: false, current_agent: Some("alice".into()) };
         assert_eq!(ask("alice", "acme", &p, &closed), Err(Denial::ConversationClosed), "the sender after close");
-        assert_eq!(ask("alice", "acme", &[], &live("alice")), Err(Denial::PermissionDenied), "the sender without the permission");
+        assert_eq!(
+            ask("alice", "acme", &[], &live("alice")),
+            Err(Denial::PermissionDenied),
+            "the sender without the permission"
+        );
         assert_eq!(ask("alice", "other", &p, &live("alice")), Err(Denial::WrongSite), "a token of another site");
         assert_eq!(
-            may_retrieve(&Requester { agent_id: "alice", site_id: "acme", permissions: &[USE_SECURE_FORM.into()] }, None, None),
+            may_retrieve(
+                &Requester { agent_id: "alice", site_id: "acme", permissions: &[USE_SECURE_FORM.into()] },
+                None,
+                None
+            ),
             Err(Denial::UnknownSubmission)
         );
     }

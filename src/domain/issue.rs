@@ -35,7 +35,9 @@ impl Rejection {
         match self {
             Rejection::UnknownSite => format!("site {:?} is not configured for secure forms", sent.header.site_id),
             Rejection::SiteDisabled => format!("secure forms are not enabled for site {:?}", sent.header.site_id),
-            Rejection::SiteNotPciCompliant(gaps) => format!("the site's account policy does not meet PCI settings: {}", gaps.join("; ")),
+            Rejection::SiteNotPciCompliant(gaps) => {
+                format!("the site's account policy does not meet PCI settings: {}", gaps.join("; "))
+            }
             Rejection::UnknownProfile(p) => format!("agent profile {p:?} is not defined for this site"),
             Rejection::PermissionDenied => format!(
                 "agent {:?} (profile {:?}) lacks the \"use secure form within a conversation\" permission",
@@ -66,7 +68,8 @@ pub fn check(sites: &BTreeMap<String, SiteConfig>, sent: &FormSent) -> Result<()
     if !gaps.is_empty() {
         return Err(Rejection::SiteNotPciCompliant(gaps));
     }
-    let profile = site.profile(&sent.agent_profile).ok_or_else(|| Rejection::UnknownProfile(sent.agent_profile.clone()))?;
+    let profile =
+        site.profile(&sent.agent_profile).ok_or_else(|| Rejection::UnknownProfile(sent.agent_profile.clone()))?;
     if !profile.use_secure_form {
         return Err(Rejection::PermissionDenied);
     }
@@ -144,7 +147,10 @@ mod tests {
 
     fn site() -> SiteConfig {
         let mut profiles = BTreeMap::new();
-        profiles.insert("no-forms".to_string(), Profile { use_secure_form: false, view_secure_form_responses_in_history: false });
+        profiles.insert(
+            "no-forms".to_string(),
+            Profile { use_secure_form: false, view_secure_form_responses_in_history: false },
+        );
         SiteConfig {
             enabled: true,
             allowed_origins: vec![],

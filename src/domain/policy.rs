@@ -17,7 +17,10 @@ pub fn pci_gaps(policy: Option<&PciPolicy>) -> Vec<String> {
     };
     let mut gaps = Vec::new();
     if p.min_password_length < MIN_PASSWORD_LENGTH {
-        gaps.push(format!("min_password_length is {}, set it to at least {MIN_PASSWORD_LENGTH}", p.min_password_length));
+        gaps.push(format!(
+            "min_password_length is {}, set it to at least {MIN_PASSWORD_LENGTH}",
+            p.min_password_length
+        ));
     }
     if p.failed_logins_before_disable == 0 || p.failed_logins_before_disable > MAX_FAILED_LOGINS {
         gaps.push(format!(

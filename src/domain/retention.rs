@@ -65,13 +65,18 @@ pub fn parse_as_of(text: &str) -> Result<i64, String> {
     let format = time::macros::format_description!("[year]-[month]-[day]");
     match Date::parse(text, format) {
         Ok(d) => Ok(to_ms(PrimitiveDateTime::new(d.next_day().unwrap_or(d), Time::MIDNIGHT).assume_utc()) - 1),
-        Err(_) => Err(format!("{text:?} is not a date: use YYYY-MM-DD (the end of that day, UTC) or RFC 3339, e.g. 2027-12-31 or 2027-12-31T12:00:00Z")),
+        Err(_) => Err(format!(
+            "{text:?} is not a date: use YYYY-MM-DD (the end of that day, UTC) or RFC 3339, e.g. 2027-12-31 or 2027-12-31T12:00:00Z"
+        )),
     }
 }
 
 /// Formats ms as RFC 3339 (UTC), for reports.
 pub fn format_ms(ms: i64) -> String {
-    to_dt(ms).to_offset(UtcOffset::UTC).format(&time::format_description::well_known::Rfc3339).unwrap_or_else(|_| ms.to_string())
+    to_dt(ms)
+        .to_offset(UtcOffset::UTC)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| ms.to_string())
 }
 
 #[cfg(test)]

@@ -234,7 +234,13 @@ impl Template {
                 })
             })
             .collect::<Result<Vec<_>, TemplateError>>()?;
-        let t = Template { id: e.template_id.clone(), version: e.version, title: e.title.clone(), instructions: e.instructions.clone(), questions };
+        let t = Template {
+            id: e.template_id.clone(),
+            version: e.version,
+            title: e.title.clone(),
+            instructions: e.instructions.clone(),
+            questions,
+        };
         t.validate()?;
         Ok(t)
     }
@@ -266,7 +272,10 @@ mod tests {
         assert_eq!(t(vec![]).validate(), Err(TemplateError::QuestionCount(0)));
         let many = (0..21).map(|i| q(&format!("q{i}"), QuestionKind::ShortText)).collect();
         assert_eq!(t(many).validate(), Err(TemplateError::QuestionCount(21)));
-        assert_eq!(t(vec![q("a", QuestionKind::Ssn), q("a", QuestionKind::Pin)]).validate(), Err(TemplateError::DuplicateId("a".into())));
+        assert_eq!(
+            t(vec![q("a", QuestionKind::Ssn), q("a", QuestionKind::Pin)]).validate(),
+            Err(TemplateError::DuplicateId("a".into()))
+        );
         assert!(matches!(t(vec![q("c", QuestionKind::SingleChoice)]).validate(), Err(TemplateError::NoChoices(..))));
         let mut bad = q("p", QuestionKind::ShortText);
         bad.pattern = Some("(".into());

@@ -106,7 +106,11 @@ fn check(q: &QuestionSpec, raw: &[String], now: YearMonth) -> Result<String, Fie
     if q.kind == QuestionKind::MultipleChoice {
         let picked: Vec<&String> = raw.iter().filter(|v| !v.is_empty()).collect();
         if picked.is_empty() {
-            return if q.required { Err(err(q, format!("Select at least one option for {label}"))) } else { Ok(String::new()) };
+            return if q.required {
+                Err(err(q, format!("Select at least one option for {label}")))
+            } else {
+                Ok(String::new())
+            };
         }
         if let Some(bad) = picked.iter().find(|v| !q.choices.contains(v)) {
             return Err(err(q, format!("{bad:?} is not one of the options for {label}")));
@@ -149,14 +153,18 @@ fn check(q: &QuestionSpec, raw: &[String], now: YearMonth) -> Result<String, Fie
             value.to_string()
         }
         QuestionKind::Number => {
-            if value.parse::<f64>().map(|f| f.is_finite()).unwrap_or(false) && value.chars().all(|c| c.is_ascii_digit() || "+-.".contains(c)) {
+            if value.parse::<f64>().map(|f| f.is_finite()).unwrap_or(false)
+                && value.chars().all(|c| c.is_ascii_digit() || "+-.".contains(c))
+            {
                 value.to_string()
             } else {
                 return Err(err(q, format!("{label} must be a number, like 42 or 3.5")));
             }
         }
         QuestionKind::Email => {
-            let ok = regex::Regex::new(r"^[^@\s<>()\\'\x22&]+@[^@\s<>()\\'\x22&]+\.[A-Za-z]{2,}$").expect("static regex").is_match(value);
+            let ok = regex::Regex::new(r"^[^@\s<>()\\'\x22&]+@[^@\s<>()\\'\x22&]+\.[A-Za-z]{2,}$")
+                .expect("static regex")
+                .is_match(value);
             if !ok {
                 return Err(err(q, format!("Enter {} in the format name@example.com", label.to_lowercase())));
             }
@@ -165,7 +173,10 @@ fn check(q: &QuestionSpec, raw: &[String], now: YearMonth) -> Result<String, Fie
         QuestionKind::Phone => {
             let digits = value.chars().filter(|c| c.is_ascii_digit()).count();
             if !value.chars().all(|c| c.is_ascii_digit() || " +-.()".contains(c)) || !(7..=15).contains(&digits) {
-                return Err(err(q, format!("Enter {} with 7 to 15 digits, like +1 555 010 0199", label.to_lowercase())));
+                return Err(err(
+                    q,
+                    format!("Enter {} with 7 to 15 digits, like +1 555 010 0199", label.to_lowercase()),
+                ));
             }
             value.to_string()
         }
@@ -201,7 +212,8 @@ fn check(q: &QuestionSpec, raw: &[String], now: YearMonth) -> Result<String, Fie
             d
         }
         QuestionKind::CardExpiry => {
-            let parsed = parse_expiry(value).ok_or_else(|| err(q, format!("Enter {} as MM/YY, like 04/29", label.to_lowercase())))?;
+            let parsed = parse_expiry(value)
+                .ok_or_else(|| err(q, format!("Enter {} as MM/YY, like 04/29", label.to_lowercase())))?;
             if parsed < now {
                 return Err(err(q, format!("{label} must be this month or later; this card has expired")));
             }
@@ -234,7 +246,8 @@ fn check(q: &QuestionSpec, raw: &[String], now: YearMonth) -> Result<String, Fie
         }
     };
     if let Some(p) = &q.pattern {
-        let re = regex::Regex::new(&format!("^(?:{p})$")).map_err(|_| err(q, "This question cannot be answered right now"))?;
+        let re = regex::Regex::new(&format!("^(?:{p})$"))
+            .map_err(|_| err(q, "This question cannot be answered right now"))?;
         if !re.is_match(&normalized) {
             return Err(err(q, format!("{label} is not in the expected format")));
         }
@@ -256,7 +269,11 @@ fn parse_expiry(value: &str) -> Option<YearMonth> {
 
 /// Validates every answer of a submission. `raw` holds each field's submitted values (several for
 /// multiple choice). Returns the normalized answers, or every problem in question order.
-pub fn validate(template: &Template, raw: &BTreeMap<String, Vec<String>>, now: YearMonth) -> Result<Answers, Vec<FieldError>> {
+pub fn validate(
+    template: &Template,
+    raw: &BTreeMap<String, Vec<String>>,
+    now: YearMonth,
+) -> Result<Answers, Vec<FieldError>> {
     let mut answers = Answers::new();
     let mut errors = Vec::new();
     let empty = Vec::new();

@@ -75,7 +75,13 @@ impl KeyRefusal {
 
 /// Opening with the link's key: allowed until the form is submitted, the key expires, or the form
 /// has been opened `reopen_limit` times.
-pub fn check_open(state: Option<&FormState>, site_id: &str, form_id: &str, key: Option<&OtkSecret>, now_ms: i64) -> Result<(), KeyRefusal> {
+pub fn check_open(
+    state: Option<&FormState>,
+    site_id: &str,
+    form_id: &str,
+    key: Option<&OtkSecret>,
+    now_ms: i64,
+) -> Result<(), KeyRefusal> {
     let state = state.filter(|s| s.site_id == site_id && s.form_id == form_id).ok_or(KeyRefusal::Invalid)?;
     let key = key.ok_or(KeyRefusal::Invalid)?;
     if !key.verify(&state.open_key_hash, Purpose::Open, site_id, form_id) {
@@ -94,7 +100,13 @@ pub fn check_open(state: Option<&FormState>, site_id: &str, form_id: &str, key: 
 }
 
 /// Submitting with the page's key: only the latest submit key, once, before it expires.
-pub fn check_submit(state: Option<&FormState>, site_id: &str, form_id: &str, key: Option<&OtkSecret>, now_ms: i64) -> Result<(), KeyRefusal> {
+pub fn check_submit(
+    state: Option<&FormState>,
+    site_id: &str,
+    form_id: &str,
+    key: Option<&OtkSecret>,
+    now_ms: i64,
+) -> Result<(), KeyRefusal> {
     let state = state.filter(|s| s.site_id == site_id && s.form_id == form_id).ok_or(KeyRefusal::Invalid)?;
     let key = key.ok_or(KeyRefusal::Invalid)?;
     let hash = state.submit_key_hash.as_deref().ok_or(KeyRefusal::Invalid)?;
@@ -168,8 +180,16 @@ mod tests {
         let mut s = issued();
         open(&mut s, 'a', 10);
         open(&mut s, 'b', 20);
-        assert_eq!(check_submit(Some(&s), "acme", "f1", Some(&key('a')), 30), Err(KeyRefusal::Invalid), "superseded by the reopen");
-        assert_eq!(check_submit(Some(&s), "acme", "f1", Some(&key('o')), 30), Err(KeyRefusal::Invalid), "open key cannot submit");
+        assert_eq!(
+            check_submit(Some(&s), "acme", "f1", Some(&key('a')), 30),
+            Err(KeyRefusal::Invalid),
+            "superseded by the reopen"
+        );
+        assert_eq!(
+            check_submit(Some(&s), "acme", "f1", Some(&key('o')), 30),
+            Err(KeyRefusal::Invalid),
+            "open key cannot submit"
+        );
         assert_eq!(check_submit(Some(&s), "acme", "f1", Some(&key('b')), 30), Ok(()));
         assert_eq!(check_submit(Some(&s), "acme", "f1", Some(&key('b')), 520), Err(KeyRefusal::Expired));
         s.submitted = true;

@@ -7,10 +7,10 @@ use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use apache_avro::Schema;
-use apache_avro::reader::datum::GenericDatumReader;
-use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::rabin::Rabin;
+use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::types::Value;
+use apache_avro::writer::datum::GenericDatumWriter;
 
 use super::{Event, EventKind, HISTORY};
 
@@ -121,12 +121,16 @@ impl Codec {
             entries.push(SchemaEntry { kind, version, file, fingerprint: fingerprint(schema), schema, current: false });
         }
         let by_fingerprint = entries.iter().enumerate().map(|(i, e)| (e.fingerprint, i)).collect();
-        let current: HashMap<EventKind, usize> = entries.iter().enumerate().filter(|(_, e)| e.current).map(|(i, e)| (e.kind, i)).collect();
+        let current: HashMap<EventKind, usize> =
+            entries.iter().enumerate().filter(|(_, e)| e.current).map(|(i, e)| (e.kind, i)).collect();
         let mut readers = HashMap::new();
         let mut writers = HashMap::new();
         for e in &entries {
             let reader_schema = entries[current[&e.kind]].schema;
-            readers.insert(e.fingerprint, GenericDatumReader::builder(e.schema).maybe_reader_schema(Some(reader_schema)).build()?);
+            readers.insert(
+                e.fingerprint,
+                GenericDatumReader::builder(e.schema).maybe_reader_schema(Some(reader_schema)).build()?,
+            );
             writers.insert(e.fingerprint, GenericDatumWriter::builder(e.schema).build()?);
         }
         Ok(Codec { entries, by_fingerprint, current, readers, writers })
@@ -143,7 +147,8 @@ impl Codec {
     /// Encodes with the current schema of the event's kind.
     pub fn encode(&self, event: &Event) -> Result<Vec<u8>, CodecError> {
         let entry = self.current(event.kind());
-        let value = event.to_avro_value().map_err(|source| CodecError::Encode { schema: entry.kind.name().into(), source })?;
+        let value =
+            event.to_avro_value().map_err(|source| CodecError::Encode { schema: entry.kind.name().into(), source })?;
         self.encode_value(entry, value)
     }
 
@@ -187,7 +192,8 @@ impl Codec {
 
     pub fn decode(&self, bytes: &[u8]) -> Result<Event, CodecError> {
         let (kind, value) = self.decode_value(bytes)?;
-        let event = Event::from_avro_value(kind, &value).map_err(|source| CodecError::Body { schema: kind.name().into(), source })?;
+        let event = Event::from_avro_value(kind, &value)
+            .map_err(|source| CodecError::Body { schema: kind.name().into(), source })?;
         if event.header().event_type != kind.name() {
             return Err(CodecError::TypeMismatch { expected: kind.name(), found: event.header().event_type.clone() });
         }
@@ -236,7 +242,12 @@ mod tests {
             S::Bytes => proptest::collection::vec(any::<u8>(), 0..24).prop_map(Value::Bytes).boxed(),
             S::Array(a) => proptest::collection::vec(arb_value(&a.items), 0..3).prop_map(Value::Array).boxed(),
             S::Union(u) => {
-                let branches: Vec<_> = u.variants().iter().enumerate().map(|(i, v)| arb_value(v).prop_map(move |x| Value::Union(i as u32, Box::new(x))).boxed()).collect();
+                let branches: Vec<_> = u
+                    .variants()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| arb_value(v).prop_map(move |x| Value::Union(i as u32, Box::new(x))).boxed())
+                    .collect();
                 proptest::strategy::Union::new(branches).boxed()
             }
             S::Record(r) => {
@@ -266,7 +277,12 @@ mod tests {
 
     fn arb_entry_value() -> impl Strategy<Value = (usize, Value)> {
         let codec = Codec::get();
-        let per_entry: Vec<_> = codec.entries().iter().enumerate().map(|(i, e)| arb_value(&e.schema).prop_map(move |v| (i, v)).boxed()).collect();
+        let per_entry: Vec<_> = codec
+            .entries()
+            .iter()
+            .enumerate()
+            .map(|(i, e)| arb_value(&e.schema).prop_map(move |v| (i, v)).boxed())
+            .collect();
         proptest::strategy::Union::new(per_entry)
     }
 

@@ -96,12 +96,8 @@ events! {
 }
 
 /// Older schema versions still readable: data written with them decodes into today's types.
-pub const HISTORY: &[(EventKind, i32, &str, &str)] = &[(
-    EventKind::FormSent,
-    1,
-    "history/form_sent.v1.avsc",
-    include_str!("../../schemas/history/form_sent.v1.avsc"),
-)];
+pub const HISTORY: &[(EventKind, i32, &str, &str)] =
+    &[(EventKind::FormSent, 1, "history/form_sent.v1.avsc", include_str!("../../schemas/history/form_sent.v1.avsc"))];
 
 impl EventHeader {
     /// A header for a new event of `kind`. `event_id` must be unique per logical event; pass a

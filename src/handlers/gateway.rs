@@ -24,7 +24,13 @@ impl Handler for GatewayProjection {
         vec![Topic::FormLinks, Topic::Submissions]
     }
 
-    fn apply(&mut self, tx: &mut Tx<'_>, event: &Event, _meta: &RecordMeta, _now_ms: i64) -> Result<Vec<Event>, ApplyError> {
+    fn apply(
+        &mut self,
+        tx: &mut Tx<'_>,
+        event: &Event,
+        _meta: &RecordMeta,
+        _now_ms: i64,
+    ) -> Result<Vec<Event>, ApplyError> {
         match event {
             Event::FormIssued(e) => {
                 let key = form_key(&e.header.site_id, &e.form_id);

@@ -55,7 +55,13 @@ impl Handler for Issuer {
         vec![Topic::ChatEvents]
     }
 
-    fn apply(&mut self, tx: &mut Tx<'_>, event: &Event, meta: &RecordMeta, now_ms: i64) -> Result<Vec<Event>, ApplyError> {
+    fn apply(
+        &mut self,
+        tx: &mut Tx<'_>,
+        event: &Event,
+        meta: &RecordMeta,
+        now_ms: i64,
+    ) -> Result<Vec<Event>, ApplyError> {
         match event {
             Event::FormSent(sent) => {
                 let key = form_key(&sent.header.site_id, &sent.form_id);
@@ -67,10 +73,15 @@ impl Handler for Issuer {
                     return Err(ApplyError::Unprocessable("FormSent needs a form_id and a conversation_id".into()));
                 }
                 let open_key = OtkSecret::generate(&mut self.rng);
-                let outcome = decide(&self.sites, &IssueInput { sent, now_ms, open_key: &open_key, public_url: &self.public_url });
+                let outcome = decide(
+                    &self.sites,
+                    &IssueInput { sent, now_ms, open_key: &open_key, public_url: &self.public_url },
+                );
                 let issued = matches!(outcome, Event::FormIssued(_));
                 match &outcome {
-                    Event::FormRejected(r) => tracing::debug!(form_id = %sent.form_id, site_id = %sent.header.site_id, reason = %r.reason, "form rejected"),
+                    Event::FormRejected(r) => {
+                        tracing::debug!(form_id = %sent.form_id, site_id = %sent.header.site_id, reason = %r.reason, "form rejected")
+                    }
                     _ => tracing::debug!(form_id = %sent.form_id, site_id = %sent.header.site_id, "form issued"),
                 }
                 tx.insert_json(
@@ -85,7 +96,9 @@ impl Handler for Issuer {
                 );
                 Ok(vec![outcome])
             }
-            Event::ConversationTransferred(_) | Event::ConversationClosed(_) | Event::AgentSessionEnded(_) => Ok(vec![]),
+            Event::ConversationTransferred(_) | Event::ConversationClosed(_) | Event::AgentSessionEnded(_) => {
+                Ok(vec![])
+            }
             other if other.kind().topic() != meta.topic => Err(ApplyError::Unprocessable(format!(
                 "{} does not belong on {}; it is produced to {}",
                 other.kind().name(),

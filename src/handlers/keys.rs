@@ -43,7 +43,9 @@ pub fn load_ring(ring: &KeyRing, store: &Store) -> Result<usize, StoreError> {
         if let Ok(Event::DataKeyCreated(e)) = Codec::get().decode(&v) {
             match ring.created(&e) {
                 Ok(_) => n += 1,
-                Err(error) => tracing::error!(%error, key_id = %e.key_id, "stored data key cannot be unwrapped; check SECUREFORMS_MASTER_KEY is the master key this deployment uses"),
+                Err(error) => {
+                    tracing::error!(%error, key_id = %e.key_id, "stored data key cannot be unwrapped; check SECUREFORMS_MASTER_KEY is the master key this deployment uses")
+                }
             }
         }
     }
@@ -59,7 +61,13 @@ impl Handler for KeysHandler {
         vec![Topic::Keys]
     }
 
-    fn apply(&mut self, tx: &mut Tx<'_>, event: &Event, _meta: &RecordMeta, _now_ms: i64) -> Result<Vec<Event>, ApplyError> {
+    fn apply(
+        &mut self,
+        tx: &mut Tx<'_>,
+        event: &Event,
+        _meta: &RecordMeta,
+        _now_ms: i64,
+    ) -> Result<Vec<Event>, ApplyError> {
         match event {
             Event::DataKeyCreated(e) => match self.ring.created(e) {
                 Ok(true) => {
@@ -82,7 +90,9 @@ impl Handler for KeysHandler {
                 tracing::info!(key_id = %e.key_id, reason = %e.reason, "data key destroyed");
                 Ok(vec![])
             }
-            other => Err(ApplyError::Unprocessable(format!("{} does not belong on the keys topic", other.kind().name()))),
+            other => {
+                Err(ApplyError::Unprocessable(format!("{} does not belong on the keys topic", other.kind().name())))
+            }
         }
     }
 }
@@ -155,10 +165,20 @@ pub fn read_key_metadata(kafka: &crate::kafka::KafkaSettings) -> Result<Vec<KeyM
 
 /// Proposes a new data key for a site and period at `generation`, and waits until the key ring holds
 /// whichever key for that id won (possibly another node's).
-pub async fn create_key(ring: &KeyRing, producer: &EventProducer, site: &str, period: &str, generation: i32, now_ms: i64) -> Result<Arc<DataKey>, KafkaError> {
+pub async fn create_key(
+    ring: &KeyRing,
+    producer: &EventProducer,
+    site: &str,
+    period: &str,
+    generation: i32,
+    now_ms: i64,
+) -> Result<Arc<DataKey>, KafkaError> {
     let id = data_key_id(site, period, generation);
     let material = KeyMaterial::random();
-    let wrapped = ring.master().wrap(&id, &material).map_err(|e| KafkaError::Topic { topic: "keys".into(), message: e.to_string() })?;
+    let wrapped = ring
+        .master()
+        .wrap(&id, &material)
+        .map_err(|e| KafkaError::Topic { topic: "keys".into(), message: e.to_string() })?;
     let event = Event::DataKeyCreated(DataKeyCreated {
         header: EventHeader::new(EventKind::DataKeyCreated, uuid::Uuid::new_v4(), now_ms, site, "", &id),
         key_id: id.clone(),
@@ -176,7 +196,9 @@ pub async fn create_key(ring: &KeyRing, producer: &EventProducer, site: &str, pe
         if Instant::now() > deadline {
             return Err(KafkaError::Topic {
                 topic: "keys".into(),
-                message: format!("data key {id} was produced but not consumed back within 30 s; is the keys handler running?"),
+                message: format!(
+                    "data key {id} was produced but not consumed back within 30 s; is the keys handler running?"
+                ),
             });
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -185,7 +207,12 @@ pub async fn create_key(ring: &KeyRing, producer: &EventProducer, site: &str, pe
 
 /// The key new writes for a site use now: the newest generation of the current period, created on
 /// first use.
-pub async fn current_key(ring: &KeyRing, producer: &EventProducer, site: &str, now_ms: i64) -> Result<Arc<DataKey>, KafkaError> {
+pub async fn current_key(
+    ring: &KeyRing,
+    producer: &EventProducer,
+    site: &str,
+    now_ms: i64,
+) -> Result<Arc<DataKey>, KafkaError> {
     let period = crate::crypto::period_of(now_ms);
     if let Some(k) = ring.current(site, &period) {
         return Ok(k);
@@ -194,7 +221,12 @@ pub async fn current_key(ring: &KeyRing, producer: &EventProducer, site: &str, n
 }
 
 /// Rotation: new writes for the site use a new generation from now on; old keys stay readable.
-pub async fn rotate(ring: &KeyRing, producer: &EventProducer, site: &str, now_ms: i64) -> Result<Arc<DataKey>, KafkaError> {
+pub async fn rotate(
+    ring: &KeyRing,
+    producer: &EventProducer,
+    site: &str,
+    now_ms: i64,
+) -> Result<Arc<DataKey>, KafkaError> {
     let period = crate::crypto::period_of(now_ms);
     let next = ring.current(site, &period).map(|k| k.generation + 1).unwrap_or(1);
     create_key(ring, producer, site, &period, next, now_ms).await
@@ -235,8 +267,14 @@ mod tests {
         ];
         let m = key_metadata(&events);
         assert_eq!(m.len(), 3);
-        assert_eq!((m[0].key_id.as_str(), m[0].master_key_id.as_str(), m[0].destroyed_reason.as_deref()), ("acme.2025-01.g1", "mk-a", Some("retention")));
+        assert_eq!(
+            (m[0].key_id.as_str(), m[0].master_key_id.as_str(), m[0].destroyed_reason.as_deref()),
+            ("acme.2025-01.g1", "mk-a", Some("retention"))
+        );
         assert!(!m[1].is_destroyed());
-        assert_eq!((m[2].site_id.as_str(), m[2].period.as_str(), m[2].generation, m[2].created_at), ("old.site", "2024-12", 2, None));
+        assert_eq!(
+            (m[2].site_id.as_str(), m[2].period.as_str(), m[2].generation, m[2].created_at),
+            ("old.site", "2024-12", 2, None)
+        );
     }
 }

@@ -22,11 +22,19 @@ impl Handler for RetrievalProjection {
         vec![Topic::AgentEvents, Topic::Submissions]
     }
 
-    fn apply(&mut self, tx: &mut Tx<'_>, event: &Event, _meta: &RecordMeta, _now_ms: i64) -> Result<Vec<Event>, ApplyError> {
+    fn apply(
+        &mut self,
+        tx: &mut Tx<'_>,
+        event: &Event,
+        _meta: &RecordMeta,
+        _now_ms: i64,
+    ) -> Result<Vec<Event>, ApplyError> {
         match event {
             Event::FormReady(r) => {
-                let id = uuid::Uuid::parse_str(&r.submission_id).map_err(|_| ApplyError::Unprocessable("FormReady.submission_id is not a UUID".into()))?;
-                let key = OtkSecret::parse(&r.retrieve_key).ok_or_else(|| ApplyError::Unprocessable("FormReady.retrieve_key is not a key".into()))?;
+                let id = uuid::Uuid::parse_str(&r.submission_id)
+                    .map_err(|_| ApplyError::Unprocessable("FormReady.submission_id is not a UUID".into()))?;
+                let key = OtkSecret::parse(&r.retrieve_key)
+                    .ok_or_else(|| ApplyError::Unprocessable("FormReady.retrieve_key is not a key".into()))?;
                 let state = RetrieveKeyState {
                     key_hash: key.hash(Purpose::Retrieve, &r.header.site_id, &r.submission_id),
                     expires_at: r.retrieve_expires_at,

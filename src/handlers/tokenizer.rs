@@ -14,14 +14,14 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use crate::config::SiteConfig;
+use crate::crypto::KeyRing;
 use crate::domain::otk::OtkSecret;
 use crate::events::{Event, EventHeader, EventKind, FormReady, derived_event_id};
 use crate::kafka::{ApplyError, Handler, RecordMeta};
-use crate::store::Tx;
-use crate::topics::Topic;
-use crate::crypto::KeyRing;
 use crate::metrics::Metrics;
 use crate::store::StoreError;
+use crate::store::Tx;
+use crate::topics::Topic;
 use crate::vault::record::{VaultRecord, conversation_key, conversation_prefix, submission_key, time_key};
 use crate::vault::trees;
 
@@ -45,11 +45,18 @@ impl Tokenizer {
     }
 
     /// Why a FormSubmitted must not enter the vault, if it must not.
-    fn purged_reason(&self, tx: &mut Tx<'_>, id: &uuid::Uuid, s: &crate::events::FormSubmitted, now_ms: i64) -> Result<Option<&'static str>, StoreError> {
+    fn purged_reason(
+        &self,
+        tx: &mut Tx<'_>,
+        id: &uuid::Uuid,
+        s: &crate::events::FormSubmitted,
+        now_ms: i64,
+    ) -> Result<Option<&'static str>, StoreError> {
         if tx.get(trees::PURGED, &submission_key(id))?.is_some() {
             return Ok(Some("tombstone"));
         }
-        if crate::domain::retention::is_expired(s.header.occurred_at, self.retention_months(&s.header.site_id), now_ms) {
+        if crate::domain::retention::is_expired(s.header.occurred_at, self.retention_months(&s.header.site_id), now_ms)
+        {
             return Ok(Some("retention"));
         }
         if matches!(self.ring.get(&s.key_id), Err(crate::crypto::KeyError::Destroyed(_))) {
@@ -84,11 +91,18 @@ impl Handler for Tokenizer {
         vec![Topic::Submissions]
     }
 
-    fn apply(&mut self, tx: &mut Tx<'_>, event: &Event, _meta: &RecordMeta, now_ms: i64) -> Result<Vec<Event>, ApplyError> {
+    fn apply(
+        &mut self,
+        tx: &mut Tx<'_>,
+        event: &Event,
+        _meta: &RecordMeta,
+        now_ms: i64,
+    ) -> Result<Vec<Event>, ApplyError> {
         match event {
             Event::FormSubmitted(s) => {
-                let id = uuid::Uuid::parse_str(&s.submission_id)
-                    .map_err(|_| ApplyError::Unprocessable(format!("submission_id {:?} is not a UUID", s.submission_id)))?;
+                let id = uuid::Uuid::parse_str(&s.submission_id).map_err(|_| {
+                    ApplyError::Unprocessable(format!("submission_id {:?} is not a UUID", s.submission_id))
+                })?;
                 let key = submission_key(&id);
                 if tx.get(trees::SUBMISSIONS, &key)?.is_some() {
                     tracing::debug!(submission_id = %id, "submission already in the vault; duplicate ignored");
@@ -105,9 +119,17 @@ impl Handler for Tokenizer {
                 let record = VaultRecord::from_event(s);
                 tx.insert(trees::SUBMISSIONS, key.to_vec(), record.encode());
                 tx.insert(trees::BY_TIME, time_key(&record.site_id, record.submitted_at, &id), Vec::new());
-                tx.insert(trees::BY_CONVERSATION, conversation_key(&record.site_id, &record.conversation_id, &id), Vec::new());
+                tx.insert(
+                    trees::BY_CONVERSATION,
+                    conversation_key(&record.site_id, &record.conversation_id, &id),
+                    Vec::new(),
+                );
 
-                let ttl = self.sites.get(&s.header.site_id).map(|c| c.retrieve_key_ttl_secs).unwrap_or(DEFAULT_RETRIEVE_TTL_SECS);
+                let ttl = self
+                    .sites
+                    .get(&s.header.site_id)
+                    .map(|c| c.retrieve_key_ttl_secs)
+                    .unwrap_or(DEFAULT_RETRIEVE_TTL_SECS);
                 let retrieve_key = OtkSecret::generate(&mut self.rng);
                 let h = &s.header;
                 let ready = FormReady {
@@ -132,10 +154,9 @@ impl Handler for Tokenizer {
             Event::SubmissionPurged(p) => {
                 let mut ids = std::collections::BTreeSet::new();
                 for raw in &p.submission_ids {
-                    ids.insert(
-                        uuid::Uuid::parse_str(raw)
-                            .map_err(|_| ApplyError::Unprocessable(format!("SubmissionPurged lists {raw:?}, which is not a UUID")))?,
-                    );
+                    ids.insert(uuid::Uuid::parse_str(raw).map_err(|_| {
+                        ApplyError::Unprocessable(format!("SubmissionPurged lists {raw:?}, which is not a UUID"))
+                    })?);
                 }
                 if p.reason == "erasure" && !p.header.conversation_id.is_empty() {
                     // Everything of the conversation up to this point of its partition, listed or not.
@@ -159,7 +180,10 @@ impl Handler for Tokenizer {
                 Ok(vec![])
             }
             Event::FormOpened(_) | Event::KeyRefused(_) => Ok(vec![]),
-            other => Err(ApplyError::Unprocessable(format!("{} does not belong on the submissions topic", other.kind().name()))),
+            other => Err(ApplyError::Unprocessable(format!(
+                "{} does not belong on the submissions topic",
+                other.kind().name()
+            ))),
         }
     }
 }

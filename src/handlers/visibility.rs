@@ -50,12 +50,20 @@ impl Handler for VisibilityProjection {
         vec![Topic::ChatEvents, Topic::Submissions]
     }
 
-    fn apply(&mut self, tx: &mut Tx<'_>, event: &Event, _meta: &RecordMeta, _now_ms: i64) -> Result<Vec<Event>, ApplyError> {
+    fn apply(
+        &mut self,
+        tx: &mut Tx<'_>,
+        event: &Event,
+        _meta: &RecordMeta,
+        _now_ms: i64,
+    ) -> Result<Vec<Event>, ApplyError> {
         let h = event.header();
         let ckey = conversation_key(&h.site_id, &h.conversation_id);
         match event {
             Event::FormSent(e) => {
-                let mut c = tx.get_json::<Conversation>(trees::CONVERSATIONS, &ckey)?.unwrap_or(Conversation { live: true, current_agent: None });
+                let mut c = tx
+                    .get_json::<Conversation>(trees::CONVERSATIONS, &ckey)?
+                    .unwrap_or(Conversation { live: true, current_agent: None });
                 if c.current_agent.is_none() {
                     c.current_agent = Some(e.agent_id.clone());
                 }
@@ -67,12 +75,16 @@ impl Handler for VisibilityProjection {
                 }
             }
             Event::ConversationTransferred(e) => {
-                let mut c = tx.get_json::<Conversation>(trees::CONVERSATIONS, &ckey)?.unwrap_or(Conversation { live: true, current_agent: None });
+                let mut c = tx
+                    .get_json::<Conversation>(trees::CONVERSATIONS, &ckey)?
+                    .unwrap_or(Conversation { live: true, current_agent: None });
                 c.current_agent = Some(e.to_agent_id.clone());
                 tx.insert_json(trees::CONVERSATIONS, ckey, &c);
             }
             Event::ConversationClosed(_) => {
-                let mut c = tx.get_json::<Conversation>(trees::CONVERSATIONS, &ckey)?.unwrap_or(Conversation { live: false, current_agent: None });
+                let mut c = tx
+                    .get_json::<Conversation>(trees::CONVERSATIONS, &ckey)?
+                    .unwrap_or(Conversation { live: false, current_agent: None });
                 c.live = false;
                 tx.insert_json(trees::CONVERSATIONS, ckey, &c);
             }

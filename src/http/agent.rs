@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 
 use super::AppState;
 use super::auth::{AgentClaims, AuthFailure};
-use crate::domain::access::{Conversation, MANAGER_ROLE, Requester, SubmissionOwner, may_retrieve, may_view_responses_in_history};
+use crate::domain::access::{
+    Conversation, MANAGER_ROLE, Requester, SubmissionOwner, may_retrieve, may_view_responses_in_history,
+};
 use crate::domain::otk::OtkSecret;
 use crate::events::{Event, EventHeader, EventKind, FormReady, FormRetrieved};
 use crate::handlers::visibility::{conversation_key, trees};
@@ -99,7 +101,15 @@ fn conversation(state: &AppState, site: &str, conv: &str) -> Option<Conversation
 
 /// Records the audit event durably (relayed to Kafka by the audit log). Returns false when it could
 /// not be recorded. `spent` is the key hash a granted retrieval spent.
-async fn audit(state: &AppState, owner: Option<&SubmissionOwner>, submission: &str, agent: &str, session: Option<&str>, outcome: &str, reason: &str) -> bool {
+async fn audit(
+    state: &AppState,
+    owner: Option<&SubmissionOwner>,
+    submission: &str,
+    agent: &str,
+    session: Option<&str>,
+    outcome: &str,
+    reason: &str,
+) -> bool {
     audit_spending(state, owner, submission, agent, session, outcome, reason, None).await
 }
 
@@ -114,7 +124,8 @@ async fn audit_spending(
     reason: &str,
     spent: Option<&str>,
 ) -> bool {
-    let (site, conv, form) = owner.map(|o| (o.site_id.as_str(), o.conversation_id.as_str(), o.form_id.as_str())).unwrap_or(("", "", ""));
+    let (site, conv, form) =
+        owner.map(|o| (o.site_id.as_str(), o.conversation_id.as_str(), o.form_id.as_str())).unwrap_or(("", "", ""));
     let event = Event::FormRetrieved(FormRetrieved {
         header: EventHeader::new(EventKind::FormRetrieved, uuid::Uuid::new_v4(), now(state), site, conv, form),
         form_id: form.to_string(),
@@ -167,9 +178,14 @@ pub struct RetrieveResponse {
 fn parse_json<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &Bytes) -> Result<T, Response> {
     let ct = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     if !ct.to_ascii_lowercase().starts_with("application/json") {
-        return Err(api_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "bad_content_type", "send the body as application/json"));
+        return Err(api_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "bad_content_type",
+            "send the body as application/json",
+        ));
     }
-    serde_json::from_slice(body).map_err(|e| api_error(StatusCode::BAD_REQUEST, "bad_body", &format!("the JSON body is not valid: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| api_error(StatusCode::BAD_REQUEST, "bad_body", &format!("the JSON body is not valid: {e}")))
 }
 
 /// Retrieve a submission's answers with its one-time retrieve key (from FormReady). Only the agent
@@ -186,7 +202,12 @@ fn parse_json<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &Bytes)
         (status = 404, description = "unknown_submission", body = ApiError),
         (status = 415, description = "Not application/json", body = ApiError),
     ))]
-pub async fn retrieve(State(state): State<Arc<AppState>>, Path(id): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn retrieve(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let Ok(sid) = uuid::Uuid::parse_str(&id) else {
         return api_error(StatusCode::BAD_REQUEST, "bad_submission_id", "the submission id must be a UUID");
     };
@@ -209,18 +230,40 @@ pub async fn retrieve(State(state): State<Arc<AppState>>, Path(id): Path<String>
     let who = Requester { agent_id: &claims.sub, site_id: &claims.site, permissions: &claims.permissions };
     if let Err(d) = may_retrieve(&who, known.as_ref(), conv.as_ref()) {
         audit(&state, known.as_ref(), &id, &claims.sub, Some(&claims.sid), "denied", d.code()).await;
-        let status = if d == crate::domain::access::Denial::UnknownSubmission { StatusCode::NOT_FOUND } else { StatusCode::FORBIDDEN };
+        let status = if d == crate::domain::access::Denial::UnknownSubmission {
+            StatusCode::NOT_FOUND
+        } else {
+            StatusCode::FORBIDDEN
+        };
         return api_error(status, d.code(), d.message());
     }
     let owner = known.expect("checked by may_retrieve");
     match state.node.detokenizer.detokenize(&claims.site, sid, &request.key, now(&state)) {
         Ok(got) => {
-            if !audit_spending(&state, Some(&owner), &id, &claims.sub, Some(&claims.sid), "granted", "", Some(&got.spent_key_hash)).await {
-                return api_error(StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable", "the retrieval could not be audited, so nothing was returned; try again with a fresh key");
+            if !audit_spending(
+                &state,
+                Some(&owner),
+                &id,
+                &claims.sub,
+                Some(&claims.sid),
+                "granted",
+                "",
+                Some(&got.spent_key_hash),
+            )
+            .await
+            {
+                return api_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "audit_unavailable",
+                    "the retrieval could not be audited, so nothing was returned; try again with a fresh key",
+                );
             }
             let answers = got.answers.iter().map(|(k, v)| (k.clone(), v.expose().to_string())).collect();
             let off_record = match &got.off_record {
-                OffRecord::Present(a) => OffRecordView { state: "present", answers: a.iter().map(|(k, v)| (k.clone(), v.expose().to_string())).collect() },
+                OffRecord::Present(a) => OffRecordView {
+                    state: "present",
+                    answers: a.iter().map(|(k, v)| (k.clone(), v.expose().to_string())).collect(),
+                },
                 OffRecord::Expired => OffRecordView { state: "expired", answers: BTreeMap::new() },
             };
             Json(RetrieveResponse {
@@ -237,7 +280,11 @@ pub async fn retrieve(State(state): State<Arc<AppState>>, Path(id): Path<String>
         }
         Err(DetokenizeError::Refused(r)) => {
             audit(&state, Some(&owner), &id, &claims.sub, Some(&claims.sid), "denied", r.code()).await;
-            let status = if r == crate::vault::detokenize::Refusal::UnknownSubmission { StatusCode::NOT_FOUND } else { StatusCode::FORBIDDEN };
+            let status = if r == crate::vault::detokenize::Refusal::UnknownSubmission {
+                StatusCode::NOT_FOUND
+            } else {
+                StatusCode::FORBIDDEN
+            };
             api_error(status, r.code(), &r.to_string())
         }
         Err(error) => {
@@ -270,7 +317,11 @@ pub async fn fresh_key(State(state): State<Arc<AppState>>, Path(id): Path<String
     let conv = known.as_ref().and_then(|o| conversation(&state, &o.site_id, &o.conversation_id));
     let who = Requester { agent_id: &claims.sub, site_id: &claims.site, permissions: &claims.permissions };
     if let Err(d) = may_retrieve(&who, known.as_ref(), conv.as_ref()) {
-        let status = if d == crate::domain::access::Denial::UnknownSubmission { StatusCode::NOT_FOUND } else { StatusCode::FORBIDDEN };
+        let status = if d == crate::domain::access::Denial::UnknownSubmission {
+            StatusCode::NOT_FOUND
+        } else {
+            StatusCode::FORBIDDEN
+        };
         return api_error(status, d.code(), d.message());
     }
     let owner = known.expect("checked");
@@ -279,7 +330,14 @@ pub async fn fresh_key(State(state): State<Arc<AppState>>, Path(id): Path<String
     let record = state.node.detokenizer.record(&sid).ok().flatten();
     let key = OtkSecret::generate(&mut rand::rngs::StdRng::from_os_rng());
     let ready = FormReady {
-        header: EventHeader::new(EventKind::FormReady, uuid::Uuid::new_v4(), t, &owner.site_id, &owner.conversation_id, &owner.form_id),
+        header: EventHeader::new(
+            EventKind::FormReady,
+            uuid::Uuid::new_v4(),
+            t,
+            &owner.site_id,
+            &owner.conversation_id,
+            &owner.form_id,
+        ),
         form_id: owner.form_id.clone(),
         submission_id: id.clone(),
         agent_id: owner.sender.clone(),
@@ -293,7 +351,15 @@ pub async fn fresh_key(State(state): State<Arc<AppState>>, Path(id): Path<String
         tracing::error!(%error, "could not record a fresh retrieve key; check the data directory's disk");
         return api_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "try again in a moment");
     }
-    (StatusCode::CREATED, Json(FreshKey { submission_id: id, retrieve_key: ready.retrieve_key, retrieve_expires_at: ready.retrieve_expires_at })).into_response()
+    (
+        StatusCode::CREATED,
+        Json(FreshKey {
+            submission_id: id,
+            retrieve_key: ready.retrieve_key,
+            retrieve_expires_at: ready.retrieve_expires_at,
+        }),
+    )
+        .into_response()
 }
 
 /// A conversation's secure forms, for agent managers. Answers only with "view secure form responses
@@ -337,7 +403,16 @@ pub async fn history(State(state): State<Arc<AppState>>, Path(conv): Path<String
             match state.node.detokenizer.open_for_history(&claims.site, sid) {
                 Ok(answers) => {
                     item.answers = Some(answers.iter().map(|(k, v)| (k.clone(), v.expose().to_string())).collect());
-                    audit(&state, Some(&o), &sid.to_string(), &claims.sub, Some(&claims.sid), "granted", "history_view").await;
+                    audit(
+                        &state,
+                        Some(&o),
+                        &sid.to_string(),
+                        &claims.sub,
+                        Some(&claims.sid),
+                        "granted",
+                        "history_view",
+                    )
+                    .await;
                 }
                 Err(e) => item.note = Some(format!("responses unavailable: {e}")),
             }

@@ -49,7 +49,9 @@ impl AuthFailure {
 
     pub fn message(self) -> &'static str {
         match self {
-            AuthFailure::NotConfigured => "agent authentication is not configured on this node (set SECUREFORMS_JWT_SECRET or agent_auth.jwks_file)",
+            AuthFailure::NotConfigured => {
+                "agent authentication is not configured on this node (set SECUREFORMS_JWT_SECRET or agent_auth.jwks_file)"
+            }
             AuthFailure::Missing => "send the agent's token as Authorization: Bearer <jwt>",
             AuthFailure::Invalid => "the token is not valid (signature, algorithm, claims or format)",
             AuthFailure::Expired => "the token has expired; get a new one from the chat platform",
@@ -85,7 +87,9 @@ pub struct AgentAuth {
 impl AgentAuth {
     /// From the configuration and `SECUREFORMS_JWT_SECRET` (which wins over `jwt_secret_file`).
     pub fn load(cfg: &AgentAuthConfig, env_secret: Option<&str>) -> Result<AgentAuth, AuthConfigError> {
-        let read = |p: &Path| std::fs::read(p).map_err(|source| AuthConfigError::Read { path: p.display().to_string(), source });
+        let read = |p: &Path| {
+            std::fs::read(p).map_err(|source| AuthConfigError::Read { path: p.display().to_string(), source })
+        };
         let keys = if let Some(secret) = env_secret.filter(|s| !s.is_empty()) {
             Keys::Secret(DecodingKey::from_secret(secret.as_bytes()))
         } else if let Some(p) = &cfg.jwt_secret_file {
@@ -101,7 +105,11 @@ impl AgentAuth {
                     .key_algorithm
                     .and_then(|a| a.to_string().parse::<Algorithm>().ok())
                     .ok_or_else(|| bad("every key needs an \"alg\"".into()))?;
-                keys.push((jwk.common.key_id.clone(), alg, DecodingKey::from_jwk(jwk).map_err(|e| bad(e.to_string()))?));
+                keys.push((
+                    jwk.common.key_id.clone(),
+                    alg,
+                    DecodingKey::from_jwk(jwk).map_err(|e| bad(e.to_string()))?,
+                ));
             }
             Keys::Jwks(keys)
         } else {
@@ -170,7 +178,14 @@ mod tests {
     }
 
     fn claims(exp: i64) -> AgentClaims {
-        AgentClaims { sub: "alice".into(), site: "acme".into(), roles: vec!["agent".into()], permissions: vec!["use_secure_form".into()], sid: "s1".into(), exp }
+        AgentClaims {
+            sub: "alice".into(),
+            site: "acme".into(),
+            roles: vec!["agent".into()],
+            permissions: vec!["use_secure_form".into()],
+            sid: "s1".into(),
+            exp,
+        }
     }
 
     #[test]
@@ -180,8 +195,18 @@ mod tests {
         let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(kp.public_key_raw());
         let dir = tempfile::tempdir().unwrap();
         let jwks = dir.path().join("jwks.json");
-        std::fs::write(&jwks, serde_json::json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "x": x, "alg": "EdDSA", "kid": "k1"}]}).to_string()).unwrap();
-        let cfg = AgentAuthConfig { jwks_file: Some(jwks), issuer: Some("chat".into()), audience: Some("secureforms".into()), ..Default::default() };
+        std::fs::write(
+            &jwks,
+            serde_json::json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "x": x, "alg": "EdDSA", "kid": "k1"}]})
+                .to_string(),
+        )
+        .unwrap();
+        let cfg = AgentAuthConfig {
+            jwks_file: Some(jwks),
+            issuer: Some("chat".into()),
+            audience: Some("secureforms".into()),
+            ..Default::default()
+        };
         let auth = AgentAuth::load(&cfg, None).unwrap();
         let sign = |kid: &str, iss: &str, aud: &str| {
             let mut header = Header::new(Algorithm::EdDSA);
@@ -198,18 +223,39 @@ mod tests {
         assert_eq!(auth.verify(&sign("k2", "chat", "secureforms"), 1_000), Err(AuthFailure::Invalid), "unknown kid");
         assert_eq!(auth.verify(&sign("k1", "elsewhere", "secureforms"), 1_000), Err(AuthFailure::Invalid), "issuer");
         assert_eq!(auth.verify(&sign("k1", "chat", "other"), 1_000), Err(AuthFailure::Invalid), "audience");
-        assert_eq!(auth.verify(&token("any", &claims(2_000), Algorithm::HS256), 1_000), Err(AuthFailure::Invalid), "HS256 is not accepted when keys come from JWKS");
+        assert_eq!(
+            auth.verify(&token("any", &claims(2_000), Algorithm::HS256), 1_000),
+            Err(AuthFailure::Invalid),
+            "HS256 is not accepted when keys come from JWKS"
+        );
     }
 
     #[test]
     fn tokens_are_checked_for_signature_algorithm_and_expiry() {
         let auth = AgentAuth::load(&AgentAuthConfig::default(), Some("top-secret")).unwrap();
-        assert_eq!(auth.verify(&token("top-secret", &claims(2_000), Algorithm::HS256), 1_000_000).unwrap().sub, "alice");
-        assert_eq!(auth.verify(&token("other", &claims(2_000), Algorithm::HS256), 1_000_000), Err(AuthFailure::Invalid), "forged");
-        assert_eq!(auth.verify(&token("top-secret", &claims(2_000), Algorithm::HS512), 1_000_000), Err(AuthFailure::Invalid), "algorithm");
-        assert_eq!(auth.verify(&token("top-secret", &claims(999), Algorithm::HS256), 1_000_000), Err(AuthFailure::Expired));
+        assert_eq!(
+            auth.verify(&token("top-secret", &claims(2_000), Algorithm::HS256), 1_000_000).unwrap().sub,
+            "alice"
+        );
+        assert_eq!(
+            auth.verify(&token("other", &claims(2_000), Algorithm::HS256), 1_000_000),
+            Err(AuthFailure::Invalid),
+            "forged"
+        );
+        assert_eq!(
+            auth.verify(&token("top-secret", &claims(2_000), Algorithm::HS512), 1_000_000),
+            Err(AuthFailure::Invalid),
+            "algorithm"
+        );
+        assert_eq!(
+            auth.verify(&token("top-secret", &claims(999), Algorithm::HS256), 1_000_000),
+            Err(AuthFailure::Expired)
+        );
         assert_eq!(auth.verify(&HeaderMap::new(), 0), Err(AuthFailure::Missing));
         let unconfigured = AgentAuth::load(&AgentAuthConfig::default(), None).unwrap();
-        assert_eq!(unconfigured.verify(&token("x", &claims(2_000), Algorithm::HS256), 0), Err(AuthFailure::NotConfigured));
+        assert_eq!(
+            unconfigured.verify(&token("x", &claims(2_000), Algorithm::HS256), 0),
+            Err(AuthFailure::NotConfigured)
+        );
     }
 }

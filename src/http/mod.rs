@@ -59,12 +59,16 @@ pub struct AppState {
 impl AppState {
     pub fn new(node: Arc<Node>, https: bool) -> Result<Arc<AppState>, HttpError> {
         let secret = std::env::var("SECUREFORMS_JWT_SECRET").ok();
-        let auth = auth::AgentAuth::load(&node.settings.agent_auth, secret.as_deref()).map_err(|e| HttpError::Auth(e.to_string()))?;
+        let auth = auth::AgentAuth::load(&node.settings.agent_auth, secret.as_deref())
+            .map_err(|e| HttpError::Auth(e.to_string()))?;
         if !auth.is_configured() {
-            tracing::warn!("agent authentication is not configured: the agent API answers 401 auth_not_configured; set SECUREFORMS_JWT_SECRET or agent_auth.jwks_file");
+            tracing::warn!(
+                "agent authentication is not configured: the agent API answers 401 auth_not_configured; set SECUREFORMS_JWT_SECRET or agent_auth.jwks_file"
+            );
         }
         let quota = |per_minute: u32, burst: u32| {
-            Quota::per_minute(NonZeroU32::new(per_minute).expect("non-zero")).allow_burst(NonZeroU32::new(burst).expect("non-zero"))
+            Quota::per_minute(NonZeroU32::new(per_minute).expect("non-zero"))
+                .allow_burst(NonZeroU32::new(burst).expect("non-zero"))
         };
         Ok(Arc::new(AppState {
             auth,
@@ -81,8 +85,14 @@ impl AppState {
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/f/{site}/{form}", get(visitor::open).post(visitor::submit))
-        .route("/static/form.css", get(|| async { static_file("text/css; charset=utf-8", include_str!("../../static/form.css")) }))
-        .route("/static/form.js", get(|| async { static_file("text/javascript; charset=utf-8", include_str!("../../static/form.js")) }))
+        .route(
+            "/static/form.css",
+            get(|| async { static_file("text/css; charset=utf-8", include_str!("../../static/form.css")) }),
+        )
+        .route(
+            "/static/form.js",
+            get(|| async { static_file("text/javascript; charset=utf-8", include_str!("../../static/form.js")) }),
+        )
         .route("/api/v1/submissions/{id}/retrieve", axum::routing::post(agent::retrieve))
         .route("/api/v1/submissions/{id}/retrieve-key", axum::routing::post(agent::fresh_key))
         .route("/api/v1/conversations/{id}/history", get(agent::history))
@@ -107,13 +117,18 @@ pub fn ops_router(node: Arc<Node>) -> Router {
 }
 
 async fn metrics(State(node): State<Arc<Node>>) -> Response {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], node.metrics.render()).into_response()
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], node.metrics.render())
+        .into_response()
 }
 
 /// HTTP latency per method, route template (never the concrete path: it holds ids) and status.
 async fn record_latency(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let method = request.method().as_str().to_string();
-    let route = request.extensions().get::<axum::extract::MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
     let start = std::time::Instant::now();
     let response = next.run(request).await;
     state.node.metrics.http(&method, &route, response.status().as_u16(), start.elapsed().as_secs_f64());
@@ -122,7 +137,9 @@ async fn record_latency(State(state): State<Arc<AppState>>, request: Request, ne
 
 /// Binds the operations listener on `listen` (plain HTTP) and returns it with [`ops_router`].
 pub async fn bind_ops(node: Arc<Node>, listen: &str) -> Result<(tokio::net::TcpListener, Router), HttpError> {
-    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|source| HttpError::Bind { addr: listen.to_string(), source })?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| HttpError::Bind { addr: listen.to_string(), source })?;
     if listener.local_addr().is_ok_and(|a| !a.ip().is_loopback()) {
         tracing::info!(addr = %listen, "metrics listener is not on loopback: restrict who can reach it (network policy or firewall)");
     }
@@ -136,7 +153,8 @@ fn static_file(content_type: &'static str, body: &'static str) -> Response {
 /// The frame-ancestors sources for a path: a form may be framed by its site's chat origins only.
 fn frame_ancestors(state: &AppState, path: &str) -> String {
     let site = path.strip_prefix("/f/").and_then(|rest| rest.split('/').next());
-    let origins = site.and_then(|s| state.node.settings.sites.get(s)).map(|s| s.allowed_origins.clone()).unwrap_or_default();
+    let origins =
+        site.and_then(|s| state.node.settings.sites.get(s)).map(|s| s.allowed_origins.clone()).unwrap_or_default();
     if origins.is_empty() { "'none'".to_string() } else { origins.join(" ") }
 }
 
@@ -180,16 +198,23 @@ pub async fn bind(node: Arc<Node>, listen: &str) -> Result<Server, HttpError> {
     let s = &node.settings;
     let tls = match (&s.tls_cert, &s.tls_key, s.tls_self_signed) {
         (Some(cert), Some(key), _) => Some(
-            axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key).await.map_err(|e| HttpError::Tls(format!("{}: {e}", cert.display())))?,
+            axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
+                .await
+                .map_err(|e| HttpError::Tls(format!("{}: {e}", cert.display())))?,
         ),
         (_, _, true) => {
             let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
                 .map_err(|e| HttpError::Tls(e.to_string()))?;
-            tracing::warn!("serving HTTPS with a self-signed certificate generated at start; browsers will warn. Use tls_cert and tls_key outside local testing");
+            tracing::warn!(
+                "serving HTTPS with a self-signed certificate generated at start; browsers will warn. Use tls_cert and tls_key outside local testing"
+            );
             Some(
-                axum_server::tls_rustls::RustlsConfig::from_pem(generated.cert.pem().into_bytes(), generated.signing_key.serialize_pem().into_bytes())
-                    .await
-                    .map_err(|e| HttpError::Tls(e.to_string()))?,
+                axum_server::tls_rustls::RustlsConfig::from_pem(
+                    generated.cert.pem().into_bytes(),
+                    generated.signing_key.serialize_pem().into_bytes(),
+                )
+                .await
+                .map_err(|e| HttpError::Tls(e.to_string()))?,
             )
         }
         _ => None,
@@ -221,10 +246,12 @@ impl Server {
     /// Serves until `shutdown` resolves, then lets in-flight requests finish.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), HttpError> {
         match self.kind {
-            ServerKind::Plain(listener, app) => axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-                .with_graceful_shutdown(shutdown)
-                .await
-                .map_err(|e| HttpError::Serve(e.to_string())),
+            ServerKind::Plain(listener, app) => {
+                axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+                    .with_graceful_shutdown(shutdown)
+                    .await
+                    .map_err(|e| HttpError::Serve(e.to_string()))
+            }
             ServerKind::Tls(listener, config, app) => {
                 let handle = axum_server::Handle::new();
                 let h = handle.clone();

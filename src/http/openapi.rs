@@ -32,7 +32,10 @@ impl utoipa::Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
         let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme("agent_jwt", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()));
+        components.add_security_scheme(
+            "agent_jwt",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()),
+        );
     }
 }
 
@@ -45,11 +48,15 @@ pub async fn healthz() -> &'static str {
 /// Readiness: 200 once every projection on this node has caught up with the topics as they were at
 /// start (the state requests read is current), 503 until then.
 #[utoipa::path(get, path = "/readyz", responses((status = 200, description = "Ready", body = String), (status = 503, description = "Still catching up with the topics", body = String)))]
-pub async fn readyz(axum::extract::State(state): axum::extract::State<std::sync::Arc<super::AppState>>) -> axum::response::Response {
+pub async fn readyz(
+    axum::extract::State(state): axum::extract::State<std::sync::Arc<super::AppState>>,
+) -> axum::response::Response {
     ready_response(&state.node)
 }
 
-pub async fn ops_readyz(axum::extract::State(node): axum::extract::State<std::sync::Arc<crate::service::Node>>) -> axum::response::Response {
+pub async fn ops_readyz(
+    axum::extract::State(node): axum::extract::State<std::sync::Arc<crate::service::Node>>,
+) -> axum::response::Response {
     ready_response(&node)
 }
 
@@ -70,7 +77,12 @@ pub fn json() -> String {
 mod tests {
     #[test]
     fn the_committed_openapi_document_matches_the_code() {
-        let committed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json")).unwrap_or_default();
-        assert_eq!(committed.trim(), super::json().trim(), "docs/openapi.json is stale: run `secureforms openapi > docs/openapi.json`");
+        let committed =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json")).unwrap_or_default();
+        assert_eq!(
+            committed.trim(),
+            super::json().trim(),
+            "docs/openapi.json is stale: run `secureforms openapi > docs/openapi.json`"
+        );
     }
 }

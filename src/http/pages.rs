@@ -82,7 +82,8 @@ fn field(q: &QuestionSpec, values: &BTreeMap<String, Vec<String>>, errors: &[Fie
     let input_id = format!("f-{}", q.id);
     let error = errors.iter().find(|e| e.field == q.id).map(|e| e.message.clone());
     // Masked and off-the-record answers are never sent back to the browser.
-    let kept: Vec<String> = if masked || q.is_off_record() { vec![] } else { values.get(&q.id).cloned().unwrap_or_default() };
+    let kept: Vec<String> =
+        if masked || q.is_off_record() { vec![] } else { values.get(&q.id).cloned().unwrap_or_default() };
     let mut described = Vec::new();
     if q.help.is_some() {
         described.push(format!("{input_id}-help"));
@@ -90,7 +91,8 @@ fn field(q: &QuestionSpec, values: &BTreeMap<String, Vec<String>>, errors: &[Fie
     if error.is_some() {
         described.push(format!("{input_id}-error"));
     }
-    let options: Vec<String> = if q.kind == QuestionKind::YesNo { vec!["yes".into(), "no".into()] } else { q.choices.clone() };
+    let options: Vec<String> =
+        if q.kind == QuestionKind::YesNo { vec!["yes".into(), "no".into()] } else { q.choices.clone() };
     let choices = options
         .iter()
         .enumerate()
@@ -115,7 +117,13 @@ fn field(q: &QuestionSpec, values: &BTreeMap<String, Vec<String>>, errors: &[Fie
 }
 
 impl FormPage {
-    pub fn new(template: &FormTemplate, action: String, submit_key: String, values: &BTreeMap<String, Vec<String>>, errors: &[FieldError]) -> FormPage {
+    pub fn new(
+        template: &FormTemplate,
+        action: String,
+        submit_key: String,
+        values: &BTreeMap<String, Vec<String>>,
+        errors: &[FieldError],
+    ) -> FormPage {
         let fields: Vec<Field> = template.questions.iter().map(|q| field(q, values, errors)).collect();
         let summary = errors
             .iter()
@@ -126,13 +134,29 @@ impl FormPage {
                 Some((target, e.message.clone()))
             })
             .collect::<Vec<_>>();
-        let page_title = if summary.is_empty() { format!("{} - secure form", template.title) } else { format!("Error: {} - secure form", template.title) };
-        FormPage { page_title, title: template.title.clone(), instructions: template.instructions.clone(), action, submit_key, fields, errors: summary }
+        let page_title = if summary.is_empty() {
+            format!("{} - secure form", template.title)
+        } else {
+            format!("Error: {} - secure form", template.title)
+        };
+        FormPage {
+            page_title,
+            title: template.title.clone(),
+            instructions: template.instructions.clone(),
+            action,
+            submit_key,
+            fields,
+            errors: summary,
+        }
     }
 }
 
 impl MessagePage {
     pub fn new(heading: &str, paragraphs: &[&str]) -> MessagePage {
-        MessagePage { page_title: format!("{heading} - secure form"), heading: heading.to_string(), paragraphs: paragraphs.iter().map(|p| p.to_string()).collect() }
+        MessagePage {
+            page_title: format!("{heading} - secure form"),
+            heading: heading.to_string(),
+            paragraphs: paragraphs.iter().map(|p| p.to_string()).collect(),
+        }
     }
 }

@@ -50,17 +50,26 @@ fn refused_page(r: KeyRefusal) -> Response {
         KeyRefusal::Invalid => message(
             StatusCode::FORBIDDEN,
             "This link cannot be used",
-            &["The link is not valid. It may have been copied incompletely.", "Ask your agent in the chat to send the form again."],
+            &[
+                "The link is not valid. It may have been copied incompletely.",
+                "Ask your agent in the chat to send the form again.",
+            ],
         ),
         KeyRefusal::Expired => message(
             StatusCode::GONE,
             "This form has expired",
-            &["For your security, secure forms are only open for a short time.", "Ask your agent in the chat to send the form again."],
+            &[
+                "For your security, secure forms are only open for a short time.",
+                "Ask your agent in the chat to send the form again.",
+            ],
         ),
         KeyRefusal::AlreadySubmitted => message(
             StatusCode::CONFLICT,
             "This form has already been sent",
-            &["Your answers were already sent to your agent; they were sent once.", "You can close this window and return to the chat."],
+            &[
+                "Your answers were already sent to your agent; they were sent once.",
+                "You can close this window and return to the chat.",
+            ],
         ),
         KeyRefusal::ReopenLimit => message(
             StatusCode::GONE,
@@ -82,7 +91,8 @@ fn client_ref(addr: &SocketAddr) -> String {
 }
 
 fn rate_limited(state: &AppState, addr: &SocketAddr, site: &str, form: &str) -> bool {
-    state.per_client.check_key(&addr.ip().to_string()).is_err() || state.per_form.check_key(&format!("{site}/{form}")).is_err()
+    state.per_client.check_key(&addr.ip().to_string()).is_err()
+        || state.per_form.check_key(&format!("{site}/{form}")).is_err()
 }
 
 /// The form's key state: this node's latest writes, else the projection.
@@ -99,7 +109,15 @@ fn lock(state: &AppState, key: &[u8]) -> Arc<tokio::sync::Mutex<()>> {
 }
 
 /// Records a refusal (audit) without holding up the visitor's page.
-fn audit_refusal(state: &AppState, site: &str, form: &str, conversation: &str, purpose: Purpose, r: KeyRefusal, addr: &SocketAddr) {
+fn audit_refusal(
+    state: &AppState,
+    site: &str,
+    form: &str,
+    conversation: &str,
+    purpose: Purpose,
+    r: KeyRefusal,
+    addr: &SocketAddr,
+) {
     let now = (state.node.clock)();
     let event = Event::KeyRefused(KeyRefused {
         header: EventHeader::new(EventKind::KeyRefused, uuid::Uuid::new_v4(), now, site, conversation, form),
@@ -108,7 +126,13 @@ fn audit_refusal(state: &AppState, site: &str, form: &str, conversation: &str, p
         reason: r.code().to_string(),
         client_ref: client_ref(addr),
     });
-    tracing::info!(site_id = site, form_id = form, purpose = purpose.as_str(), reason = r.code(), "one-time key refused");
+    tracing::info!(
+        site_id = site,
+        form_id = form,
+        purpose = purpose.as_str(),
+        reason = r.code(),
+        "one-time key refused"
+    );
     state.node.metrics.otk(purpose.as_str(), r.code());
     let audit = state.node.audit.clone();
     tokio::spawn(async move {
@@ -186,12 +210,19 @@ pub async fn open(
     };
     if let Err(error) = state.node.producer.send(&Event::FormOpened(opened.clone())).await {
         tracing::error!(%error, "could not record the form opening; check the brokers");
-        return message(StatusCode::SERVICE_UNAVAILABLE, "The form cannot be opened right now", &["Please try again in a minute."]);
+        return message(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The form cannot be opened right now",
+            &["Please try again in a minute."],
+        );
     }
     fs.opened(&opened);
     state.overlay.insert(key, fs);
     state.node.metrics.otk("open", "accepted");
-    html(StatusCode::OK, FormPage::new(&template, action(&site, &form), submit_key.expose().to_string(), &BTreeMap::new(), &[]))
+    html(
+        StatusCode::OK,
+        FormPage::new(&template, action(&site, &form), submit_key.expose().to_string(), &BTreeMap::new(), &[]),
+    )
 }
 
 /// Parses an `application/x-www-form-urlencoded` body into field -> values.
@@ -203,7 +234,9 @@ fn parse_body(headers: &HeaderMap, body: &Bytes) -> Result<Vec<(String, String)>
             "The form must be sent as application/x-www-form-urlencoded, the way the page sends it.",
         ));
     }
-    parse_urlencoded(body).ok_or_else(|| bad_request(StatusCode::BAD_REQUEST, "The form data is not correctly encoded (it must be URL-encoded UTF-8)."))
+    parse_urlencoded(body).ok_or_else(|| {
+        bad_request(StatusCode::BAD_REQUEST, "The form data is not correctly encoded (it must be URL-encoded UTF-8).")
+    })
 }
 
 /// Strict `application/x-www-form-urlencoded` parsing: any byte sequence that is not valid UTF-8
@@ -284,7 +317,10 @@ pub async fn submit(
         Ok(a) => a,
         Err(errors) => {
             let k = presented.expect("checked above");
-            return html(StatusCode::UNPROCESSABLE_ENTITY, FormPage::new(&template, action(&site, &form), k.expose().to_string(), &raw, &errors));
+            return html(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                FormPage::new(&template, action(&site, &form), k.expose().to_string(), &raw, &errors),
+            );
         }
     };
     drop(raw);
@@ -305,12 +341,19 @@ pub async fn submit(
             message(
                 StatusCode::OK,
                 "Thank you, your answers were sent",
-                &["They went securely to your agent and are not stored in the chat.", "You can close this window and return to the chat."],
+                &[
+                    "They went securely to your agent and are not stored in the chat.",
+                    "You can close this window and return to the chat.",
+                ],
             )
         }
         Err(error) => {
             tracing::error!(%error, site_id = %site, form_id = %form, "submission could not be stored; check the brokers and the master key");
-            message(StatusCode::SERVICE_UNAVAILABLE, "Your answers could not be sent", &["Nothing was sent. Please try again in a minute."])
+            message(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Your answers could not be sent",
+                &["Nothing was sent. Please try again in a minute."],
+            )
         }
     }
 }

@@ -37,7 +37,11 @@ impl Admin {
                 continue;
             }
             let spec = [ResourceSpecifier::Topic(&name)];
-            let configs = match self.client.describe_configs(&spec, &AdminOptions::new().request_timeout(Some(ADMIN_TIMEOUT))).await {
+            let configs = match self
+                .client
+                .describe_configs(&spec, &AdminOptions::new().request_timeout(Some(ADMIN_TIMEOUT)))
+                .await
+            {
                 Ok(results) => results.into_iter().next().and_then(|r| r.ok()).map(|res| {
                     res.entries.into_iter().filter_map(|e| e.value.map(|v| (e.name, v))).collect::<BTreeMap<_, _>>()
                 }),
@@ -58,7 +62,13 @@ impl Admin {
         let actions = plan(names, &self.observe(names).await?);
         let creates: Vec<_> = actions
             .iter()
-            .filter_map(|a| if let TopicAction::Create { name, spec } = a { Some((name.clone(), spec.configs(), spec.partitions)) } else { None })
+            .filter_map(|a| {
+                if let TopicAction::Create { name, spec } = a {
+                    Some((name.clone(), spec.configs(), spec.partitions))
+                } else {
+                    None
+                }
+            })
             .collect();
         if !creates.is_empty() {
             let new_topics: Vec<NewTopic<'_>> = creates
@@ -78,7 +88,9 @@ impl Admin {
             for r in results {
                 match r {
                     Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                    Err((topic, code)) => return Err(KafkaError::Topic { topic, message: format!("create failed: {code}") }),
+                    Err((topic, code)) => {
+                        return Err(KafkaError::Topic { topic, message: format!("create failed: {code}") });
+                    }
                 }
             }
         }

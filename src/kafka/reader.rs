@@ -22,7 +22,10 @@ pub fn read_to_end(settings: &KafkaSettings, topic: Topic) -> Result<Vec<OwnedMe
     let md = consumer.fetch_metadata(Some(&name), ADMIN_TIMEOUT).map_err(|e| settings.client_error(e))?;
     let partitions = md.topics().first().filter(|t| t.error().is_none()).map(|t| t.partitions().len()).unwrap_or(0);
     if partitions == 0 {
-        return Err(KafkaError::Topic { topic: name, message: "does not exist; run `secureforms topics apply`".into() });
+        return Err(KafkaError::Topic {
+            topic: name,
+            message: "does not exist; run `secureforms topics apply`".into(),
+        });
     }
     let mut remaining = BTreeMap::new();
     let mut tpl = TopicPartitionList::new();
@@ -41,7 +44,10 @@ pub fn read_to_end(settings: &KafkaSettings, topic: Topic) -> Result<Vec<OwnedMe
     let deadline = Instant::now() + ADMIN_TIMEOUT * 4;
     while !remaining.is_empty() {
         if Instant::now() > deadline {
-            return Err(KafkaError::Topic { topic: name, message: "could not read to the end in time; check the brokers".into() });
+            return Err(KafkaError::Topic {
+                topic: name,
+                message: "could not read to the end in time; check the brokers".into(),
+            });
         }
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {

@@ -59,7 +59,13 @@ pub trait Handler: Send + 'static {
     fn topics(&self) -> Vec<Topic>;
     /// Applies one event. Returns the events it causes, to be produced once the batch is durable.
     /// `now_ms` is the processing time (injected so tests control it).
-    fn apply(&mut self, tx: &mut Tx<'_>, event: &Event, meta: &RecordMeta, now_ms: i64) -> Result<Vec<Event>, ApplyError>;
+    fn apply(
+        &mut self,
+        tx: &mut Tx<'_>,
+        event: &Event,
+        meta: &RecordMeta,
+        now_ms: i64,
+    ) -> Result<Vec<Event>, ApplyError>;
 }
 
 /// Crash injection for tests: `SECUREFORMS_FAILPOINT=<handler>:<point>:<n>` aborts the process the
@@ -280,7 +286,8 @@ pub async fn run<H: Handler>(
             learn_emitted_offsets(&consumer, &batch, &mut emitted);
         }
         let name = handler.name();
-        let committed = process_batch(&settings, &store, &mut handler, &group, &batch, &emitted, clock(), &metrics).await?;
+        let committed =
+            process_batch(&settings, &store, &mut handler, &group, &batch, &emitted, clock(), &metrics).await?;
         failpoint(name, "after-commit");
         produce_outbox(&store, &producer, &committed, &mut shutdown).await?;
         failpoint(name, "after-produce");
@@ -315,7 +322,11 @@ pub async fn run<H: Handler>(
 
 /// Looks up, once per partition, the offset the group committed in Kafka: everything below it had
 /// its outputs delivered already.
-fn learn_emitted_offsets(consumer: &StreamConsumer<OffsetsFromStore>, batch: &[OwnedMessage], emitted: &mut HashMap<(String, i32), i64>) {
+fn learn_emitted_offsets(
+    consumer: &StreamConsumer<OffsetsFromStore>,
+    batch: &[OwnedMessage],
+    emitted: &mut HashMap<(String, i32), i64>,
+) {
     let mut tpl = TopicPartitionList::new();
     for m in batch {
         let k = (m.topic().to_string(), m.partition());
@@ -378,12 +389,20 @@ async fn process_batch<H: Handler>(
         let okey = offset_key(group, m.topic(), m.partition());
         let next = tx.get(trees::OFFSETS, &okey)?.and_then(|v| read_offset(&v)).unwrap_or(0);
         if m.offset() < next {
-            tracing::debug!(topic = m.topic(), partition = m.partition(), offset = m.offset(), "already applied; skipped");
+            tracing::debug!(
+                topic = m.topic(),
+                partition = m.partition(),
+                offset = m.offset(),
+                "already applied; skipped"
+            );
             continue;
         }
         metrics.consumed(handler.name(), m.topic());
         let (outputs, replay) = match settings.names.parse(m.topic()) {
-            None => (vec![dead_letter(m, group, "apply", format!("topic {} is not one this consumer knows", m.topic()))], false),
+            None => (
+                vec![dead_letter(m, group, "apply", format!("topic {} is not one this consumer knows", m.topic()))],
+                false,
+            ),
             Some(topic) => {
                 let replay = emitted.get(&(m.topic().to_string(), m.partition())).is_some_and(|&e| m.offset() < e);
                 let meta = RecordMeta { topic, partition: m.partition(), offset: m.offset(), replay };
@@ -447,12 +466,24 @@ fn apply_one<H: Handler>(
 /// The dead-letter record for a message. Its id is derived from where the message sits, so the same
 /// failure dead-letters once however often it is re-read.
 fn dead_letter(m: &OwnedMessage, group: &str, kind: &str, reason: String) -> Event {
-    let site = m.payload().and_then(|p| Codec::get().decode(p).ok()).map(|e| e.header().site_id.clone()).unwrap_or_default();
+    let site =
+        m.payload().and_then(|p| Codec::get().decode(p).ok()).map(|e| e.header().site_id.clone()).unwrap_or_default();
     let key = m.key().map(|k| String::from_utf8_lossy(k).to_string()).unwrap_or_default();
-    let id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, format!("dlq/{group}/{}/{}/{}", m.topic(), m.partition(), m.offset()).as_bytes());
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+    let id = uuid::Uuid::new_v5(
+        &uuid::Uuid::NAMESPACE_OID,
+        format!("dlq/{group}/{}/{}/{}", m.topic(), m.partition(), m.offset()).as_bytes(),
+    );
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
     Event::DeadLetter(DeadLetter {
-        header: EventHeader::new(EventKind::DeadLetter, id, now, &site, &key, &format!("{}/{}/{}", m.topic(), m.partition(), m.offset())),
+        header: EventHeader::new(
+            EventKind::DeadLetter,
+            id,
+            now,
+            &site,
+            &key,
+            &format!("{}/{}/{}", m.topic(), m.partition(), m.offset()),
+        ),
         source_topic: m.topic().to_string(),
         source_partition: m.partition(),
         source_offset: m.offset(),
@@ -504,7 +535,11 @@ async fn drain_outbox(store: &Store, producer: &EventProducer, group: &str) -> R
         match OutboxEntry::decode(&v) {
             Some(e) => pending.push((k.to_vec(), e)),
             None => {
-                return Err(StoreError::Corrupt { tree: trees::OUTBOX.into(), detail: "undecodable outbox entry".into() }.into());
+                return Err(StoreError::Corrupt {
+                    tree: trees::OUTBOX.into(),
+                    detail: "undecodable outbox entry".into(),
+                }
+                .into());
             }
         }
     }

@@ -90,18 +90,27 @@ pub fn report(settings: &Settings, keys: &[KeyMeta], now: i64) -> ComplianceRepo
             None => controls.push(Control {
                 control: "configured",
                 status: Status::Warn,
-                detail: "the site has data keys but no [sites.<id>] table; it is purged with the default retention".into(),
-                fix: Some(format!("add [sites.{id}] to the config, or let its data expire after {DEFAULT_RETENTION_MONTHS} months")),
+                detail: "the site has data keys but no [sites.<id>] table; it is purged with the default retention"
+                    .into(),
+                fix: Some(format!(
+                    "add [sites.{id}] to the config, or let its data expire after {DEFAULT_RETENTION_MONTHS} months"
+                )),
             }),
             Some(s) => {
                 let gaps = pci_gaps(s.pci_policy.as_ref());
                 controls.push(if gaps.is_empty() {
-                    Control { control: "policy_gate", status: Status::Pass, detail: "the account login policy meets the PCI settings".into(), fix: None }
+                    Control {
+                        control: "policy_gate",
+                        status: Status::Pass,
+                        detail: "the account login policy meets the PCI settings".into(),
+                        fix: None,
+                    }
                 } else {
                     Control {
                         control: "policy_gate",
                         status: if s.enabled { Status::Fail } else { Status::Warn },
-                        detail: "forms are refused (site_not_pci_compliant) until the account login policy changes".into(),
+                        detail: "forms are refused (site_not_pci_compliant) until the account login policy changes"
+                            .into(),
                         fix: Some(gaps.join("; ")),
                     }
                 });
@@ -112,8 +121,12 @@ pub fn report(settings: &Settings, keys: &[KeyMeta], now: i64) -> ComplianceRepo
                     }
                 }
                 names.sort();
-                let senders: Vec<&String> = names.iter().filter(|n| s.profile(n).is_some_and(|p| p.use_secure_form)).collect();
-                let readers: Vec<&String> = names.iter().filter(|n| s.profile(n).is_some_and(|p| p.view_secure_form_responses_in_history)).collect();
+                let senders: Vec<&String> =
+                    names.iter().filter(|n| s.profile(n).is_some_and(|p| p.use_secure_form)).collect();
+                let readers: Vec<&String> = names
+                    .iter()
+                    .filter(|n| s.profile(n).is_some_and(|p| p.view_secure_form_responses_in_history))
+                    .collect();
                 controls.push(Control {
                     control: "permissions",
                     status: if senders.is_empty() && s.enabled { Status::Warn } else { Status::Pass },
@@ -122,32 +135,52 @@ pub fn report(settings: &Settings, keys: &[KeyMeta], now: i64) -> ComplianceRepo
                         if senders.is_empty() { "no profile".to_string() } else { join(&senders) },
                         if readers.is_empty() { "no profile (the default)".to_string() } else { join(&readers) }
                     ),
-                    fix: (senders.is_empty() && s.enabled).then(|| "give a profile use_secure_form = true, or no agent can send forms".into()),
+                    fix: (senders.is_empty() && s.enabled)
+                        .then(|| "give a profile use_secure_form = true, or no agent can send forms".into()),
                 });
                 controls.push(if s.allowed_origins.is_empty() {
                     Control {
                         control: "framing",
                         status: Status::Warn,
-                        detail: "no allowed_origins: the form cannot be framed by the chat window (frame-ancestors 'none')".into(),
+                        detail:
+                            "no allowed_origins: the form cannot be framed by the chat window (frame-ancestors 'none')"
+                                .into(),
                         fix: Some("set allowed_origins to the chat window's origin(s)".into()),
                     }
                 } else {
-                    Control { control: "framing", status: Status::Pass, detail: format!("frame-ancestors {}", s.allowed_origins.join(" ")), fix: None }
+                    Control {
+                        control: "framing",
+                        status: Status::Pass,
+                        detail: format!("frame-ancestors {}", s.allowed_origins.join(" ")),
+                        fix: None,
+                    }
                 });
             }
         }
         controls.push(if months <= DEFAULT_RETENTION_MONTHS {
-            Control { control: "retention", status: Status::Pass, detail: format!("tokenized submissions are purged {months} months after submission"), fix: None }
+            Control {
+                control: "retention",
+                status: Status::Pass,
+                detail: format!("tokenized submissions are purged {months} months after submission"),
+                fix: None,
+            }
         } else {
             Control {
                 control: "retention",
                 status: Status::Fail,
-                detail: format!("retention is {months} months, longer than the {DEFAULT_RETENTION_MONTHS} the policy allows"),
+                detail: format!(
+                    "retention is {months} months, longer than the {DEFAULT_RETENTION_MONTHS} the policy allows"
+                ),
                 fix: Some(format!("set retention_months to {DEFAULT_RETENTION_MONTHS} or less")),
             }
         });
         controls.push(if settings.purge_interval_secs > 0 {
-            Control { control: "purge_worker", status: Status::Pass, detail: format!("runs every {} s on nodes with this config", settings.purge_interval_secs), fix: None }
+            Control {
+                control: "purge_worker",
+                status: Status::Pass,
+                detail: format!("runs every {} s on nodes with this config", settings.purge_interval_secs),
+                fix: None,
+            }
         } else {
             Control {
                 control: "purge_worker",
@@ -230,7 +263,11 @@ mod tests {
     fn site(policy: bool, months: u32) -> SiteConfig {
         let mut s: SiteConfig = toml::from_str("enabled = true\nallowed_origins = [\"https://chat.example\"]").unwrap();
         s.retention_months = months;
-        s.pci_policy = policy.then(|| PciPolicy { min_password_length: 8, failed_logins_before_disable: 3, idle_operator_action: "logout".into() });
+        s.pci_policy = policy.then(|| PciPolicy {
+            min_password_length: 8,
+            failed_logins_before_disable: 3,
+            idle_operator_action: "logout".into(),
+        });
         s
     }
 

@@ -53,7 +53,9 @@ fn conversations(node: &Node, target: &EraseTarget) -> Result<Vec<(String, Strin
             let sites = super::purge::sites_with_data(node)?;
             let mut out = Vec::new();
             for site in sites {
-                if known.contains_key(conversation_key(&site, conversation)).map_err(crate::store::StoreError::from)? || in_vault(&site, conversation)? {
+                if known.contains_key(conversation_key(&site, conversation)).map_err(crate::store::StoreError::from)?
+                    || in_vault(&site, conversation)?
+                {
                     out.push((site, conversation.clone()));
                 }
             }
@@ -98,7 +100,14 @@ pub async fn erase(node: &Node, target: &EraseTarget) -> Result<EraseReport, Ops
         }
         let event_id = uuid::Uuid::new_v4();
         let event = Event::SubmissionPurged(SubmissionPurged {
-            header: EventHeader::new(EventKind::SubmissionPurged, event_id, now, &site, &conversation, &format!("erasure/{conversation}")),
+            header: EventHeader::new(
+                EventKind::SubmissionPurged,
+                event_id,
+                now,
+                &site,
+                &conversation,
+                &format!("erasure/{conversation}"),
+            ),
             submission_ids: ids.iter().map(|u| u.to_string()).collect(),
             reason: "erasure".into(),
             destroyed_key_ids: Vec::new(),

@@ -31,7 +31,9 @@ pub fn ops_settings(settings: &Settings) -> Settings {
 
 /// The brokers an operations command talks to: the configured ones, the embedded broker of a running
 /// `serve` on this data dir, or an embedded broker started for the command (stopped with it).
-pub async fn connect(settings: &Settings) -> Result<(String, Option<crate::broker::EmbeddedBroker>), crate::broker::BrokerError> {
+pub async fn connect(
+    settings: &Settings,
+) -> Result<(String, Option<crate::broker::EmbeddedBroker>), crate::broker::BrokerError> {
     if let Some(b) = settings.brokers.as_ref().filter(|b| !b.trim().is_empty()) {
         return Ok((b.clone(), None));
     }

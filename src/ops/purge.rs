@@ -94,7 +94,12 @@ fn retention_of(node: &Node, site: &str) -> u32 {
 
 /// Expired submission ids of a site, oldest first: one range scan of the retention index that
 /// reads the expired entries (and at most 3 days of not-yet-expired ones), whatever the vault's size.
-pub fn expired(vault: &crate::store::Store, site: &str, months: u32, as_of: i64) -> Result<Vec<uuid::Uuid>, StoreError> {
+pub fn expired(
+    vault: &crate::store::Store,
+    site: &str,
+    months: u32,
+    as_of: i64,
+) -> Result<Vec<uuid::Uuid>, StoreError> {
     let index = vault.tree(trees::BY_TIME)?;
     let mut out = Vec::new();
     for row in index.range(time_prefix(site)..time_bound(site, scan_bound(as_of, months))) {
@@ -171,13 +176,21 @@ pub async fn purge(node: &Node, as_of: i64, dry_run: bool) -> Result<PurgeReport
                 node.metrics.key_destroyed("retention");
                 tracing::info!(key_id = %key_id, site_id = %site, "data key destroyed (retention); data sealed with it is now unreadable everywhere");
             }
-            let chunks: Vec<&[uuid::Uuid]> = if ids.is_empty() { vec![&[]] } else { ids.chunks(RECEIPT_CHUNK).collect() };
+            let chunks: Vec<&[uuid::Uuid]> =
+                if ids.is_empty() { vec![&[]] } else { ids.chunks(RECEIPT_CHUNK).collect() };
             let last = chunks.len() - 1;
             for (i, chunk) in chunks.into_iter().enumerate() {
                 let destroyed = if i == last { keys.clone() } else { Vec::new() };
                 let id = receipt_id(&site, "retention", chunk, &destroyed);
                 let event = Event::SubmissionPurged(SubmissionPurged {
-                    header: EventHeader::new(EventKind::SubmissionPurged, id, now, &site, "", &format!("retention/{site}")),
+                    header: EventHeader::new(
+                        EventKind::SubmissionPurged,
+                        id,
+                        now,
+                        &site,
+                        "",
+                        &format!("retention/{site}"),
+                    ),
                     submission_ids: chunk.iter().map(|u| u.to_string()).collect(),
                     reason: "retention".into(),
                     destroyed_key_ids: destroyed,
@@ -207,7 +220,8 @@ pub async fn wait_applied(node: &Node, ids: &[uuid::Uuid], keys: &[String], time
     let mut pending: Vec<uuid::Uuid> = ids.to_vec();
     loop {
         pending.retain(|id| vault.contains_key(submission_key(id)).unwrap_or(true));
-        let keys_left = keys.iter().filter(|k| !matches!(node.ring.get(k), Err(crate::crypto::KeyError::Destroyed(_)))).count();
+        let keys_left =
+            keys.iter().filter(|k| !matches!(node.ring.get(k), Err(crate::crypto::KeyError::Destroyed(_)))).count();
         if pending.is_empty() && keys_left == 0 {
             return Ok(());
         }

@@ -103,8 +103,14 @@ pub async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) -> Result<(),
         }
         if !warned && started.elapsed() > Duration::from_secs(60) {
             warned = true;
-            let behind = pos.iter().filter(|((_, t, p), o)| start_marks.get(&(t.clone(), *p)).is_some_and(|(_, h)| *o < h)).count();
-            tracing::warn!(partitions_behind = behind, "still catching up after 60 s; /readyz stays 503 (check consumer_lag in /metrics and the broker)");
+            let behind = pos
+                .iter()
+                .filter(|((_, t, p), o)| start_marks.get(&(t.clone(), *p)).is_some_and(|(_, h)| *o < h))
+                .count();
+            tracing::warn!(
+                partitions_behind = behind,
+                "still catching up after 60 s; /readyz stays 503 (check consumer_lag in /metrics and the broker)"
+            );
         }
         tokio::select! {
             _ = stop.changed() => return Ok(()),
@@ -135,7 +141,8 @@ mod tests {
     #[test]
     fn caught_up_means_every_position_at_its_start_watermark() {
         let marks: Watermarks = [(("t".to_string(), 0), (0, 5)), (("t".to_string(), 1), (0, 0))].into();
-        let mut pos: BTreeMap<(&'static str, String, i32), i64> = [(("h", "t".to_string(), 0), 4), (("h", "t".to_string(), 1), 0)].into();
+        let mut pos: BTreeMap<(&'static str, String, i32), i64> =
+            [(("h", "t".to_string(), 0), 4), (("h", "t".to_string(), 1), 0)].into();
         assert!(!caught_up(&pos, &marks));
         pos.insert(("h", "t".to_string(), 0), 5);
         assert!(caught_up(&pos, &marks));

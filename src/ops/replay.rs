@@ -58,7 +58,10 @@ pub fn parse_projection(name: &str) -> Result<Vec<&'static str>, OpsError> {
         return Ok(ALL_HANDLERS.to_vec());
     }
     ALL_HANDLERS.iter().find(|h| **h == name).map(|h| vec![*h]).ok_or_else(|| {
-        OpsError::Invalid(format!("unknown projection {name:?}; choose one of: all, {} (vault = tokenizer)", ALL_HANDLERS.join(", ")))
+        OpsError::Invalid(format!(
+            "unknown projection {name:?}; choose one of: all, {} (vault = tokenizer)",
+            ALL_HANDLERS.join(", ")
+        ))
     })
 }
 
@@ -84,8 +87,10 @@ fn progress_bar(total: u64, show: bool, phase: &str) -> indicatif::ProgressBar {
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(total);
-    let style = indicatif::ProgressStyle::with_template("{msg:>10} [{elapsed_precise}] {wide_bar} {pos}/{len} records  {per_sec}  ETA {eta}")
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    let style = indicatif::ProgressStyle::with_template(
+        "{msg:>10} [{elapsed_precise}] {wide_bar} {pos}/{len} records  {per_sec}  ETA {eta}",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
     bar.set_style(style);
     bar.set_message(phase.to_string());
     bar
@@ -99,9 +104,10 @@ async fn run_phase(
     handlers: Vec<&'static str>,
     show_progress: bool,
 ) -> Result<Arc<crate::metrics::Metrics>, OpsError> {
-    let mut service = Service::start_with(settings.clone(), brokers.to_string(), clock, StartOptions::handlers(handlers.clone()))
-        .await
-        .map_err(|e| OpsError::Invalid(e.to_string()))?;
+    let mut service =
+        Service::start_with(settings.clone(), brokers.to_string(), clock, StartOptions::handlers(handlers.clone()))
+            .await
+            .map_err(|e| OpsError::Invalid(e.to_string()))?;
     let node = service.node.clone();
     let topics: Vec<_> = node.handlers.iter().flat_map(|h| h.topics.clone()).collect();
     let kafka = node.kafka.clone();
@@ -124,7 +130,10 @@ async fn run_phase(
         tokio::time::sleep(Duration::from_millis(100)).await;
         // A handler that stopped (e.g. its storage failed) never catches up: surface its error.
         if service.failed() {
-            break Err(OpsError::Invalid("a handler stopped during the replay; see the log above, fix it, and run replay again (it resumes)".into()));
+            break Err(OpsError::Invalid(
+                "a handler stopped during the replay; see the log above, fix it, and run replay again (it resumes)"
+                    .into(),
+            ));
         }
     };
     bar.finish_and_clear();
@@ -133,12 +142,19 @@ async fn run_phase(
 }
 
 /// Rebuilds `handlers` from the topics. `show_progress` draws a bar on stderr when it is a terminal.
-pub async fn replay(settings: &Settings, brokers: &str, clock: Clock, handlers: Vec<&'static str>, show_progress: bool) -> Result<ReplaySummary, OpsError> {
+pub async fn replay(
+    settings: &Settings,
+    brokers: &str,
+    clock: Clock,
+    handlers: Vec<&'static str>,
+    show_progress: bool,
+) -> Result<ReplaySummary, OpsError> {
     let started = Instant::now();
     ensure_not_in_use(settings, &handlers)?;
     let marker = Marker { handlers: handlers.iter().map(|h| h.to_string()).collect() };
     let path = marker_path(settings);
-    let resumed = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Marker>(&b).ok()).is_some_and(|m| m == marker);
+    let resumed =
+        std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Marker>(&b).ok()).is_some_and(|m| m == marker);
     let io = |e: std::io::Error| OpsError::Invalid(format!("cannot write {}: {e}", path.display()));
     if !resumed {
         std::fs::create_dir_all(path.parent().expect("marker has a parent")).map_err(io)?;
@@ -146,7 +162,8 @@ pub async fn replay(settings: &Settings, brokers: &str, clock: Clock, handlers: 
         for h in &handlers {
             let dir = store_dir(settings, h);
             if dir.exists() {
-                std::fs::remove_dir_all(&dir).map_err(|e| OpsError::Invalid(format!("cannot wipe {}: {e}", dir.display())))?;
+                std::fs::remove_dir_all(&dir)
+                    .map_err(|e| OpsError::Invalid(format!("cannot wipe {}: {e}", dir.display())))?;
             }
         }
         tracing::info!(handlers = ?handlers, "stores wiped; replaying from the beginning of the topics");

@@ -118,7 +118,13 @@ impl Detokenizer {
     }
 
     /// Checks the key and, if it is good, spends it and opens the answers.
-    pub fn detokenize(&self, site_id: &str, submission_id: uuid::Uuid, presented_key: &str, now_ms: i64) -> Result<Retrieved, DetokenizeError> {
+    pub fn detokenize(
+        &self,
+        site_id: &str,
+        submission_id: uuid::Uuid,
+        presented_key: &str,
+        now_ms: i64,
+    ) -> Result<Retrieved, DetokenizeError> {
         let record = self.existing(&submission_id)?;
         if record.site_id != site_id {
             return Err(Refusal::WrongSite.into());
@@ -148,18 +154,28 @@ impl Detokenizer {
         }
         let spent_tree = self.retrieval.tree(retrieval_trees::SPENT)?;
         let spent_here_before = self.audit.as_ref().is_some_and(|a| a.is_spent(&state.key_hash));
-        if spent_here_before || spent_tree.contains_key(state.key_hash.as_bytes()).map_err(StoreError::from)? || !self.spent_here.insert(state.key_hash.clone()) {
+        if spent_here_before
+            || spent_tree.contains_key(state.key_hash.as_bytes()).map_err(StoreError::from)?
+            || !self.spent_here.insert(state.key_hash.clone())
+        {
             return Err(Refusal::KeySpent.into());
         }
         let answers = self.open_answers(&record, &submission)?;
-        let off_record =
-            if record.off_record_field_ids.is_empty() { OffRecord::Present(BTreeMap::new()) } else { self.off_record.get(&submission_id, now_ms) };
+        let off_record = if record.off_record_field_ids.is_empty() {
+            OffRecord::Present(BTreeMap::new())
+        } else {
+            self.off_record.get(&submission_id, now_ms)
+        };
         Ok(Retrieved { submission_id, record, answers, off_record, spent_key_hash: state.key_hash })
     }
 
     /// Opens a submission's stored answers without a key, for the manager's history view (the
     /// caller checks the permission). Off-the-record answers are never included.
-    pub fn open_for_history(&self, site_id: &str, submission_id: uuid::Uuid) -> Result<BTreeMap<String, Secret>, DetokenizeError> {
+    pub fn open_for_history(
+        &self,
+        site_id: &str,
+        submission_id: uuid::Uuid,
+    ) -> Result<BTreeMap<String, Secret>, DetokenizeError> {
         let record = self.existing(&submission_id)?;
         if record.site_id != site_id {
             return Err(Refusal::WrongSite.into());
@@ -168,7 +184,11 @@ impl Detokenizer {
     }
 
     /// Opens every sealed answer of a record with its data key; a destroyed key means purged.
-    fn open_answers(&self, record: &VaultRecord, submission: &str) -> Result<BTreeMap<String, Secret>, DetokenizeError> {
+    fn open_answers(
+        &self,
+        record: &VaultRecord,
+        submission: &str,
+    ) -> Result<BTreeMap<String, Secret>, DetokenizeError> {
         let data_key = match self.ring.get(&record.key_id) {
             Ok(k) => k,
             Err(KeyError::Destroyed(_)) => return Err(Refusal::Purged.into()),
@@ -178,7 +198,8 @@ impl Detokenizer {
         for (field, ct) in &record.answers {
             let ad = answer_ad(&record.site_id, &record.form_id, submission, field, &record.key_id);
             let plain = data_key.material.open(&ad, ct).map_err(DetokenizeError::Key)?;
-            let text = String::from_utf8(plain.to_vec()).map_err(|_| DetokenizeError::Corrupt(submission.to_string(), "answer is not UTF-8".into()))?;
+            let text = String::from_utf8(plain.to_vec())
+                .map_err(|_| DetokenizeError::Corrupt(submission.to_string(), "answer is not UTF-8".into()))?;
             answers.insert(field.clone(), Secret::new(text));
         }
         Ok(answers)
@@ -202,6 +223,9 @@ impl Detokenizer {
 
     pub fn record(&self, submission_id: &uuid::Uuid) -> Result<Option<VaultRecord>, DetokenizeError> {
         let raw = self.vault.tree(trees::SUBMISSIONS)?.get(submission_key(submission_id)).map_err(StoreError::from)?;
-        raw.map(|v| VaultRecord::decode(&v).map_err(|e| DetokenizeError::Corrupt(submission_id.to_string(), e.to_string()))).transpose()
+        raw.map(|v| {
+            VaultRecord::decode(&v).map_err(|e| DetokenizeError::Corrupt(submission_id.to_string(), e.to_string()))
+        })
+        .transpose()
     }
 }

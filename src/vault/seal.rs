@@ -39,7 +39,11 @@ pub struct Sealed {
 
 /// Seals every normal answer with `key`; answers to off-the-record questions are set aside. Empty
 /// answers (optional questions left blank) are left out.
-pub fn seal_submission(key: &DataKey, ctx: &SubmissionContext<'_>, answers: BTreeMap<String, Secret>) -> Result<Sealed, SealError> {
+pub fn seal_submission(
+    key: &DataKey,
+    ctx: &SubmissionContext<'_>,
+    answers: BTreeMap<String, Secret>,
+) -> Result<Sealed, SealError> {
     let submission = ctx.submission_id.to_string();
     let mut sealed = Vec::new();
     let mut off_record = BTreeMap::new();
@@ -58,11 +62,21 @@ pub fn seal_submission(key: &DataKey, ctx: &SubmissionContext<'_>, answers: BTre
             off_record.insert(q.id.clone(), value);
         } else {
             let ad = answer_ad(ctx.site_id, ctx.form_id, &submission, &q.id, &key.id);
-            sealed.push(SealedAnswer { field_id: q.id.clone(), ciphertext: key.material.seal(&ad, value.expose().as_bytes())? });
+            sealed.push(SealedAnswer {
+                field_id: q.id.clone(),
+                ciphertext: key.material.seal(&ad, value.expose().as_bytes())?,
+            });
         }
     }
     let event = FormSubmitted {
-        header: EventHeader::new(EventKind::FormSubmitted, ctx.event_id, ctx.now_ms, ctx.site_id, ctx.conversation_id, ctx.form_id),
+        header: EventHeader::new(
+            EventKind::FormSubmitted,
+            ctx.event_id,
+            ctx.now_ms,
+            ctx.site_id,
+            ctx.conversation_id,
+            ctx.form_id,
+        ),
         form_id: ctx.form_id.to_string(),
         submission_id: submission,
         agent_id: ctx.agent_id.to_string(),

@@ -16,10 +16,10 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use secureforms::config::Settings;
-use secureforms::vault::offrecord::Secret;
 use secureforms::events::{Codec, Event, EventHeader, EventKind, FormSent};
 use secureforms::kafka::{EventProducer, KafkaSettings};
 use secureforms::topics::{Topic, TopicNames};
+use secureforms::vault::offrecord::Secret;
 
 /// The broker for this test binary: `SF_TEST_BROKERS` if set (scripts/test.sh starts one), else a
 /// tansu process of our own, stopped when the test process exits.
@@ -37,30 +37,30 @@ pub fn broker_dir() -> PathBuf {
 
 fn broker() -> &'static (String, Option<Child>, Option<tempfile::TempDir>) {
     static BROKER: OnceLock<(String, Option<Child>, Option<tempfile::TempDir>)> = OnceLock::new();
-    BROKER
-        .get_or_init(|| {
-            if let Ok(b) = std::env::var("SF_TEST_BROKERS") {
-                return (b, None, None);
+    BROKER.get_or_init(|| {
+        if let Ok(b) = std::env::var("SF_TEST_BROKERS") {
+            return (b, None, None);
+        }
+        let bin = secureforms::broker::find_binary(None)
+            .expect("tansu installed (scripts/install-broker.sh) or SF_TEST_BROKERS set");
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let addr = format!("127.0.0.1:{port}");
+        // PR_SET_PDEATHSIG fires when the spawning *thread* ends, and test threads end with
+        // their test: spawn from a thread that lives as long as the process.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (b, d, a) = (bin.clone(), dir.path().to_path_buf(), addr.clone());
+        std::thread::spawn(move || {
+            let child = spawn_tansu(&b, &d, &a);
+            tx.send(child).unwrap();
+            loop {
+                std::thread::park();
             }
-            let bin = secureforms::broker::find_binary(None).expect("tansu installed (scripts/install-broker.sh) or SF_TEST_BROKERS set");
-            let dir = tempfile::tempdir().unwrap();
-            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            let addr = format!("127.0.0.1:{port}");
-            // PR_SET_PDEATHSIG fires when the spawning *thread* ends, and test threads end with
-            // their test: spawn from a thread that lives as long as the process.
-            let (tx, rx) = std::sync::mpsc::channel();
-            let (b, d, a) = (bin.clone(), dir.path().to_path_buf(), addr.clone());
-            std::thread::spawn(move || {
-                let child = spawn_tansu(&b, &d, &a);
-                tx.send(child).unwrap();
-                loop {
-                    std::thread::park();
-                }
-            });
-            let child = rx.recv().unwrap();
-            wait_for_port(&addr, Duration::from_secs(60));
-            (addr, Some(child), Some(dir))
-        })
+        });
+        let child = rx.recv().unwrap();
+        wait_for_port(&addr, Duration::from_secs(60));
+        (addr, Some(child), Some(dir))
+    })
 }
 
 pub fn spawn_tansu(bin: &Path, dir: &Path, addr: &str) -> Child {
@@ -96,7 +96,13 @@ pub fn unique_prefix(test: &str) -> String {
 }
 
 pub fn kafka(prefix: &str) -> KafkaSettings {
-    KafkaSettings { brokers: brokers(), names: TopicNames::new(prefix), group_prefix: prefix.trim_end_matches('.').to_string(), client_id: "test".into(), max_batch: 500 }
+    KafkaSettings {
+        brokers: brokers(),
+        names: TopicNames::new(prefix),
+        group_prefix: prefix.trim_end_matches('.').to_string(),
+        client_id: "test".into(),
+        max_batch: 500,
+    }
 }
 
 /// Writes a fresh master key into `dir` (once) and returns its path.
@@ -191,7 +197,11 @@ impl TopicReader {
 }
 
 pub fn count_of(records: &[OwnedMessage], kind: EventKind) -> usize {
-    records.iter().filter_map(|m| m.payload().and_then(|p| Codec::get().decode(p).ok())).filter(|e| e.kind() == kind).count()
+    records
+        .iter()
+        .filter_map(|m| m.payload().and_then(|p| Codec::get().decode(p).ok()))
+        .filter(|e| e.kind() == kind)
+        .count()
 }
 
 /// Every event of a kind keyed by correlation id (the form id for form events).
@@ -209,8 +219,21 @@ pub fn bin() -> PathBuf {
 
 /// A Visa-like PAN with a valid Luhn check digit, distinct per seed.
 pub fn luhn_pan(seed: u64) -> String {
-    let mut digits: Vec<u32> = format!("4{:014}", seed % 100_000_000_000_000).chars().map(|c| c.to_digit(10).unwrap()).collect();
-    let sum: u32 = digits.iter().rev().enumerate().map(|(i, &d)| if i % 2 == 0 { let x = d * 2; if x > 9 { x - 9 } else { x } } else { d }).sum();
+    let mut digits: Vec<u32> =
+        format!("4{:014}", seed % 100_000_000_000_000).chars().map(|c| c.to_digit(10).unwrap()).collect();
+    let sum: u32 = digits
+        .iter()
+        .rev()
+        .enumerate()
+        .map(|(i, &d)| {
+            if i % 2 == 0 {
+                let x = d * 2;
+                if x > 9 { x - 9 } else { x }
+            } else {
+                d
+            }
+        })
+        .sum();
     digits.push((10 - sum % 10) % 10);
     digits.iter().map(|d| char::from_digit(*d, 10).unwrap()).collect()
 }
@@ -263,7 +286,12 @@ impl Write for LogWriter {
 pub fn forms_of(canary: &str) -> Vec<Vec<u8>> {
     // Also as a decimal byte list, the way Debug prints byte slices (sled's trace logs do).
     let decimal = canary.bytes().map(|b| b.to_string()).collect::<Vec<_>>().join(", ");
-    let mut forms = vec![canary.as_bytes().to_vec(), hex::encode(canary).into_bytes(), hex::encode_upper(canary).into_bytes(), decimal.into_bytes()];
+    let mut forms = vec![
+        canary.as_bytes().to_vec(),
+        hex::encode(canary).into_bytes(),
+        hex::encode_upper(canary).into_bytes(),
+        decimal.into_bytes(),
+    ];
     for pad in 0..3 {
         let mut input = vec![b'x'; pad];
         input.extend_from_slice(canary.as_bytes());
@@ -290,13 +318,19 @@ pub fn hits(haystack: &[u8], needles: &[Vec<u8>]) -> usize {
 pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     let digits = needle.iter().all(u8::is_ascii_digit);
     let bounded = |i: usize| {
-        !digits || (!haystack.get(i.wrapping_sub(1)).is_some_and(u8::is_ascii_digit) && !haystack.get(i + needle.len()).is_some_and(u8::is_ascii_digit))
+        !digits
+            || (!haystack.get(i.wrapping_sub(1)).is_some_and(u8::is_ascii_digit)
+                && !haystack.get(i + needle.len()).is_some_and(u8::is_ascii_digit))
     };
     // A literal regex searches with memchr/memmem: logs of tens of MB scan in milliseconds. Inside a
     // longer run of digits every occurrence of a digit needle touches a digit, so skipping the
     // overlapping candidates of a rejected match loses nothing.
     match std::str::from_utf8(needle) {
-        Ok(text) => regex::bytes::Regex::new(&regex::escape(text)).expect("an escaped literal is a regex").find_iter(haystack).map(|m| m.start()).find(|&i| bounded(i)),
+        Ok(text) => regex::bytes::Regex::new(&regex::escape(text))
+            .expect("an escaped literal is a regex")
+            .find_iter(haystack)
+            .map(|m| m.start())
+            .find(|&i| bounded(i)),
         Err(_) => haystack.windows(needle.len()).enumerate().find(|&(i, w)| w == needle && bounded(i)).map(|(i, _)| i),
     }
 }
