@@ -1,13 +1,26 @@
 #!/usr/bin/env bash
-# Builds secureforms in release mode, starts a fresh tansu broker on loopback, and runs
-# `secureforms bench` against it. Extra arguments go to the bench (e.g. --records 20000 --json).
+# Builds secureforms in release mode, starts a fresh broker on loopback, and runs `secureforms bench`
+# against it: the same report on either broker.
+#
+# Usage: scripts/bench.sh [--broker kafka|tansu] [bench args...]   (default: kafka, the production
+# broker). Extra arguments go to the bench (e.g. --records 20000 --json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
-scripts/install-broker.sh
+kind=kafka
+if [[ "${1:-}" == "--broker" ]]; then
+  kind=${2:?--broker needs kafka or tansu}
+  shift 2
+fi
+case "$kind" in
+  kafka) scripts/install-kafka.sh >/dev/null ;;
+  tansu) scripts/install-broker.sh ;;
+  *) echo "bench.sh: --broker takes kafka or tansu, not '$kind'" >&2; exit 2 ;;
+esac
 cargo build --locked --release
 work=$(mktemp -d)
-trap '[[ -n "${BROKER_PID:-}" ]] && kill "$BROKER_PID" 2>/dev/null; rm -rf "$work"' EXIT
-start_broker "$work/broker"
-"$CARGO_TARGET_DIR/release/secureforms" bench --brokers "$BROKER" "$@"
+trap 'stop_broker; rm -rf "$work"' EXIT
+start_broker "$kind" "$work/broker"
+echo "bench broker: $kind on $BROKER"
+"$CARGO_TARGET_DIR/release/secureforms" bench --brokers "$BROKER" --broker-kind "$kind" "$@"

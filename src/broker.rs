@@ -1,13 +1,22 @@
-//! The embedded default (ADR 0003): with no brokers configured, `secureforms serve` starts a
-//! Kafka-protocol broker process (tansu, installed by `scripts/install-broker.sh`) on loopback, with
-//! its sqlite storage inside the data directory, so data survives restarts. The broker dies with the
-//! service. Other commands (`tail`, `chatbus`, `topics`) find it through `<data_dir>/broker.addr`.
+//! The embedded default (ADR 0003, ADR 13): with no brokers configured, `secureforms serve` starts a
+//! Kafka-protocol broker process on loopback with its storage inside the data directory, so data
+//! survives restarts: tansu 0.6.0 (default; sqlite, installed by `scripts/install-broker.sh`) or,
+//! with `embedded_broker = "kafka"`, a single-node KRaft Apache Kafka from the jars
+//! `scripts/install-kafka.sh` caches. The broker dies with the service and never inherits the master
+//! key. Other commands (`tail`, `chatbus`, `topics`) find it through `<data_dir>/broker.addr`.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
+
+use crate::config::Settings;
+use crate::kafka::BrokerKind;
+
+/// The Apache Kafka version `scripts/kafka/pom.xml` pins (a unit test keeps them equal).
+pub const KAFKA_VERSION: &str = "4.1.2";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -35,15 +44,34 @@ pub enum BrokerError {
         "no brokers configured and no embedded broker is running for data directory {data_dir}; start `secureforms serve` first or pass --brokers host:port"
     )]
     NoneRunning { data_dir: String },
+    #[error(
+        "embedded_broker = \"kafka\" but no Apache Kafka jars in {home}; run scripts/install-kafka.sh (needs Java 17+ and mvn), set kafka_home, or use embedded_broker = \"tansu\""
+    )]
+    KafkaNotInstalled { home: String },
+    #[error("cannot format the embedded Apache Kafka's storage (exit {status}); see {log} for why")]
+    Format { status: String, log: String },
 }
 
 pub struct EmbeddedBroker {
     child: Child,
     addr: String,
     addr_file: PathBuf,
+    kind: BrokerKind,
 }
 
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Where the embedded Apache Kafka's jars are: `kafka_home`, else the install script's cache.
+pub fn kafka_home(configured: Option<&Path>) -> PathBuf {
+    if let Some(p) = configured {
+        return p.to_path_buf();
+    }
+    let cache = std::env::var_os("SECUREFORMS_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/secureforms")))
+        .unwrap_or_else(|| PathBuf::from(".cache/secureforms"));
+    cache.join(format!("kafka-{KAFKA_VERSION}"))
+}
 
 /// The broker binary: the configured path, `tansu` on PATH, or `$CARGO_HOME/bin/tansu`.
 pub fn find_binary(configured: Option<&Path>) -> Result<PathBuf, BrokerError> {
@@ -80,7 +108,161 @@ pub fn running_address(data_dir: &Path) -> Result<String, BrokerError> {
     Ok(addr)
 }
 
+/// Environment variables a broker process must not inherit (the master key above all).
+const WITHHELD_ENV: &[&str] = &["SECUREFORMS_MASTER_KEY", "SECUREFORMS_JWT_SECRET"];
+
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe; it asks the kernel to stop the broker if we die first.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+}
+
+/// Asks a Kafka-protocol broker for its metadata (Metadata v4, which Apache Kafka 4 and tansu both
+/// serve) and returns how many brokers it lists. A listening socket is not yet a working broker.
+pub async fn probe_metadata(addr: &str) -> std::io::Result<i32> {
+    let client_id = b"secureforms-probe";
+    let mut body = Vec::with_capacity(32);
+    body.extend_from_slice(&3i16.to_be_bytes()); // api key: Metadata
+    body.extend_from_slice(&4i16.to_be_bytes()); // api version
+    body.extend_from_slice(&7i32.to_be_bytes()); // correlation id
+    body.extend_from_slice(&(client_id.len() as i16).to_be_bytes());
+    body.extend_from_slice(client_id);
+    body.extend_from_slice(&(-1i32).to_be_bytes()); // all topics
+    body.push(0); // allow_auto_topic_creation = false
+    let io = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(&(body.len() as i32).to_be_bytes()).await?;
+        s.write_all(&body).await?;
+        let size = s.read_i32().await?;
+        if !(12..=16 * 1024 * 1024).contains(&size) {
+            return Err(std::io::Error::other(format!("metadata response of {size} bytes")));
+        }
+        let (correlation, _throttle, brokers) = (s.read_i32().await?, s.read_i32().await?, s.read_i32().await?);
+        if correlation != 7 {
+            return Err(std::io::Error::other("metadata response with another correlation id"));
+        }
+        Ok(brokers)
+    };
+    tokio::time::timeout(Duration::from_secs(2), io)
+        .await
+        .map_err(|_| std::io::Error::other("metadata request timed out"))?
+}
+
 impl EmbeddedBroker {
+    /// Starts the embedded broker `settings.embedded_broker` names.
+    pub async fn start_for(settings: &Settings) -> Result<EmbeddedBroker, BrokerError> {
+        match settings.embedded_broker {
+            BrokerKind::Tansu => {
+                let bin = find_binary(settings.broker_bin.as_deref())?;
+                EmbeddedBroker::start(&bin, &settings.data_dir, settings.embedded_broker_port).await
+            }
+            BrokerKind::Kafka => {
+                EmbeddedBroker::start_kafka(
+                    &kafka_home(settings.kafka_home.as_deref()),
+                    &settings.data_dir,
+                    settings.embedded_broker_port,
+                )
+                .await
+            }
+        }
+    }
+
+    pub fn kind(&self) -> BrokerKind {
+        self.kind
+    }
+
+    /// A single-node KRaft Apache Kafka (combined broker and controller) in `<data_dir>/kafka`.
+    /// Storage is formatted once; the ports are kept in `kafka/ports` so the controller's address
+    /// stays what the metadata log recorded.
+    pub async fn start_kafka(home: &Path, data_dir: &Path, port: u16) -> Result<EmbeddedBroker, BrokerError> {
+        let dir = data_dir.join("kafka");
+        let dir_err = |source| BrokerError::DataDir { path: dir.display().to_string(), source };
+        if !home.join(format!("kafka_2.13-{KAFKA_VERSION}.jar")).is_file() {
+            return Err(BrokerError::KafkaNotInstalled { home: home.display().to_string() });
+        }
+        std::fs::create_dir_all(&dir).map_err(dir_err)?;
+        let ports_file = dir.join("ports");
+        let kept: Option<(u16, u16)> = std::fs::read_to_string(&ports_file).ok().and_then(|t| {
+            let mut it = t.split_whitespace().map(|p| p.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        });
+        let (port, cport) = match kept {
+            Some((p, c)) if port == 0 || port == p => (p, c),
+            Some((_, c)) => (port, c),
+            None => (if port == 0 { free_port().map_err(dir_err)? } else { port }, free_port().map_err(dir_err)?),
+        };
+        std::fs::write(&ports_file, format!("{port} {cport}\n")).map_err(dir_err)?;
+        let addr = format!("127.0.0.1:{port}");
+        let log_path = dir.join("broker.log");
+        let props = dir.join("server.properties");
+        std::fs::write(&props, kafka_server_properties(&dir.join("data"), port, cport)).map_err(dir_err)?;
+        let log4j = dir.join("log4j2.properties");
+        std::fs::write(&log4j, kafka_log4j(&log_path)).map_err(dir_err)?;
+        let classpath = format!("{}/*", home.display());
+        let log4j_arg = format!("-Dlog4j2.configurationFile={}", log4j.display());
+
+        if !dir.join("data/meta.properties").exists() {
+            use base64::Engine;
+            let cluster_id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(uuid::Uuid::new_v4().as_bytes());
+            let format_log = dir.join("format.log");
+            let out = std::fs::File::create(&format_log).map_err(dir_err)?;
+            let mut cmd = Command::new("java");
+            cmd.args([
+                log4j_arg.as_str(),
+                "-cp",
+                &classpath,
+                "kafka.tools.StorageTool",
+                "format",
+                "--standalone",
+                "--cluster-id",
+                &cluster_id,
+                "--config",
+            ])
+            .arg(&props)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().map_err(dir_err)?)
+            .stderr(out);
+            for v in WITHHELD_ENV {
+                cmd.env_remove(v);
+            }
+            let status = cmd.status().await.map_err(|source| BrokerError::Spawn { bin: "java".into(), source })?;
+            if !status.success() {
+                return Err(BrokerError::Format { status: status.to_string(), log: format_log.display().to_string() });
+            }
+        }
+
+        let stdout =
+            std::fs::OpenOptions::new().create(true).append(true).open(dir.join("stdout.log")).map_err(dir_err)?;
+        let mut cmd = Command::new("java");
+        cmd.args([
+            "-Xms256m",
+            "-Xmx768m",
+            "-XX:+UseG1GC",
+            "-XX:MaxGCPauseMillis=20",
+            "-Djava.awt.headless=true",
+            log4j_arg.as_str(),
+            "-cp",
+            &classpath,
+            "kafka.Kafka",
+        ])
+        .arg(&props)
+        .stdin(Stdio::null())
+        .stdout(stdout.try_clone().map_err(dir_err)?)
+        .stderr(stdout)
+        .kill_on_drop(true);
+        for v in WITHHELD_ENV {
+            cmd.env_remove(v);
+        }
+        die_with_parent(&mut cmd);
+        let child = cmd.spawn().map_err(|source| BrokerError::Spawn { bin: "java (kafka.Kafka)".into(), source })?;
+        EmbeddedBroker::ready(child, addr, data_dir, log_path, BrokerKind::Kafka).await
+    }
+
+    /// tansu with its sqlite storage in `data_dir`.
     pub async fn start(bin: &Path, data_dir: &Path, port: u16) -> Result<EmbeddedBroker, BrokerError> {
         let dir_err = |source| BrokerError::DataDir { path: data_dir.display().to_string(), source };
         std::fs::create_dir_all(data_dir).map_err(dir_err)?;
@@ -104,21 +286,31 @@ impl EmbeddedBroker {
             .stdout(log.try_clone().map_err(dir_err)?)
             .stderr(log)
             .kill_on_drop(true);
-        // SAFETY: prctl is async-signal-safe; it asks the kernel to stop the broker if we die first.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
+        for v in WITHHELD_ENV {
+            cmd.env_remove(v);
         }
-        let mut child = cmd.spawn().map_err(|source| BrokerError::Spawn { bin: bin.display().to_string(), source })?;
+        die_with_parent(&mut cmd);
+        let child = cmd.spawn().map_err(|source| BrokerError::Spawn { bin: bin.display().to_string(), source })?;
+        tracing::debug!(storage = %db.display(), "tansu started");
+        EmbeddedBroker::ready(child, addr, data_dir, log_path, BrokerKind::Tansu).await
+    }
+
+    /// Waits until the broker answers a metadata request, then records its address.
+    async fn ready(
+        mut child: Child,
+        addr: String,
+        data_dir: &Path,
+        log_path: PathBuf,
+        kind: BrokerKind,
+    ) -> Result<EmbeddedBroker, BrokerError> {
+        let dir_err = |source| BrokerError::DataDir { path: data_dir.display().to_string(), source };
         let deadline = Instant::now() + READY_TIMEOUT;
         let log_name = log_path.display().to_string();
         loop {
             if let Some(status) = child.try_wait().map_err(dir_err)? {
                 return Err(BrokerError::Exited { status: status.to_string(), log: log_name });
             }
-            if tokio::net::TcpStream::connect(&addr).await.is_ok() {
+            if probe_metadata(&addr).await.is_ok_and(|brokers| brokers >= 1) {
                 break;
             }
             if Instant::now() > deadline {
@@ -129,15 +321,16 @@ impl EmbeddedBroker {
         }
         let addr_file = data_dir.join("broker.addr");
         std::fs::write(&addr_file, &addr).map_err(dir_err)?;
-        tracing::info!(%addr, storage = %db.display(), "embedded broker started");
-        Ok(EmbeddedBroker { child, addr, addr_file })
+        tracing::info!(%addr, kind = kind.name(), log = %log_name, "embedded broker started");
+        Ok(EmbeddedBroker { child, addr, addr_file, kind })
     }
 
     pub fn addr(&self) -> &str {
         &self.addr
     }
 
-    /// Stops the broker gracefully (SIGTERM, then SIGKILL after 10 s).
+    /// Stops the broker gracefully (SIGTERM, then SIGKILL after 30 s: Apache Kafka's controlled
+    /// shutdown takes a few seconds).
     pub async fn stop(mut self) {
         let _ = std::fs::remove_file(&self.addr_file);
         if let Some(pid) = self.child.id() {
@@ -145,12 +338,80 @@ impl EmbeddedBroker {
             unsafe {
                 libc::kill(pid as i32, libc::SIGTERM);
             }
-            if tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await.is_ok() {
+            if tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await.is_ok() {
                 tracing::info!("embedded broker stopped");
                 return;
             }
         }
         let _ = self.child.kill().await;
         tracing::warn!("embedded broker did not stop on SIGTERM and was killed");
+    }
+}
+
+/// One-node KRaft settings: combined broker and controller on loopback, internal topics with one
+/// replica, groups that form at once, and a log cleaner that checks often (crypto-shredding on the
+/// compacted keys topic). The same settings as `scripts/lib.sh` uses for the tests.
+fn kafka_server_properties(data: &Path, port: u16, cport: u16) -> String {
+    format!(
+        "process.roles=broker,controller\n\
+         node.id=1\n\
+         controller.quorum.bootstrap.servers=127.0.0.1:{cport}\n\
+         listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}\n\
+         advertised.listeners=PLAINTEXT://127.0.0.1:{port}\n\
+         controller.listener.names=CONTROLLER\n\
+         inter.broker.listener.name=PLAINTEXT\n\
+         listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT\n\
+         log.dirs={}\n\
+         auto.create.topics.enable=false\n\
+         offsets.topic.replication.factor=1\n\
+         offsets.topic.num.partitions=6\n\
+         transaction.state.log.replication.factor=1\n\
+         transaction.state.log.min.isr=1\n\
+         share.coordinator.state.topic.replication.factor=1\n\
+         share.coordinator.state.topic.min.isr=1\n\
+         group.initial.rebalance.delay.ms=0\n\
+         log.cleaner.backoff.ms=1000\n",
+        data.display()
+    )
+}
+
+fn kafka_log4j(log: &Path) -> String {
+    format!(
+        "status = warn\n\
+         appender.file.type = File\n\
+         appender.file.name = file\n\
+         appender.file.fileName = {}\n\
+         appender.file.layout.type = PatternLayout\n\
+         appender.file.layout.pattern = [%d] %p %m (%c)%n\n\
+         rootLogger.level = INFO\n\
+         rootLogger.appenderRef.file.ref = file\n",
+        log.display()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pinned_kafka_version_is_the_one_the_install_script_fetches() {
+        let pom = include_str!("../scripts/kafka/pom.xml");
+        assert!(
+            pom.contains(&format!("<kafka.version>{KAFKA_VERSION}</kafka.version>")),
+            "scripts/kafka/pom.xml pins another version than broker::KAFKA_VERSION"
+        );
+    }
+
+    #[test]
+    fn one_node_kafka_settings_name_both_listeners_and_single_replica_internal_topics() {
+        let p = kafka_server_properties(Path::new("/d"), 9092, 9093);
+        for line in [
+            "listeners=PLAINTEXT://127.0.0.1:9092,CONTROLLER://127.0.0.1:9093",
+            "offsets.topic.replication.factor=1",
+            "log.dirs=/d",
+            "group.initial.rebalance.delay.ms=0",
+        ] {
+            assert!(p.lines().any(|l| l == line), "missing {line:?} in\n{p}");
+        }
     }
 }

@@ -48,8 +48,18 @@ pub struct Settings {
     pub public_url: String,
     /// Replication factor for topics created by `topics apply` (3 in production).
     pub replication_factor: i32,
-    /// Path of the broker binary for the embedded default (found on PATH or in ~/.cargo/bin if unset).
+    /// The broker implementation behind `brokers`: `kafka` or `tansu`. Unset: asked of the broker
+    /// (Apache Kafka describes its log cleaner). Decides topic settings (ADR 13).
+    pub broker_kind: Option<crate::kafka::BrokerKind>,
+    /// The broker `serve` starts when no `brokers` are configured: `tansu` (default; installed by
+    /// scripts/install-broker.sh) or `kafka` (Apache Kafka from the jars scripts/install-kafka.sh
+    /// caches; needs Java 17+). Both keep their data in `data_dir`.
+    pub embedded_broker: crate::kafka::BrokerKind,
+    /// Path of the tansu binary for the embedded default (found on PATH or in ~/.cargo/bin if unset).
     pub broker_bin: Option<PathBuf>,
+    /// Directory of Apache Kafka's jars for `embedded_broker = "kafka"` (default: the cache
+    /// scripts/install-kafka.sh fills, ~/.cache/secureforms/kafka-<version>).
+    pub kafka_home: Option<PathBuf>,
     /// Port of the embedded broker; 0 picks a free one.
     pub embedded_broker_port: u16,
     /// `text` or `json`.
@@ -90,6 +100,9 @@ const SETTING_KEYS: &[&str] = &[
     "public_url",
     "replication_factor",
     "broker_bin",
+    "broker_kind",
+    "embedded_broker",
+    "kafka_home",
     "embedded_broker_port",
     "log_format",
     "master_key_file",
@@ -115,7 +128,10 @@ impl Default for Settings {
             node_id: "node-1".into(),
             public_url: "http://127.0.0.1:8080".into(),
             replication_factor: 1,
+            broker_kind: None,
+            embedded_broker: crate::kafka::BrokerKind::Tansu,
             broker_bin: None,
+            kafka_home: None,
             embedded_broker_port: 0,
             log_format: "text".into(),
             master_key_file: None,
@@ -372,6 +388,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closure returns figment's own error type
     fn environment_variables_set_settings_and_flags_beat_them() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("SECUREFORMS_GROUP_PREFIX", "from-env");

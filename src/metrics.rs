@@ -43,7 +43,13 @@ pub struct Metrics {
     pub skipped_purged: Counter,
     /// HTTP request latency, per method, route template and status.
     pub http: Family<L3, Histogram, fn() -> Histogram>,
-    /// 1 once every projection has caught up with the topics as they were at start.
+    /// Partitions each handler's consumer holds right now.
+    pub assigned: Family<[(&'static str, String); 1], Gauge>,
+    /// Consumers re-created because they held no partitions while their topics went unconsumed.
+    pub consumer_rejoins: Family<[(&'static str, String); 1], Counter>,
+    /// Producers replaced after a fatal error.
+    pub producer_resets: Counter,
+    /// 1 while the node serves: caught up once, every handler holds partitions, brokers answer.
     pub ready_gauge: Gauge,
     ready: AtomicBool,
 }
@@ -69,6 +75,9 @@ impl Metrics {
             skipped_purged: Counter::default(),
             purge_runs: Counter::default(),
             http: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            assigned: Family::default(),
+            consumer_rejoins: Family::default(),
+            producer_resets: Counter::default(),
             ready_gauge: Gauge::default(),
             ready: AtomicBool::new(false),
             registry: Registry::default(),
@@ -100,7 +109,18 @@ impl Metrics {
             "HTTP request latency, per method, route and status",
             m.http.clone(),
         );
-        registry.register("ready", "1 once every projection has caught up", m.ready_gauge.clone());
+        registry.register("assigned_partitions", "Partitions each handler's consumer holds", m.assigned.clone());
+        registry.register(
+            "consumer_rejoins",
+            "Consumers re-created after holding no partitions while their topics went unconsumed",
+            m.consumer_rejoins.clone(),
+        );
+        registry.register("producer_resets", "Producers replaced after a fatal error", m.producer_resets.clone());
+        registry.register(
+            "ready",
+            "1 while the node serves: caught up, every handler holds partitions, brokers answer",
+            m.ready_gauge.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -154,8 +174,25 @@ impl Metrics {
     }
 
     pub fn set_ready(&self) {
-        self.ready.store(true, Ordering::SeqCst);
-        self.ready_gauge.set(1);
+        self.set_readiness(true);
+    }
+
+    /// Ready or not (the readiness task re-evaluates this while the node runs).
+    pub fn set_readiness(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+        self.ready_gauge.set(i64::from(ready));
+    }
+
+    pub fn set_assigned(&self, handler: &str, partitions: usize) {
+        self.assigned.get_or_create(&[("handler", handler.to_string())]).set(partitions as i64);
+    }
+
+    pub fn assigned(&self, handler: &str) -> i64 {
+        self.assigned.get_or_create(&[("handler", handler.to_string())]).get()
+    }
+
+    pub fn consumer_rejoined(&self, handler: &str) {
+        self.consumer_rejoins.get_or_create(&[("handler", handler.to_string())]).inc();
     }
 
     pub fn is_ready(&self) -> bool {

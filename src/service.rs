@@ -70,6 +70,7 @@ pub struct Submission<'a> {
 pub fn kafka_settings(settings: &Settings, brokers: String, client: &str) -> KafkaSettings {
     KafkaSettings {
         brokers,
+        kind: settings.broker_kind,
         names: TopicNames::new(settings.topic_prefix.clone()),
         group_prefix: settings.group_prefix.clone(),
         client_id: format!("secureforms-{}-{client}", settings.node_id),
@@ -525,10 +526,7 @@ pub async fn serve(settings: Settings, clock: Clock, shutdown: impl Future<Outpu
     master_key(&settings)?;
     let embedded = match &settings.brokers {
         Some(b) if !b.trim().is_empty() => None,
-        _ => {
-            let bin = broker::find_binary(settings.broker_bin.as_deref())?;
-            Some(EmbeddedBroker::start(&bin, &settings.data_dir, settings.embedded_broker_port).await?)
-        }
+        _ => Some(EmbeddedBroker::start_for(&settings).await?),
     };
     let brokers =
         embedded.as_ref().map(|b| b.addr().to_string()).or_else(|| settings.brokers.clone()).unwrap_or_default();

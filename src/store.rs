@@ -35,6 +35,9 @@ pub mod trees {
     pub const OUTBOX: &str = "sys.outbox";
 }
 
+/// Tree name -> its (key, value) rows, in key order.
+pub type TreeDump = BTreeMap<String, Vec<(Vec<u8>, Vec<u8>)>>;
+
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
@@ -113,7 +116,7 @@ impl Store {
     }
 
     /// Every tree name and its content, for replay comparisons and inspection tools.
-    pub fn dump(&self) -> Result<BTreeMap<String, Vec<(Vec<u8>, Vec<u8>)>>, StoreError> {
+    pub fn dump(&self) -> Result<TreeDump, StoreError> {
         let mut out = BTreeMap::new();
         for name in self.db.tree_names() {
             let name = String::from_utf8_lossy(&name).to_string();

@@ -6,6 +6,24 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+use crate::kafka::BrokerKind;
+
+/// `retention_ms = -1` in a topic file: keep forever.
+pub const FOREVER: i64 = -1;
+
+/// What "forever" becomes on tansu 0.6.0, which reads `retention.ms=-1` as "delete now": 100 years.
+pub const TANSU_FOREVER_MS: i64 = 3_155_760_000_000;
+
+/// Topic configs only Apache Kafka's log cleaner acts on; tansu 0.6.0 neither compacts nor rolls
+/// segments by these, so they are not sent to it (nothing to drift on there).
+const CLEANER_CONFIGS: &[&str] = &[
+    "segment.ms",
+    "min.cleanable.dirty.ratio",
+    "max.compaction.lag.ms",
+    "min.compaction.lag.ms",
+    "delete.retention.ms",
+];
+
 /// The topics the service knows. The full name is `<prefix><suffix>` (prefix from configuration,
 /// `secureforms.` by default) so several deployments or test runs can share one cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -97,6 +115,7 @@ pub struct TopicSpec {
     pub name: String,
     pub partitions: i32,
     pub cleanup_policy: String,
+    /// Milliseconds, or -1 ([`FOREVER`]) for a topic that is never trimmed by time.
     pub retention_ms: i64,
     pub key: String,
     #[serde(default)]
@@ -109,12 +128,29 @@ pub struct TopicSpec {
 }
 
 impl TopicSpec {
-    /// The broker-level configs this spec asks for.
-    pub fn configs(&self) -> BTreeMap<String, String> {
+    /// The topic configs this spec asks of a broker of `kind`: Kafka gets the declaration as it is
+    /// (`retention.ms=-1` is forever); tansu gets 100 years for forever and no cleaner settings.
+    pub fn configs(&self, kind: BrokerKind) -> BTreeMap<String, String> {
         let mut c = self.config.clone();
+        let retention = match kind {
+            BrokerKind::Tansu if self.retention_ms == FOREVER => TANSU_FOREVER_MS,
+            _ => self.retention_ms,
+        };
+        if kind == BrokerKind::Tansu {
+            c.retain(|k, _| !CLEANER_CONFIGS.contains(&k.as_str()));
+        }
         c.insert("cleanup.policy".into(), self.cleanup_policy.clone());
-        c.insert("retention.ms".into(), self.retention_ms.to_string());
+        c.insert("retention.ms".into(), retention.to_string());
         c
+    }
+
+    /// Retention as people read it.
+    pub fn retention_text(&self) -> String {
+        match self.retention_ms {
+            FOREVER => "forever".into(),
+            ms if ms % 86_400_000 == 0 => format!("{} days", ms / 86_400_000),
+            ms => format!("{ms} ms"),
+        }
     }
 }
 
@@ -135,7 +171,7 @@ pub enum TopicAction {
 
 /// Compares the declared topics with what the broker has. Drift is reported, never "fixed" by
 /// deleting data: partition counts and configs are changed by ops on purpose.
-pub fn plan(names: &TopicNames, observed: &BTreeMap<String, ObservedTopic>) -> Vec<TopicAction> {
+pub fn plan(names: &TopicNames, observed: &BTreeMap<String, ObservedTopic>, kind: BrokerKind) -> Vec<TopicAction> {
     Topic::ALL
         .iter()
         .map(|&t| {
@@ -151,7 +187,7 @@ pub fn plan(names: &TopicNames, observed: &BTreeMap<String, ObservedTopic>) -> V
                     }
                     match &o.configs {
                         Some(configs) => {
-                            for (k, v) in spec.configs() {
+                            for (k, v) in spec.configs(kind) {
                                 match configs.get(&k) {
                                     Some(actual) if *actual == v => {}
                                     Some(actual) => differences.push(format!("{k}: declared {v}, broker has {actual}")),
@@ -176,11 +212,14 @@ pub fn plan(names: &TopicNames, observed: &BTreeMap<String, ObservedTopic>) -> V
 mod tests {
     use super::*;
 
-    fn observed_as_declared(names: &TopicNames) -> BTreeMap<String, ObservedTopic> {
+    fn observed_as_declared(names: &TopicNames, kind: BrokerKind) -> BTreeMap<String, ObservedTopic> {
         Topic::ALL
             .iter()
             .map(|&t| {
-                (names.name(t), ObservedTopic { partitions: t.spec().partitions, configs: Some(t.spec().configs()) })
+                (
+                    names.name(t),
+                    ObservedTopic { partitions: t.spec().partitions, configs: Some(t.spec().configs(kind)) },
+                )
             })
             .collect()
     }
@@ -198,9 +237,9 @@ mod tests {
     #[test]
     fn missing_topics_are_created_present_ones_are_left_alone() {
         let names = TopicNames::new("t.");
-        let mut observed = observed_as_declared(&names);
+        let mut observed = observed_as_declared(&names, BrokerKind::Kafka);
         observed.remove("t.keys");
-        let actions = plan(&names, &observed);
+        let actions = plan(&names, &observed, BrokerKind::Kafka);
         let creates: Vec<_> = actions
             .iter()
             .filter_map(|a| if let TopicAction::Create { name, .. } = a { Some(name.as_str()) } else { None })
@@ -212,11 +251,11 @@ mod tests {
     #[test]
     fn drift_in_partitions_and_configs_is_reported() {
         let names = TopicNames::new("");
-        let mut observed = observed_as_declared(&names);
+        let mut observed = observed_as_declared(&names, BrokerKind::Tansu);
         let chat = observed.get_mut("chat-events").unwrap();
         chat.partitions = 3;
         chat.configs.as_mut().unwrap().insert("retention.ms".into(), "1000".into());
-        let drift = plan(&names, &observed)
+        let drift = plan(&names, &observed, BrokerKind::Tansu)
             .into_iter()
             .find_map(
                 |a| if let TopicAction::Drift { name, differences } = a { Some((name, differences)) } else { None },
@@ -225,6 +264,36 @@ mod tests {
         assert_eq!(drift.0, "chat-events");
         assert_eq!(drift.1.len(), 2, "{:?}", drift.1);
         assert!(drift.1[0].contains("partitions: declared 6, broker has 3"));
+    }
+
+    #[test]
+    fn kafka_gets_native_settings_and_tansu_only_its_workarounds() {
+        let keys = Topic::Keys.spec();
+        assert_eq!(keys.retention_ms, FOREVER, "the keys topic is declared as kept forever");
+        let kafka = keys.configs(BrokerKind::Kafka);
+        assert_eq!(kafka["retention.ms"], "-1");
+        assert_eq!(kafka["cleanup.policy"], "compact");
+        assert!(kafka.contains_key("min.cleanable.dirty.ratio") && kafka.contains_key("segment.ms"), "{kafka:?}");
+        let tansu = keys.configs(BrokerKind::Tansu);
+        assert_eq!(tansu["retention.ms"], TANSU_FOREVER_MS.to_string());
+        assert!(!tansu.contains_key("min.cleanable.dirty.ratio") && !tansu.contains_key("segment.ms"), "{tansu:?}");
+        // A finite retention is the same on both.
+        let dlq = Topic::DeadLetters.spec();
+        assert_eq!(dlq.configs(BrokerKind::Kafka)["retention.ms"], dlq.configs(BrokerKind::Tansu)["retention.ms"]);
+    }
+
+    #[test]
+    fn a_topic_made_for_one_broker_kind_drifts_on_the_other() {
+        let names = TopicNames::new("");
+        let as_on_tansu = observed_as_declared(&names, BrokerKind::Tansu);
+        let drifted: Vec<_> = plan(&names, &as_on_tansu, BrokerKind::Kafka)
+            .into_iter()
+            .filter_map(|a| if let TopicAction::Drift { name, .. } = a { Some(name) } else { None })
+            .collect();
+        // Every forever-topic has 100 years on tansu where Kafka should have -1.
+        let forever: Vec<_> =
+            Topic::ALL.iter().filter(|t| t.spec().retention_ms == FOREVER).map(|t| t.suffix().to_string()).collect();
+        assert_eq!(drifted, forever);
     }
 
     #[test]

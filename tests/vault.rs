@@ -187,7 +187,7 @@ async fn submit_many(service: &Service, settings: &Settings, n: usize) -> Vec<uu
     ids
 }
 
-fn vault_dump(store: &secureforms::store::Store) -> BTreeMap<String, Vec<(Vec<u8>, Vec<u8>)>> {
+fn vault_dump(store: &secureforms::store::Store) -> secureforms::store::TreeDump {
     store.dump().unwrap().into_iter().filter(|(name, _)| name.starts_with("vault.")).collect()
 }
 
@@ -549,7 +549,7 @@ async fn a_duplicate_form_submitted_changes_nothing_and_emits_nothing() {
     assert!(ready.contains_key(&marker[0].to_string()));
     wait_for_vault(&service, 2).await;
     let after = vault_dump(&service.vault);
-    let only_original = |d: &BTreeMap<String, Vec<(Vec<u8>, Vec<u8>)>>| {
+    let only_original = |d: &secureforms::store::TreeDump| {
         d["vault.submissions"].iter().filter(|(k, _)| k.as_slice() == ids[0].as_bytes()).cloned().collect::<Vec<_>>()
     };
     assert_eq!(only_original(&before), only_original(&after), "the duplicate changed nothing");

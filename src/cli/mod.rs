@@ -49,6 +49,10 @@ pub struct GlobalArgs {
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub brokers: Option<String>,
+    /// The broker implementation behind --brokers: kafka or tansu (default: asked of the broker).
+    #[arg(long, global = true, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker_kind: Option<crate::kafka::BrokerKind>,
     /// Data directory for the vault, projections and the embedded broker.
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]

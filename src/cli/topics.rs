@@ -46,18 +46,23 @@ pub async fn run(global: &GlobalArgs, cmd: TopicsCommand) -> anyhow::Result<()> 
         }
         TopicsCommand::List => {
             let names = TopicNames::new(settings.topic_prefix.clone());
-            let observed = Admin::new(&kafka)?.observe(&names).await?;
-            println!(
-                "{:<34} {:>10} {:>8} {:<8} {:<14} key",
-                "topic", "partitions", "broker", "cleanup", "retention.ms"
-            );
+            let admin = Admin::new(&kafka)?;
+            let kind = admin.broker_kind().await?;
+            let observed = admin.observe(&names).await?;
+            println!("broker: {}", kind.name());
+            println!("{:<34} {:>10} {:>8} {:<8} {:<14} key", "topic", "partitions", "broker", "cleanup", "retention");
             for &t in Topic::ALL {
                 let spec = t.spec();
                 let name = names.name(t);
                 let broker = observed.get(&name).map(|o| o.partitions.to_string()).unwrap_or_else(|| "missing".into());
                 println!(
                     "{:<34} {:>10} {:>8} {:<8} {:<14} {}",
-                    name, spec.partitions, broker, spec.cleanup_policy, spec.retention_ms, spec.key
+                    name,
+                    spec.partitions,
+                    broker,
+                    spec.cleanup_policy,
+                    spec.retention_text(),
+                    spec.key
                 );
             }
             Ok(())

@@ -62,7 +62,12 @@ pub struct SchemaEntry {
     pub version: i32,
     pub file: &'static str,
     pub schema: &'static Schema,
+    /// CRC-64-AVRO of the specification's Parsing Canonical Form: what every standard Avro library
+    /// computes and what this service writes.
     pub fingerprint: [u8; 8],
+    /// The fingerprint versions before 0.2 wrote (apache-avro's canonical form keeps logical-type
+    /// attributes). Still read, because records carrying it are on the topics.
+    pub legacy_fingerprint: [u8; 8],
     pub current: bool,
 }
 
@@ -88,7 +93,7 @@ fn leak(schema: Schema) -> &'static Schema {
     Box::leak(Box::new(schema))
 }
 
-fn fingerprint(schema: &Schema) -> [u8; 8] {
+fn legacy_fingerprint(schema: &Schema) -> [u8; 8] {
     let fp = schema.fingerprint::<Rabin>();
     let mut out = [0u8; 8];
     out.copy_from_slice(&fp.bytes[..8]);
@@ -103,7 +108,8 @@ impl Codec {
         CODEC.get_or_init(|| Codec::build().expect("embedded schemas parse (checked by unit tests)"))
     }
 
-    fn build() -> Result<Codec, apache_avro::Error> {
+    fn build() -> Result<Codec, Box<dyn std::error::Error>> {
+        let standard = super::pcf::fingerprint;
         let mut entries = Vec::new();
         for &kind in EventKind::ALL {
             let schema = leak(Schema::parse_str(kind.schema_source())?);
@@ -111,26 +117,38 @@ impl Codec {
                 kind,
                 version: kind.version(),
                 file: kind.schema_file(),
-                fingerprint: fingerprint(schema),
+                fingerprint: standard(kind.schema_source())?,
+                legacy_fingerprint: legacy_fingerprint(schema),
                 schema,
                 current: true,
             });
         }
         for &(kind, version, file, source) in HISTORY {
             let schema = leak(Schema::parse_str(source)?);
-            entries.push(SchemaEntry { kind, version, file, fingerprint: fingerprint(schema), schema, current: false });
+            entries.push(SchemaEntry {
+                kind,
+                version,
+                file,
+                fingerprint: standard(source)?,
+                legacy_fingerprint: legacy_fingerprint(schema),
+                schema,
+                current: false,
+            });
         }
-        let by_fingerprint = entries.iter().enumerate().map(|(i, e)| (e.fingerprint, i)).collect();
+        let by_fingerprint: HashMap<[u8; 8], usize> =
+            entries.iter().enumerate().flat_map(|(i, e)| [(e.legacy_fingerprint, i), (e.fingerprint, i)]).collect();
         let current: HashMap<EventKind, usize> =
             entries.iter().enumerate().filter(|(_, e)| e.current).map(|(i, e)| (e.kind, i)).collect();
         let mut readers = HashMap::new();
         let mut writers = HashMap::new();
         for e in &entries {
             let reader_schema = entries[current[&e.kind]].schema;
-            readers.insert(
-                e.fingerprint,
-                GenericDatumReader::builder(e.schema).maybe_reader_schema(Some(reader_schema)).build()?,
-            );
+            for fp in [e.fingerprint, e.legacy_fingerprint] {
+                readers.insert(
+                    fp,
+                    GenericDatumReader::builder(e.schema).maybe_reader_schema(Some(reader_schema)).build()?,
+                );
+            }
             writers.insert(e.fingerprint, GenericDatumWriter::builder(e.schema).build()?);
         }
         Ok(Codec { entries, by_fingerprint, current, readers, writers })
@@ -281,7 +299,7 @@ mod tests {
             .entries()
             .iter()
             .enumerate()
-            .map(|(i, e)| arb_value(&e.schema).prop_map(move |v| (i, v)).boxed())
+            .map(|(i, e)| arb_value(e.schema).prop_map(move |v| (i, v)).boxed())
             .collect();
         proptest::strategy::Union::new(per_entry)
     }
@@ -395,12 +413,48 @@ mod tests {
         assert!(matches!(codec.decode(&bytes), Err(CodecError::TypeMismatch { .. })));
     }
 
+    /// Fingerprints the Java Avro library computed (SchemaNormalization.parsingFingerprint64 over
+    /// each schema file, by tests/interop/Fingerprints.java), one `file fingerprint-hex` per line,
+    /// the hex in the byte order the single-object header carries.
+    #[test]
+    fn fingerprints_are_those_the_java_avro_library_computes() {
+        let vectors = include_str!("../../tests/vectors/avro-fingerprints.txt");
+        let mut checked = 0;
+        for line in vectors.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+            let (file, hex_fp) = line.split_once(' ').expect("`file fingerprint` lines");
+            let entry = Codec::get()
+                .entries()
+                .iter()
+                .find(|e| format!("schemas/{}", e.file) == file)
+                .unwrap_or_else(|| panic!("no schema {file}"));
+            assert_eq!(hex::encode(entry.fingerprint), hex_fp.trim(), "{file}");
+            checked += 1;
+        }
+        assert_eq!(checked, Codec::get().entries().len(), "every schema has a vector");
+    }
+
+    #[test]
+    fn records_written_with_the_legacy_fingerprint_still_decode() {
+        let codec = Codec::get();
+        let entry = codec.current(EventKind::ConversationClosed);
+        let v = Value::Record(vec![
+            ("header".into(), header_value(EventKind::ConversationClosed)),
+            ("closed_by".into(), Value::String("agent".into())),
+            ("reason".into(), Value::String("done".into())),
+        ]);
+        let mut bytes = codec.encode_value(entry, v).unwrap();
+        assert_eq!(&bytes[2..10], &entry.fingerprint[..]);
+        bytes[2..10].copy_from_slice(&entry.legacy_fingerprint);
+        assert_eq!(codec.decode(&bytes).unwrap().kind(), EventKind::ConversationClosed);
+    }
+
     #[test]
     fn fingerprints_are_unique_and_every_kind_has_a_current_schema() {
         let codec = Codec::get();
         let mut seen = std::collections::BTreeSet::new();
         for e in codec.entries() {
             assert!(seen.insert(e.fingerprint), "{} v{} shares a fingerprint", e.kind.name(), e.version);
+            assert!(seen.insert(e.legacy_fingerprint), "{} v{} shares a legacy fingerprint", e.kind.name(), e.version);
         }
         for &k in EventKind::ALL {
             let cur = codec.current(k);

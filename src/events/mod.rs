@@ -6,6 +6,7 @@
 //! it in `HISTORY`, and make only compatible changes (new fields with defaults).
 
 pub mod codec;
+pub mod pcf;
 mod types;
 
 pub use codec::{Codec, CodecError};

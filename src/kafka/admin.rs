@@ -6,7 +6,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, Top
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 
-use super::{ADMIN_TIMEOUT, KafkaError, KafkaSettings};
+use super::{ADMIN_TIMEOUT, BrokerKind, KafkaError, KafkaSettings};
 use crate::topics::{ObservedTopic, TopicAction, TopicNames, plan};
 
 pub struct Admin {
@@ -18,6 +18,40 @@ impl Admin {
     pub fn new(settings: &KafkaSettings) -> Result<Admin, KafkaError> {
         let client = settings.client_config().create().map_err(|e| settings.client_error(e))?;
         Ok(Admin { client, settings: settings.clone() })
+    }
+
+    /// The broker implementation: as configured, or asked of the broker. Apache Kafka describes its
+    /// log cleaner among the broker configs (`log.cleaner.enable`); a broker that does not is treated
+    /// like tansu (no compaction, no `retention.ms=-1`), which errs on the side of keeping data.
+    pub async fn broker_kind(&self) -> Result<BrokerKind, KafkaError> {
+        if let Some(kind) = self.settings.kind {
+            return Ok(kind);
+        }
+        let client = self.client.inner();
+        let md = tokio::task::block_in_place(|| client.fetch_metadata(None, ADMIN_TIMEOUT))
+            .map_err(|e| self.settings.client_error(e))?;
+        let Some(broker) = md.brokers().first().map(|b| b.id()) else {
+            return Err(KafkaError::Topic {
+                topic: "(cluster)".into(),
+                message: "the metadata lists no broker".into(),
+            });
+        };
+        let spec = [ResourceSpecifier::Broker(broker)];
+        let described =
+            self.client.describe_configs(&spec, &AdminOptions::new().request_timeout(Some(ADMIN_TIMEOUT))).await;
+        let kafka = match described {
+            Ok(results) => results
+                .into_iter()
+                .filter_map(Result::ok)
+                .any(|r| r.entries.iter().any(|e| e.name == "log.cleaner.enable")),
+            Err(error) => {
+                tracing::debug!(%error, "broker configs not described; taking the broker for tansu");
+                false
+            }
+        };
+        let kind = if kafka { BrokerKind::Kafka } else { BrokerKind::Tansu };
+        tracing::debug!(kind = kind.name(), "broker kind detected");
+        Ok(kind)
     }
 
     /// Every topic the broker has, with partition counts.
@@ -59,12 +93,13 @@ impl Admin {
     /// counts as present.
     pub async fn apply(&self, replication_factor: i32) -> Result<Vec<TopicAction>, KafkaError> {
         let names = &self.settings.names;
-        let actions = plan(names, &self.observe(names).await?);
+        let kind = self.broker_kind().await?;
+        let actions = plan(names, &self.observe(names).await?, kind);
         let creates: Vec<_> = actions
             .iter()
             .filter_map(|a| {
                 if let TopicAction::Create { name, spec } = a {
-                    Some((name.clone(), spec.configs(), spec.partitions))
+                    Some((name.clone(), spec.configs(kind), spec.partitions))
                 } else {
                     None
                 }

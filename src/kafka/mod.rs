@@ -33,10 +33,44 @@ pub enum KafkaError {
     Store(#[from] crate::store::StoreError),
 }
 
+/// Which broker implementation the cluster runs. Topic settings differ where the brokers differ
+/// (ADR 13): tansu 0.6.0 reads `retention.ms=-1` as "delete now" and does not compact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerKind {
+    /// Apache Kafka (production), or any broker that describes a log cleaner.
+    Kafka,
+    /// tansu 0.6.0, the embedded default.
+    Tansu,
+}
+
+impl BrokerKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            BrokerKind::Kafka => "kafka",
+            BrokerKind::Tansu => "tansu",
+        }
+    }
+}
+
+impl std::str::FromStr for BrokerKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<BrokerKind, String> {
+        match s {
+            "kafka" => Ok(BrokerKind::Kafka),
+            "tansu" => Ok(BrokerKind::Tansu),
+            other => Err(format!("broker kind {other:?} is not one of kafka, tansu")),
+        }
+    }
+}
+
 /// Where the cluster is and how our topics are named.
 #[derive(Debug, Clone)]
 pub struct KafkaSettings {
     pub brokers: String,
+    /// The broker implementation, when known (configuration or the embedded default); `None` asks
+    /// the broker (see `admin::Admin::broker_kind`).
+    pub kind: Option<BrokerKind>,
     pub names: TopicNames,
     pub group_prefix: String,
     pub client_id: String,

@@ -1,17 +1,23 @@
 //! The idempotent producer (enable.idempotence, acks=all). Every event is keyed by its record key
 //! (the conversation id for conversation events) so one conversation stays on one partition.
 
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use super::{KafkaError, KafkaSettings};
 use crate::events::{Codec, Event};
 use crate::topics::Topic;
 
+/// Clones share one librdkafka producer. After a fatal error (an idempotence sequence the broker
+/// refuses) or a record that timed out (the broker was away longer than the delivery timeout), the
+/// shared producer is replaced by a fresh one with a new producer id, so the node recovers without a
+/// restart; the records are retried by their callers (outbox, HTTP) with the same event ids.
 #[derive(Clone)]
 pub struct EventProducer {
-    inner: FutureProducer,
+    inner: Arc<RwLock<FutureProducer>>,
     settings: KafkaSettings,
     metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
@@ -21,15 +27,33 @@ const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl EventProducer {
     pub fn new(settings: &KafkaSettings) -> Result<EventProducer, KafkaError> {
-        let inner: FutureProducer = settings
-            .client_config()
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "2")
-            .set("message.timeout.ms", DELIVERY_TIMEOUT.as_millis().to_string())
-            .create()
-            .map_err(|e| settings.client_error(e))?;
-        Ok(EventProducer { inner, settings: settings.clone(), metrics: None })
+        let inner = create(settings)?;
+        Ok(EventProducer { inner: Arc::new(RwLock::new(inner)), settings: settings.clone(), metrics: None })
+    }
+
+    fn current(&self) -> FutureProducer {
+        self.inner.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces `failed` by a fresh producer, unless another caller already did.
+    fn reset(&self, failed: &FutureProducer, why: &str) {
+        let mut slot = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        if slot.client().native_ptr() != failed.client().native_ptr() {
+            return;
+        }
+        match create(&self.settings) {
+            Ok(fresh) => {
+                tracing::warn!(
+                    reason = why,
+                    "producer replaced by a fresh one (new producer id); undelivered records are retried"
+                );
+                *slot = fresh;
+                if let Some(m) = &self.metrics {
+                    m.producer_resets.inc();
+                }
+            }
+            Err(error) => tracing::error!(%error, "cannot create a fresh producer; keeping the failed one"),
+        }
     }
 
     /// Counts what this producer delivers, per topic.
@@ -57,7 +81,8 @@ impl EventProducer {
 
     pub async fn send_to(&self, topic: &str, key: &[u8], payload: &[u8]) -> Result<(i32, i64), KafkaError> {
         let record = FutureRecord::to(topic).key(key).payload(payload);
-        let delivery = self.inner.send(record, DELIVERY_TIMEOUT).await;
+        let producer = self.current();
+        let delivery = producer.send(record, DELIVERY_TIMEOUT).await;
         match delivery {
             Ok(d) => {
                 if let Some(m) = &self.metrics {
@@ -65,14 +90,55 @@ impl EventProducer {
                 }
                 Ok((d.partition, d.offset))
             }
-            Err((source, _)) => Err(KafkaError::Delivery { topic: topic.to_string(), source }),
+            Err((source, _)) => {
+                if let Some(why) = needs_fresh_producer(&producer, &source) {
+                    self.reset(&producer, why);
+                }
+                Err(KafkaError::Delivery { topic: topic.to_string(), source })
+            }
         }
     }
 
     /// Waits for everything in flight (used at shutdown).
     pub fn flush(&self, timeout: Duration) {
-        if let Err(error) = self.inner.flush(timeout) {
+        if let Err(error) = self.current().flush(timeout) {
             tracing::warn!(%error, "producer flush did not complete; undelivered outbox entries are re-sent at next start");
         }
+    }
+}
+
+fn create(settings: &KafkaSettings) -> Result<FutureProducer, KafkaError> {
+    settings
+        .client_config()
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        // The Java client's partitioner (murmur2 of the key), so a chat bus in any language and this
+        // service put a conversation on the same partition number of every topic.
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", LINGER_MS)
+        .set("message.timeout.ms", DELIVERY_TIMEOUT.as_millis().to_string())
+        .create()
+        .map_err(|e| settings.client_error(e))
+}
+
+/// How long the producer waits to fill a batch. Every event the service produces is awaited by
+/// someone (a visitor's submit, the next hop of the flow), so batching buys little and costs latency.
+const LINGER_MS: &str = "0";
+
+/// Why a failed delivery calls for a fresh producer, if it does.
+fn needs_fresh_producer(producer: &FutureProducer, error: &RdError) -> Option<&'static str> {
+    if producer.client().fatal_error().is_some() {
+        return Some("fatal producer error");
+    }
+    match error.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::MessageTimedOut) => {
+            Some("record timed out (broker away longer than the delivery timeout)")
+        }
+        Some(
+            RDKafkaErrorCode::OutOfOrderSequenceNumber
+            | RDKafkaErrorCode::UnknownProducerId
+            | RDKafkaErrorCode::InvalidProducerEpoch,
+        ) => Some("the broker refused the producer's sequence"),
+        _ => None,
     }
 }

@@ -152,10 +152,13 @@ impl OutboxEntry {
     }
 }
 
-/// Consumer context: assigns each partition at the offset sled holds.
+/// Consumer context: assigns each partition at the offset sled holds, and reports how many
+/// partitions the handler holds (readiness and the rejoin watchdog read it).
 struct OffsetsFromStore {
     store: Store,
     group: String,
+    handler: &'static str,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 impl ClientContext for OffsetsFromStore {}
@@ -183,8 +186,11 @@ impl ConsumerContext for OffsetsFromStore {
                     }
                 }
                 tracing::info!(group = %self.group, partitions = assigned.len(), "partitions assigned");
-                if let Err(error) = consumer.assign(tpl) {
-                    tracing::error!(%error, group = %self.group, "assign failed; the consumer will rejoin the group");
+                match consumer.assign(tpl) {
+                    Ok(()) => self.metrics.set_assigned(self.handler, assigned.len()),
+                    Err(error) => {
+                        tracing::error!(%error, group = %self.group, "assign failed; the consumer will rejoin the group")
+                    }
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
@@ -194,10 +200,12 @@ impl ConsumerContext for OffsetsFromStore {
                 if let Err(error) = consumer.unassign() {
                     tracing::error!(%error, group = %self.group, "unassign failed");
                 }
+                self.metrics.set_assigned(self.handler, 0);
             }
             other => {
                 tracing::error!(code = ?other, group = %self.group, "rebalance error; releasing partitions");
                 let _ = consumer.unassign();
+                self.metrics.set_assigned(self.handler, 0);
             }
         }
     }
@@ -234,24 +242,12 @@ pub async fn run<H: Handler>(
     // Outputs of batches committed before a crash go out before anything new is read.
     drain_outbox(&store, &producer, &group).await?;
 
-    let consumer: StreamConsumer<OffsetsFromStore> = settings
-        .client_config()
-        .set("group.id", &group)
-        // Static membership: a restarted node takes its partitions back at once instead of waiting
-        // for its dead session to time out. Node ids must therefore be unique.
-        .set("group.instance.id", format!("{}-{}", settings.client_id, handler.name()))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "20")
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000")
-        .create_with_context(OffsetsFromStore { store: store.clone(), group: group.clone() })
-        .map_err(|e| settings.client_error(e))?;
     let topic_names: Vec<String> = handler.topics().iter().map(|t| settings.names.name(*t)).collect();
-    let refs: Vec<&str> = topic_names.iter().map(String::as_str).collect();
-    consumer.subscribe(&refs).map_err(|e| settings.client_error(e))?;
+    let mut consumer = subscribe(&settings, &store, &group, handler.name(), &metrics, &topic_names, true)?;
     tracing::info!(%group, topics = ?topic_names, "consumer started");
+    let mut watchdog = tokio::time::interval(WATCHDOG_INTERVAL);
+    watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut empty_since: Option<std::time::Instant> = None;
 
     // Partition -> first offset whose outputs were not yet delivered (from Kafka's committed offsets).
     let mut emitted: HashMap<(String, i32), i64> = HashMap::new();
@@ -263,6 +259,22 @@ pub async fn run<H: Handler>(
             biased;
             _ = shutdown.changed() => break,
             m = consumer.recv() => m,
+            _ = watchdog.tick() => {
+                // A consumer that holds no partitions for long is re-created as a fresh, dynamic
+                // member (no group.instance.id). Seen on tansu 0.6.0: a static member that replaced
+                // one of a stopped or killed process was revoked and never reassigned, and joining
+                // again under the same instance id did not help.
+                if metrics.assigned(handler.name()) > 0 {
+                    empty_since = None;
+                } else if empty_since.get_or_insert_with(std::time::Instant::now).elapsed() >= REJOIN_AFTER {
+                    tracing::warn!(%group, secs = REJOIN_AFTER.as_secs(), "consumer held no partitions; re-creating it as a new dynamic member to rejoin the group (check the broker if this repeats)");
+                    metrics.consumer_rejoined(handler.name());
+                    drop(consumer);
+                    consumer = subscribe(&settings, &store, &group, handler.name(), &metrics, &topic_names, false)?;
+                    empty_since = None;
+                }
+                continue;
+            }
         };
         let mut batch = Vec::new();
         match first {
@@ -319,6 +331,50 @@ pub async fn run<H: Handler>(
     tracing::info!(%group, "consumer stopped");
     Ok(())
 }
+
+/// How often the run loop checks that its consumer holds partitions, and how long it may hold none
+/// before it is re-created. Longer than a rebalance takes (session timeout 10 s).
+const WATCHDOG_INTERVAL: Duration = Duration::from_secs(5);
+const REJOIN_AFTER: Duration = Duration::from_secs(15);
+
+/// A consumer in the handler's group, subscribed to its topics. With `static_member`, static
+/// membership: a restarted node takes its partitions back at once instead of waiting for its dead
+/// session to time out (node ids must therefore be unique).
+fn subscribe(
+    settings: &KafkaSettings,
+    store: &Store,
+    group: &str,
+    handler: &'static str,
+    metrics: &std::sync::Arc<crate::metrics::Metrics>,
+    topics: &[String],
+    static_member: bool,
+) -> Result<StreamConsumer<OffsetsFromStore>, KafkaError> {
+    metrics.set_assigned(handler, 0);
+    let context =
+        OffsetsFromStore { store: store.clone(), group: group.to_string(), handler, metrics: metrics.clone() };
+    let mut config = settings.client_config();
+    if static_member {
+        config.set("group.instance.id", format!("{}-{}", settings.client_id, handler));
+    }
+    let consumer: StreamConsumer<OffsetsFromStore> = config
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS)
+        .set("fetch.error.backoff.ms", "50")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .create_with_context(context)
+        .map_err(|e| settings.client_error(e))?;
+    let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&refs).map_err(|e| settings.client_error(e))?;
+    Ok(consumer)
+}
+
+/// How long a fetch waits at the broker for new records. Each hop of the flow (FormSubmitted ->
+/// FormReady) costs up to one fetch wait when records arrive one at a time; see the bench report.
+const FETCH_WAIT_MAX_MS: &str = "20";
 
 /// Looks up, once per partition, the offset the group committed in Kafka: everything below it had
 /// its outputs delivered already.

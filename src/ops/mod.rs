@@ -40,7 +40,6 @@ pub async fn connect(
     if let Ok(addr) = crate::broker::running_address(&settings.data_dir) {
         return Ok((addr, None));
     }
-    let bin = crate::broker::find_binary(settings.broker_bin.as_deref())?;
-    let b = crate::broker::EmbeddedBroker::start(&bin, &settings.data_dir, settings.embedded_broker_port).await?;
+    let b = crate::broker::EmbeddedBroker::start_for(settings).await?;
     Ok((b.addr().to_string(), Some(b)))
 }

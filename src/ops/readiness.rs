@@ -96,7 +96,8 @@ pub async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) -> Result<(),
             let high = start_marks.get(&(topic.clone(), *p)).map(|(_, h)| *h).unwrap_or(*at);
             node.metrics.set_lag(handler, topic, *p, (high - at).max(0));
         }
-        if caught_up(&pos, &start_marks) {
+        let holding = node.handlers.iter().all(|h| node.metrics.assigned(h.name) > 0);
+        if holding && caught_up(&pos, &start_marks) {
             node.metrics.set_ready();
             tracing::info!(ms = started.elapsed().as_millis() as u64, "projections caught up; ready");
             break;
@@ -117,19 +118,43 @@ pub async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) -> Result<(),
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
     }
+    // Ready is not for ever: it holds while every handler holds partitions (a consumer left without
+    // them serves nothing new) and the brokers answer. Lag gauges every 5 s, holdings every second.
+    let mut tick: u64 = 0;
+    let mut brokers_answer = true;
     loop {
-        match read_marks(&node).await {
-            Ok(marks) => {
-                for ((handler, topic, p), pos) in positions(&node, &marks)? {
-                    let high = marks.get(&(topic.clone(), p)).map(|(_, h)| *h).unwrap_or(pos);
-                    node.metrics.set_lag(handler, &topic, p, (high - pos).max(0));
+        if tick.is_multiple_of(5) {
+            match read_marks(&node).await {
+                Ok(marks) => {
+                    brokers_answer = true;
+                    for ((handler, topic, p), pos) in positions(&node, &marks)? {
+                        let high = marks.get(&(topic.clone(), p)).map(|(_, h)| *h).unwrap_or(pos);
+                        node.metrics.set_lag(handler, &topic, p, (high - pos).max(0));
+                    }
+                }
+                Err(error) => {
+                    if brokers_answer {
+                        tracing::warn!(%error, "cannot read topic watermarks; not ready until the brokers answer");
+                    }
+                    brokers_answer = false;
                 }
             }
-            Err(error) => tracing::warn!(%error, "cannot read topic watermarks; consumer_lag is stale"),
         }
+        let idle: Vec<&str> =
+            node.handlers.iter().filter(|h| node.metrics.assigned(h.name) == 0).map(|h| h.name).collect();
+        let ready = brokers_answer && idle.is_empty();
+        if ready != node.metrics.is_ready() {
+            if ready {
+                tracing::info!("ready again");
+            } else {
+                tracing::warn!(brokers_answer, idle_handlers = ?idle, "not ready: a handler holds no partitions or the brokers do not answer");
+            }
+            node.metrics.set_readiness(ready);
+        }
+        tick += 1;
         tokio::select! {
             _ = stop.changed() => return Ok(()),
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
 }

@@ -27,6 +27,25 @@ pub fn brokers() -> String {
     broker().0.clone()
 }
 
+/// Which broker the tests run against: `SF_TEST_BROKER_KIND` (scripts/test.sh sets it), else tansu
+/// (the broker this harness starts itself).
+pub fn broker_kind() -> secureforms::kafka::BrokerKind {
+    match std::env::var("SF_TEST_BROKER_KIND") {
+        Ok(k) if std::env::var("SF_TEST_BROKERS").is_ok() => k.parse().expect("SF_TEST_BROKER_KIND is kafka or tansu"),
+        _ => secureforms::kafka::BrokerKind::Tansu,
+    }
+}
+
+/// Skips a test that needs Apache Kafka's behaviour (log compaction, ...) when running on tansu, and
+/// says why. Returns true when the test should go on.
+pub fn needs_kafka(what: &str) -> bool {
+    if broker_kind() == secureforms::kafka::BrokerKind::Kafka {
+        return true;
+    }
+    eprintln!("skipped on {}: needs Apache Kafka ({what})", broker_kind().name());
+    false
+}
+
 /// Where the test broker keeps its data (to scan its raw bytes).
 pub fn broker_dir() -> PathBuf {
     match std::env::var("SF_TEST_BROKER_DIR") {
@@ -98,6 +117,7 @@ pub fn unique_prefix(test: &str) -> String {
 pub fn kafka(prefix: &str) -> KafkaSettings {
     KafkaSettings {
         brokers: brokers(),
+        kind: Some(broker_kind()),
         names: TopicNames::new(prefix),
         group_prefix: prefix.trim_end_matches('.').to_string(),
         client_id: "test".into(),
@@ -119,6 +139,7 @@ pub fn settings(prefix: &str, data_dir: &Path) -> Settings {
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/secureforms.example.toml");
     let overrides = serde_json::json!({
         "brokers": brokers(),
+        "broker_kind": broker_kind(),
         "topic_prefix": prefix,
         "group_prefix": prefix.trim_end_matches('.'),
         "data_dir": data_dir,
