@@ -105,6 +105,9 @@ share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 # Groups form at once (tests start consumers and expect them to get partitions promptly).
 group.initial.rebalance.delay.ms=0
+# Index files are preallocated at this size (sparse): 10 MiB by default, which makes hundreds of
+# test partitions look like gigabytes to the tests that scan the broker's raw bytes for canaries.
+log.index.size.max.bytes=131072
 # The log cleaner checks often, so compaction (keys topic, crypto-shredding) is observable in tests.
 log.cleaner.backoff.ms=1000
 log.retention.check.interval.ms=5000

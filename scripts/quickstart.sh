@@ -16,6 +16,9 @@ mkdir -p "$data"
 # (SECUREFORMS_MASTER_KEY or master_key_file); `secureforms keys generate-master` makes one.
 (umask 077 && "$sf" keys generate-master >"$data/master.key")
 export SECUREFORMS_MASTER_KEY_FILE="$data/master.key"
+# The chat platform signs agent tokens (HS256 here; JWKS in production). A throwaway demo secret.
+jwt_secret=$(python3 -c 'import secrets; print(secrets.token_urlsafe(48))')
+export SECUREFORMS_JWT_SECRET="$jwt_secret"
 "$sf" serve --config config/demo.toml --data-dir "$data" >"$data/serve.log" 2>&1 &
 # The visitor gateway listens on http://127.0.0.1:8080 (plain HTTP is allowed on loopback only).
 serve_pid=$!
@@ -49,13 +52,15 @@ echo "== the bad record, kept with its reason on dead-letters"
 run tail dead-letters --max 1 --idle-exit 30
 
 echo
-echo "== the visitor opens form-1's link (the open key is spent; the page carries a submit key)"
+echo "== the visitor follows form-1's link: its page spends nothing (link previews are harmless)"
 link=$("$sf" --data-dir "$data" tail form-links --max 3 --idle-exit 30 | python3 -c 'import json,sys
 for l in sys.stdin:
     e=json.loads(l)
     if e.get("type")=="FormIssued" and e["event"]["form_id"]=="form-1": print(e["event"]["link"])')
 echo "GET $link"
-page=$(curl -sS "$link")
+curl -sS "$link" | grep -o '<button[^>]*>[^<]*</button>'
+echo "== the visitor clicks: the open key is spent, and the form carries a different, submit key"
+page=$(curl -sS --data-urlencode "k=${link##*k=}" "${link%%\?*}/open")
 echo "$page" | grep -o '<h1>[^<]*</h1>'
 k=$(echo "$page" | python3 -c 'import re,sys; print(re.search(r"name=\"k\" value=\"([^\"]+)\"", sys.stdin.read()).group(1))')
 echo
@@ -67,7 +72,36 @@ echo "== FormSubmitted on submissions: ciphertext only (answers base64), no CVV 
 run tail submissions --max 2 --idle-exit 30 | grep FormSubmitted
 echo
 echo "== FormReady for the agent workspace: submission UUID and a one-time retrieve key"
-run tail agent-events --max 1 --idle-exit 30
+ready=$(run tail agent-events --max 1 --idle-exit 30 | tee /dev/stderr | tail -n 1)
+uuid=$(echo "$ready" | python3 -c 'import json,sys; print(json.load(sys.stdin)["event"]["submission_id"])')
+rkey=$(echo "$ready" | python3 -c 'import json,sys; print(json.load(sys.stdin)["event"]["retrieve_key"])')
+
+# An agent token as the chat platform would sign it (HS256 over the demo secret).
+token() {
+  JWT_SECRET="$jwt_secret" python3 - "$1" <<'PY'
+import base64, hashlib, hmac, json, os, sys, time
+b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+body = b64(json.dumps({"sub": sys.argv[1], "site": "acme", "roles": ["agent"], "permissions": ["use_secure_form"],
+                       "sid": "demo-session-" + sys.argv[1], "exp": int(time.time()) + 600}).encode())
+sig = b64(hmac.new(os.environ["JWT_SECRET"].encode(), f"{head}.{body}".encode(), hashlib.sha256).digest())
+print(f"{head}.{body}.{sig}")
+PY
+}
+retrieve() {
+  curl -sS -w ' <- HTTP %{http_code}\n' -X POST "http://127.0.0.1:8080/api/v1/submissions/$uuid/retrieve" \
+    -H "Authorization: Bearer $(token "$1")" -H "Content-Type: application/json" -d "{\"key\":\"$rkey\"}"
+}
+# The demo masks the card number; the workspace gets it whole.
+mask() { python3 -c 'import re,sys
+for l in sys.stdin: print(re.sub(r"\b(\d{4})[ \d]{6,11}(\d{4})\b", lambda m: m.group(1)+" **** **** "+m.group(2), l), end="")'; }
+echo
+echo "== another agent of the same site tries the key: refused, only the agent who sent the form may see it"
+retrieve agent-8
+echo "== the agent who sent the form retrieves it with the key and their token (the PAN is masked here)"
+retrieve agent-7 | mask
+echo "== the same key again: refused, it was spent"
+retrieve agent-7
 echo
 echo "== operations: readiness and a few metrics (the operations listener, 127.0.0.1:9464)"
 curl -sS -w "  <- GET /readyz\n" http://127.0.0.1:9464/readyz

@@ -370,6 +370,7 @@ fn kafka_server_properties(data: &Path, port: u16, cport: u16) -> String {
          share.coordinator.state.topic.replication.factor=1\n\
          share.coordinator.state.topic.min.isr=1\n\
          group.initial.rebalance.delay.ms=0\n\
+         log.index.size.max.bytes=131072\n\
          log.cleaner.backoff.ms=1000\n",
         data.display()
     )

@@ -31,8 +31,52 @@ struct Fixture {
 fn http_settings(prefix: &str, dir: &std::path::Path) -> Settings {
     let mut s = settings(prefix, dir);
     s.http_listen = Some("127.0.0.1:0".into());
-    s.sites.get_mut("acme").unwrap().reopen_limit = 2;
+    let acme = s.sites.get_mut("acme").unwrap();
+    acme.reopen_limit = 2;
+    acme.templates.push(every_sensitive_kind());
     s
+}
+
+/// A template with every kind whose answer is sensitive, and one plain required field.
+fn every_sensitive_kind() -> secureforms::domain::template::Template {
+    toml::from_str(
+        r#"
+id = "everything"
+title = "Everything sensitive"
+[[questions]]
+id = "name"
+label = "Full name"
+kind = "short_text"
+required = true
+autocomplete = "name"
+[[questions]]
+id = "pan"
+label = "Card number"
+kind = "card_number"
+required = true
+[[questions]]
+id = "ssn"
+label = "SSN"
+kind = "ssn"
+required = true
+[[questions]]
+id = "pin"
+label = "PIN"
+kind = "pin"
+required = true
+[[questions]]
+id = "secret"
+label = "Security answer"
+kind = "secret_answer"
+required = true
+[[questions]]
+id = "cvv"
+label = "CVV"
+kind = "cvv"
+required = true
+"#,
+    )
+    .expect("test template parses")
 }
 
 async fn fixture(name: &str) -> Fixture {
@@ -93,6 +137,13 @@ impl Fixture {
         (r.status().as_u16(), r.text().await.unwrap())
     }
 
+    /// The visitor's click on the link's page: POSTs the link's open key to `<path>/open`.
+    async fn open(&self, link: &str) -> (u16, String) {
+        let (path, k) = link.split_once("?k=").expect("a link with a key");
+        let body = serde_urlencoded::to_string([("k", k)]).unwrap();
+        self.post(&format!("{path}/open"), "application/x-www-form-urlencoded", body).await
+    }
+
     async fn submit(&self, path: &str, fields: &[(&str, &str)]) -> (u16, String) {
         let body = serde_urlencoded::to_string(fields).unwrap();
         self.post(path.split('?').next().unwrap(), "application/x-www-form-urlencoded", body).await
@@ -125,11 +176,15 @@ async fn key_refusals(prefix: &str, n: usize) -> Vec<secureforms::events::KeyRef
 async fn a_visitor_opens_fills_and_submits_and_only_ciphertext_reaches_the_topic() {
     let mut f = fixture("happy").await;
     let link = f.issue("form-1", "card-payment").await;
+    // The link itself spends nothing: a page with one button that opens the form by POST.
     let (status, headers, page) = f.get(&link).await;
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("Open the secure form") && page.contains("method=\"post\""), "{page}");
+    assert!(headers["content-security-policy"].to_str().unwrap().contains("frame-ancestors https://chat.acme.example"));
+    let (status, page) = f.open(&link).await;
     assert_eq!(status, 200, "{page}");
     assert!(page.contains("<h1>Card payment</h1>"));
     assert!(page.contains("autocomplete=\"cc-number\""));
-    assert!(headers["content-security-policy"].to_str().unwrap().contains("frame-ancestors https://chat.acme.example"));
     let k = submit_key(&page);
     assert_ne!(k, link.split("k=").nth(1).unwrap(), "the page carries a different key than the link");
 
@@ -182,13 +237,13 @@ async fn every_key_misuse_gets_a_clear_page_and_an_audit_event() {
     expected_refusals += 1;
 
     // Open twice (reopen limit 2): the first page's submit key is superseded by the second.
-    let (s1, _, first) = f.get(&link).await;
-    let (s2, _, second) = f.get(&link).await;
+    let (s1, first) = f.open(&link).await;
+    let (s2, second) = f.open(&link).await;
     assert_eq!((s1, s2), (200, 200));
     let (status, _) = f.submit(&link, &good_answers(&submit_key(&first))).await;
     assert_eq!(status, 403, "superseded submit key");
     expected_refusals += 1;
-    let (status, _, page) = f.get(&link).await;
+    let (status, page) = f.open(&link).await;
     assert_eq!(status, 410, "third open is over the limit");
     assert!(page.contains("opened the maximum number of times"));
     expected_refusals += 1;
@@ -221,7 +276,7 @@ async fn every_key_misuse_gets_a_clear_page_and_an_audit_event() {
 async fn expired_keys_are_refused_by_the_clock() {
     let mut f = fixture("expiry").await;
     let link = f.issue("form-3", "card-payment").await;
-    let (_, _, page) = f.get(&link).await;
+    let (_, page) = f.open(&link).await;
     let k = submit_key(&page);
     f.now.fetch_add(31 * 60 * 1000, Ordering::SeqCst); // past both the 5 min open and 30 min submit lives
     let (status, page) = f.submit(&link, &good_answers(&k)).await;
@@ -238,7 +293,7 @@ async fn expired_keys_are_refused_by_the_clock() {
 async fn invalid_answers_re_render_with_a_summary_and_masked_values_are_not_echoed() {
     let mut f = fixture("invalid").await;
     let link = f.issue("form-4", "card-payment").await;
-    let (_, _, page) = f.get(&link).await;
+    let (_, page) = f.open(&link).await;
     let k = submit_key(&page);
     let (status, page) = f
         .submit(
@@ -257,13 +312,16 @@ async fn invalid_answers_re_render_with_a_summary_and_masked_values_are_not_echo
     assert!(page.contains("href=\"#f-pan\""), "summary links to the field");
     assert!(page.contains("id=\"f-pan-error\""));
     assert!(page.contains("aria-invalid=\"true\""));
-    assert!(page.contains("aria-describedby=\"f-pan-help f-pan-error\""));
+    assert!(
+        page.contains("aria-describedby=\"f-pan-help f-pan-retype f-pan-error\""),
+        "help, the retype hint and the error"
+    );
     assert!(
         page.contains("&lt;script&gt;alert(1)&lt;/script&gt;") || page.contains("&#60;script&#62;"),
         "kept and escaped"
     );
     assert!(!page.contains("<script>alert(1)"), "never markup");
-    assert!(page.contains("value=\"4111 1111 1111 1112\""), "non-masked values are kept");
+    assert!(!page.contains("4111 1111 1111 1112"), "a card number is never sent back, valid or not");
     assert!(!page.contains("value=\"99\""), "the CVV is never echoed");
     assert!(page.contains("<title>Error: Card payment"));
     // The same submit key still works once the answers are fixed.
@@ -272,10 +330,115 @@ async fn invalid_answers_re_render_with_a_summary_and_masked_values_are_not_echo
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_sensitive_answer_is_ever_sent_back_on_an_error_page() {
+    let mut f = fixture("noecho").await;
+    let link = f.issue("form-7", "everything").await;
+    let (status, page) = f.open(&link).await;
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("autocomplete=\"name\""), "declared autocomplete tokens reach the page");
+    let k = submit_key(&page);
+    let pan = luhn_pan(64_677);
+    let last4 = &pan[pan.len() - 4..];
+    // Valid sensitive answers with an error elsewhere (the name is missing), then invalid ones.
+    let rounds: Vec<Vec<(&str, String)>> = vec![
+        vec![
+            ("pan", pan.clone()),
+            ("ssn", "219-09-8765".into()),
+            ("pin", "84035".into()),
+            ("secret", "canary-secret-answer-7".into()),
+            ("cvv", "9137".into()),
+        ],
+        vec![
+            ("pan", "4111111111118403".into()),
+            ("ssn", "000-56-7123".into()),
+            ("pin", "85".into()),
+            ("secret", "canary-secret-bad\u{7}".into()),
+            ("cvv", "1x".into()),
+        ],
+    ];
+    for (i, round) in rounds.iter().enumerate() {
+        let mut fields: Vec<(&str, &str)> = vec![("k", &k), ("name", "")];
+        fields.extend(round.iter().map(|(id, v)| (*id, v.as_str())));
+        let (status, page) = f.submit(&link, &fields).await;
+        assert_eq!(status, 422, "round {i}: {page}");
+        for (id, value) in round {
+            let digits: String = value.chars().filter(char::is_ascii_digit).collect();
+            assert!(!page.contains(value.as_str()), "round {i}: {id} sent back as typed");
+            if digits.len() >= 5 {
+                assert!(!page.contains(&digits), "round {i}: {id} sent back as digits");
+            }
+        }
+        if i == 0 {
+            assert!(page.contains(&format!("card ending {last4}")), "a valid card number gets its last four as a hint");
+        }
+    }
+    let (status, page) = f
+        .submit(
+            &link,
+            &[
+                ("k", &k),
+                ("name", "Ada"),
+                ("pan", &pan),
+                ("ssn", "219-09-8765"),
+                ("pin", "84035"),
+                ("secret", "s"),
+                ("cvv", "913"),
+            ],
+        )
+        .await;
+    assert_eq!(status, 200, "{page}");
+    assert!(!page.contains(&pan) && !page.contains("219-09-8765"));
+    f.service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_previews_and_head_spend_nothing_and_strangers_cannot_rate_limit_the_visitor() {
+    let mut f = fixture("preview").await;
+    let link = f.issue("form-8", "card-payment").await;
+    // HEAD, a chat app's preview bot and a mail scanner: none of them spends an open.
+    let url = format!("{}{}", f.base, link);
+    let head = f.client.head(&url).send().await.unwrap();
+    assert_eq!(head.status().as_u16(), 200);
+    for agent in ["Slackbot-LinkExpanding 1.0", "Mozilla/5.0 (compatible; Microsoft Office Preview)"] {
+        let r = f.client.get(&url).header("user-agent", agent).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        assert!(r.text().await.unwrap().contains("Open the secure form"));
+    }
+    // Twenty-five strangers from other addresses, without the key, hammer the form.
+    let path = link.split('?').next().unwrap();
+    for i in 2..27u8 {
+        let stranger =
+            reqwest::Client::builder().local_address(std::net::IpAddr::from([127, 0, 0, i])).build().unwrap();
+        for _ in 0..2 {
+            let r = stranger.get(format!("{}{path}?k=AAAAAAAAAAAAAAAAAAAAAA", f.base)).send().await.unwrap();
+            assert_eq!(r.status().as_u16(), 403);
+            let r = stranger
+                .post(format!("{}{path}/open", f.base))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body("k=AAAAAAAAAAAAAAAAAAAAAA")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 403);
+        }
+    }
+    // Nothing was spent: both opens of the reopen limit (2) are left, and the visitor is not rate
+    // limited by what the strangers sent.
+    let (status, _, page) = f.get(&link).await;
+    assert_eq!(status, 200);
+    assert!(page.contains("opened 2 more times"), "{page}");
+    let (status, page) = f.open(&link).await;
+    assert_eq!(status, 200, "the visitor's own click opens the form: {page}");
+    let (status, page) = f.submit(&link, &good_answers(&submit_key(&page))).await;
+    assert_eq!(status, 200, "{page}");
+    f.service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_a_4xx_with_a_message_never_a_5xx_and_every_response_has_security_headers() {
     let mut f = fixture("badinput").await;
     let link = f.issue("form-5", "card-payment").await;
-    let (_, _, page) = f.get(&link).await;
+    let (_, page) = f.open(&link).await;
     let k = submit_key(&page);
     let path = link.split('?').next().unwrap().to_string();
     let cases: Vec<(&str, &str, Vec<u8>, u16, &str)> = vec![
@@ -318,7 +481,7 @@ async fn bad_input_gets_a_4xx_with_a_message_never_a_5xx_and_every_response_has_
 async fn a_visitor_mid_form_survives_a_restart_of_the_service() {
     let f = fixture("restart").await;
     let link = f.issue("form-6", "card-payment").await;
-    let (_, _, page) = f.get(&link).await;
+    let (_, page) = f.open(&link).await;
     let k = submit_key(&page);
     let Fixture { mut service, prefix, now, client, _dir: dir, .. } = f;
     // Let the projection record the opening before stopping (it is what a restart starts from).
@@ -356,7 +519,7 @@ async fn a_visitor_mid_form_survives_a_restart_of_the_service() {
 async fn hammering_one_form_is_rate_limited() {
     let mut f = fixture("ratelimit").await;
     let statuses: Vec<u16> =
-        futures::future::join_all((0..40).map(|_| f.get("/f/acme/no-such-form?k=AAAAAAAAAAAAAAAAAAAAAA")))
+        futures::future::join_all((0..80).map(|_| f.get("/f/acme/no-such-form?k=AAAAAAAAAAAAAAAAAAAAAA")))
             .await
             .into_iter()
             .map(|r| r.0)

@@ -63,6 +63,19 @@ impl QuestionKind {
         matches!(self, QuestionKind::Cvv | QuestionKind::Pin | QuestionKind::SecretAnswer)
     }
 
+    /// Kinds whose answers are never shown back to the visitor, not even on a page that asks to
+    /// correct another field: card numbers, SSNs, PINs, CVVs and secret answers.
+    pub fn is_sensitive(self) -> bool {
+        matches!(
+            self,
+            QuestionKind::CardNumber
+                | QuestionKind::Cvv
+                | QuestionKind::Ssn
+                | QuestionKind::Pin
+                | QuestionKind::SecretAnswer
+        )
+    }
+
     pub fn has_choices(self) -> bool {
         matches!(self, QuestionKind::SingleChoice | QuestionKind::MultipleChoice)
     }
@@ -86,9 +99,61 @@ pub struct QuestionSpec {
     pub pattern: Option<String>,
     #[serde(default)]
     pub choices: Vec<String>,
+    /// The HTML autocomplete token for the input (WCAG 1.3.5), e.g. `cc-name` for the cardholder.
+    /// Kinds with a token of their own (card number, expiry, CVV, email, phone) need none.
+    #[serde(default)]
+    pub autocomplete: Option<String>,
 }
 
+/// The autocomplete tokens a question may declare (the HTML purposes that fit a secure form).
+pub const AUTOCOMPLETE_TOKENS: &[&str] = &[
+    "off",
+    "name",
+    "honorific-prefix",
+    "given-name",
+    "additional-name",
+    "family-name",
+    "honorific-suffix",
+    "nickname",
+    "organization",
+    "street-address",
+    "address-line1",
+    "address-line2",
+    "address-line3",
+    "address-level1",
+    "address-level2",
+    "country",
+    "country-name",
+    "postal-code",
+    "cc-name",
+    "cc-given-name",
+    "cc-family-name",
+    "cc-number",
+    "cc-exp",
+    "cc-exp-month",
+    "cc-exp-year",
+    "cc-csc",
+    "cc-type",
+    "bday",
+    "bday-day",
+    "bday-month",
+    "bday-year",
+    "sex",
+    "email",
+    "tel",
+    "tel-national",
+    "url",
+    "username",
+    "one-time-code",
+];
+
 impl QuestionSpec {
+    /// The declared autocomplete token, when it is one of [`AUTOCOMPLETE_TOKENS`].
+    pub fn autocomplete_token(&self) -> Option<&'static str> {
+        let declared = self.autocomplete.as_deref()?;
+        AUTOCOMPLETE_TOKENS.iter().copied().find(|t| *t == declared)
+    }
+
     /// A required question with nothing else set, for tests.
     #[cfg(test)]
     pub fn required(id: &str, label: &str, kind: QuestionKind) -> QuestionSpec {
@@ -104,6 +169,7 @@ impl QuestionSpec {
             max_length: None,
             pattern: None,
             choices: vec![],
+            autocomplete: None,
         }
     }
 
@@ -154,6 +220,8 @@ pub enum TemplateError {
     Version(i32),
     #[error("unknown question kind {0:?}")]
     UnknownKind(String),
+    #[error("question {0:?}: autocomplete {1:?} is not an HTML autocomplete token (e.g. cc-name, name, email)")]
+    BadAutocomplete(String, String),
 }
 
 impl Template {
@@ -180,6 +248,11 @@ impl Template {
             }
             if !q.kind.has_choices() && !q.choices.is_empty() {
                 return Err(TemplateError::UnexpectedChoices(q.id.clone()));
+            }
+            if let Some(a) = &q.autocomplete
+                && q.autocomplete_token().is_none()
+            {
+                return Err(TemplateError::BadAutocomplete(q.id.clone(), a.clone()));
             }
             if let Some(p) = &q.pattern {
                 regex::Regex::new(p).map_err(|e| TemplateError::BadPattern(q.id.clone(), e.to_string()))?;
@@ -231,6 +304,7 @@ impl Template {
                     max_length: q.max_length.map(|v| v.max(0) as u32),
                     pattern: q.pattern.clone(),
                     choices: q.choices.clone(),
+                    autocomplete: None,
                 })
             })
             .collect::<Result<Vec<_>, TemplateError>>()?;

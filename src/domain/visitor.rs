@@ -43,6 +43,11 @@ impl FormState {
         }
     }
 
+    /// Opens left before the reopen limit.
+    pub fn opens_left(&self) -> i32 {
+        (self.reopen_limit - self.open_count).max(0)
+    }
+
     pub fn opened(&mut self, e: &FormOpened) {
         self.open_count = self.open_count.max(e.open_count);
         self.submit_key_hash = Some(e.submit_key_hash.clone());

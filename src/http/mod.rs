@@ -84,7 +84,8 @@ impl AppState {
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
-        .route("/f/{site}/{form}", get(visitor::open).post(visitor::submit))
+        .route("/f/{site}/{form}", get(visitor::link).post(visitor::submit))
+        .route("/f/{site}/{form}/open", axum::routing::post(visitor::open))
         .route(
             "/static/form.css",
             get(|| async { static_file("text/css; charset=utf-8", include_str!("../../static/form.css")) }),

@@ -12,6 +12,7 @@ use utoipa::OpenApi;
         license(name = "Apache-2.0")
     ),
     paths(
+        super::visitor::link,
         super::visitor::open,
         super::visitor::submit,
         super::agent::retrieve,

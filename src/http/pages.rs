@@ -30,6 +30,8 @@ pub struct Field {
     pub describedby: String,
     pub choices: Vec<Choice>,
     pub masked: bool,
+    /// A hint for an answer that is not sent back (e.g. "You entered a card ending 6467").
+    pub retype: Option<String>,
 }
 
 #[derive(Template)]
@@ -42,6 +44,32 @@ pub struct FormPage {
     pub submit_key: String,
     pub fields: Vec<Field>,
     pub errors: Vec<(String, String)>,
+}
+
+/// The page a link shows before anything is spent: link previews, mail scanners and HEAD requests
+/// fetch it freely; only the visitor's own click (a POST) opens the form.
+#[derive(Template)]
+#[template(path = "open.html")]
+pub struct OpenPage {
+    pub page_title: String,
+    pub heading: String,
+    pub intro: String,
+    pub action: String,
+    pub open_key: String,
+    pub opens_left: i32,
+}
+
+impl OpenPage {
+    pub fn new(title: &str, action: String, open_key: String, opens_left: i32) -> OpenPage {
+        OpenPage {
+            page_title: format!("{title} - secure form"),
+            heading: title.to_string(),
+            intro: "Your agent has sent you a secure form. Your answers go straight to your agent and are not stored in the chat.".into(),
+            action,
+            open_key,
+            opens_left,
+        }
+    }
 }
 
 #[derive(Template)]
@@ -74,19 +102,36 @@ fn control(kind: QuestionKind) -> (&'static str, &'static str, &'static str, &'s
 }
 
 fn field(q: &QuestionSpec, values: &BTreeMap<String, Vec<String>>, errors: &[FieldError]) -> Field {
-    let (ctl, mut input_type, autocomplete, inputmode) = control(q.kind);
+    let (ctl, mut input_type, default_autocomplete, inputmode) = control(q.kind);
+    let autocomplete = q.autocomplete_token().unwrap_or(default_autocomplete);
     let masked = q.is_masked();
     if masked && ctl == "text" {
         input_type = "password";
     }
     let input_id = format!("f-{}", q.id);
     let error = errors.iter().find(|e| e.field == q.id).map(|e| e.message.clone());
-    // Masked and off-the-record answers are never sent back to the browser.
-    let kept: Vec<String> =
-        if masked || q.is_off_record() { vec![] } else { values.get(&q.id).cloned().unwrap_or_default() };
+    // Sensitive kinds, masked and off-the-record answers are never sent back to the browser: the
+    // visitor types them again. A card number that validated gets its last four digits as a hint
+    // (PCI DSS allows showing them).
+    let withheld = masked || q.is_off_record() || q.kind.is_sensitive();
+    let kept: Vec<String> = if withheld { vec![] } else { values.get(&q.id).cloned().unwrap_or_default() };
+    let retype = match values.get(&q.id).and_then(|v| v.first()) {
+        Some(v) if withheld && !v.trim().is_empty() => Some(match q.kind {
+            QuestionKind::CardNumber if error.is_none() => {
+                let digits: String = v.chars().filter(char::is_ascii_digit).collect();
+                let last4 = &digits[digits.len().saturating_sub(4)..];
+                format!("You entered a card ending {last4}. For your security, type it again.")
+            }
+            _ => "For your security, this answer is not shown again: type it again.".to_string(),
+        }),
+        _ => None,
+    };
     let mut described = Vec::new();
     if q.help.is_some() {
         described.push(format!("{input_id}-help"));
+    }
+    if retype.is_some() {
+        described.push(format!("{input_id}-retype"));
     }
     if error.is_some() {
         described.push(format!("{input_id}-error"));
@@ -113,6 +158,7 @@ fn field(q: &QuestionSpec, values: &BTreeMap<String, Vec<String>>, errors: &[Fie
         describedby: described.join(" "),
         choices,
         masked,
+        retype,
     }
 }
 

@@ -1,7 +1,9 @@
-//! The visitor's requests. `GET /f/{site}/{form}?k=<open key>` spends an open (up to the reopen
-//! limit) and shows the form with a fresh submit key; `POST` validates, seals and produces the
-//! answers, then thanks the visitor. Every refused key gets a clear page that reveals nothing, and a
-//! KeyRefused audit event.
+//! The visitor's requests. `GET /f/{site}/{form}?k=<open key>` (the link in the chat) spends
+//! nothing: link previews, mail scanners and HEAD requests fetch it freely and get a page with one
+//! button. The visitor's click, `POST /f/{site}/{form}/open`, spends an open (up to the reopen limit)
+//! and shows the form with a fresh submit key; `POST /f/{site}/{form}` validates, seals and produces
+//! the answers, then thanks the visitor. Every refused key gets a clear page that reveals nothing,
+//! and a KeyRefused audit event (none for HEAD, which must change nothing).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -16,7 +18,7 @@ use rand::SeedableRng;
 use sha2::{Digest, Sha256};
 
 use super::AppState;
-use super::pages::{FormPage, MessagePage};
+use super::pages::{FormPage, MessagePage, OpenPage};
 use crate::domain::otk::{OtkSecret, Purpose};
 use crate::domain::validate::{YearMonth, validate};
 use crate::domain::visitor::{FormState, KeyRefusal, check_open, check_submit};
@@ -90,9 +92,15 @@ fn client_ref(addr: &SocketAddr) -> String {
     hex::encode(&Sha256::digest(format!("secureforms-client/{}", addr.ip()).as_bytes())[..8])
 }
 
-fn rate_limited(state: &AppState, addr: &SocketAddr, site: &str, form: &str) -> bool {
+/// Per client address: caps what one client can send, key or not.
+fn client_limited(state: &AppState, addr: &SocketAddr) -> bool {
     state.per_client.check_key(&addr.ip().to_string()).is_err()
-        || state.per_form.check_key(&format!("{site}/{form}")).is_err()
+}
+
+/// Per form: counted only for requests that presented the form's valid key, so a third party
+/// without the key cannot use up the visitor's allowance.
+fn form_limited(state: &AppState, site: &str, form: &str) -> bool {
+    state.per_form.check_key(&format!("{site}/{form}")).is_err()
 }
 
 /// The form's key state: this node's latest writes, else the projection.
@@ -163,36 +171,93 @@ fn urlencode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
-/// Open the secure form from the link in the chat. Spends one open of the link's key (up to the
-/// site's reopen limit) and returns the form with a fresh submit key.
+/// The link in the chat. Spends nothing: shows a page whose button opens the form (a POST), so
+/// link previews, mail scanners and HEAD requests leave the visitor's opens untouched. A key that
+/// cannot open gets the refusal page at once.
 #[utoipa::path(get, path = "/f/{site}/{form}", tag = "visitor",
     params(("site" = String, Path, description = "Site id"), ("form" = String, Path, description = "Form id"), ("k" = String, Query, description = "One-time open key from the link")),
     responses(
-        (status = 200, description = "The form", content_type = "text/html"),
+        (status = 200, description = "A page with one button that opens the form; nothing is spent", content_type = "text/html"),
         (status = 403, description = "The key is not valid (forged, cross-site, missing)", content_type = "text/html"),
         (status = 409, description = "The form was already submitted", content_type = "text/html"),
         (status = 410, description = "The key expired or the form was opened too many times", content_type = "text/html"),
         (status = 429, description = "Too many attempts; see Retry-After", content_type = "text/html"),
     ))]
+pub async fn link(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    method: axum::http::Method,
+    Path((site, form)): Path<(String, String)>,
+    Query(query): Query<BTreeMap<String, String>>,
+) -> Response {
+    if client_limited(&state, &addr) {
+        return too_many();
+    }
+    let key = form_key(&site, &form);
+    let now = (state.node.clock)();
+    let current = form_state(&state, &key);
+    let presented = query.get("k").and_then(|k| OtkSecret::parse(k));
+    let fs = match check_open(current.as_ref(), &site, &form, presented.as_ref(), now) {
+        Ok(()) => current.expect("checked above"),
+        Err(r) => {
+            if method != axum::http::Method::HEAD {
+                let conversation = current.as_ref().map(|s| s.conversation_id.clone()).unwrap_or_default();
+                audit_refusal(&state, &site, &form, &conversation, Purpose::Open, r, &addr);
+            }
+            return refused_page(r);
+        }
+    };
+    let title = template_for(&state, &site, &fs).map(|t| t.title).unwrap_or_else(|_| "Secure form".into());
+    let k = presented.expect("checked above");
+    html(
+        StatusCode::OK,
+        OpenPage::new(&title, format!("{}/open", action(&site, &form)), k.expose().to_string(), fs.opens_left()),
+    )
+}
+
+/// Open the secure form: the visitor's own click on the link's page. Spends one open of the link's
+/// key (up to the site's reopen limit) and returns the form with a fresh submit key.
+#[utoipa::path(post, path = "/f/{site}/{form}/open", tag = "visitor",
+    params(("site" = String, Path, description = "Site id"), ("form" = String, Path, description = "Form id")),
+    request_body(content_type = "application/x-www-form-urlencoded", description = "`k`: the one-time open key from the link"),
+    responses(
+        (status = 200, description = "The form", content_type = "text/html"),
+        (status = 400, description = "Malformed encoding", content_type = "text/html"),
+        (status = 403, description = "The key is not valid (forged, cross-site, missing)", content_type = "text/html"),
+        (status = 409, description = "The form was already submitted", content_type = "text/html"),
+        (status = 410, description = "The key expired or the form was opened too many times", content_type = "text/html"),
+        (status = 413, description = "Body over 64 KiB", content_type = "text/html"),
+        (status = 415, description = "Not application/x-www-form-urlencoded", content_type = "text/html"),
+        (status = 429, description = "Too many attempts; see Retry-After", content_type = "text/html"),
+        (status = 503, description = "The opening could not be recorded; try again shortly (Retry-After)", content_type = "text/html"),
+    ))]
 pub async fn open(
     State(state): State<Arc<AppState>>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
     Path((site, form)): Path<(String, String)>,
-    Query(query): Query<BTreeMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
 ) -> Response {
-    if rate_limited(&state, &addr, &site, &form) {
+    if client_limited(&state, &addr) {
         return too_many();
     }
+    let pairs = match parse_body(&headers, &body) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
     let key = form_key(&site, &form);
     let guard = lock(&state, &key);
     let _held = guard.lock().await;
     let now = (state.node.clock)();
     let current = form_state(&state, &key);
-    let presented = query.get("k").and_then(|k| OtkSecret::parse(k));
+    let presented = pairs.iter().find(|(k, _)| k == "k").and_then(|(_, v)| OtkSecret::parse(v));
     if let Err(r) = check_open(current.as_ref(), &site, &form, presented.as_ref(), now) {
         let conversation = current.as_ref().map(|s| s.conversation_id.clone()).unwrap_or_default();
         audit_refusal(&state, &site, &form, &conversation, Purpose::Open, r, &addr);
         return refused_page(r);
+    }
+    if form_limited(&state, &site, &form) {
+        return too_many();
     }
     let mut fs = current.expect("checked above");
     let template = match template_for(&state, &site, &fs) {
@@ -210,11 +275,7 @@ pub async fn open(
     };
     if let Err(error) = state.node.producer.send(&Event::FormOpened(opened.clone())).await {
         tracing::error!(%error, "could not record the form opening; check the brokers");
-        return message(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "The form cannot be opened right now",
-            &["Please try again in a minute."],
-        );
+        return try_again_shortly("The form cannot be opened right now");
     }
     fs.opened(&opened);
     state.overlay.insert(key, fs);
@@ -223,6 +284,17 @@ pub async fn open(
         StatusCode::OK,
         FormPage::new(&template, action(&site, &form), submit_key.expose().to_string(), &BTreeMap::new(), &[]),
     )
+}
+
+/// Infrastructure trouble (the brokers away): 503 with Retry-After, never the visitor's fault.
+fn try_again_shortly(heading: &str) -> Response {
+    let mut r = message(
+        StatusCode::SERVICE_UNAVAILABLE,
+        heading,
+        &["This is a problem on our side, not with your link.", "Please try again in a minute."],
+    );
+    r.headers_mut().insert(header::RETRY_AFTER, axum::http::HeaderValue::from_static("30"));
+    r
 }
 
 /// Parses an `application/x-www-form-urlencoded` body into field -> values.
@@ -280,7 +352,7 @@ pub async fn submit(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if rate_limited(&state, &addr, &site, &form) {
+    if client_limited(&state, &addr) {
         return too_many();
     }
     let pairs = match parse_body(&headers, &body) {
@@ -297,6 +369,9 @@ pub async fn submit(
         let conversation = current.as_ref().map(|s| s.conversation_id.clone()).unwrap_or_default();
         audit_refusal(&state, &site, &form, &conversation, Purpose::Submit, r, &addr);
         return refused_page(r);
+    }
+    if form_limited(&state, &site, &form) {
+        return too_many();
     }
     let mut fs = current.expect("checked above");
     let template = match template_for(&state, &site, &fs) {
@@ -349,11 +424,13 @@ pub async fn submit(
         }
         Err(error) => {
             tracing::error!(%error, site_id = %site, form_id = %form, "submission could not be stored; check the brokers and the master key");
-            message(
+            let mut r = message(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "Your answers could not be sent",
-                &["Nothing was sent. Please try again in a minute."],
-            )
+                &["This is a problem on our side. Nothing was sent.", "Please try again in a minute."],
+            );
+            r.headers_mut().insert(header::RETRY_AFTER, axum::http::HeaderValue::from_static("30"));
+            r
         }
     }
 }

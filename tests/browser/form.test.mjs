@@ -46,9 +46,18 @@ function link(i) {
   return BASE + LINKS[i];
 }
 
+// Follows the chat's link: its page spends nothing and has one button; the visitor's click opens the form.
+async function openForm(p, i, check) {
+  await p.goto(link(i));
+  await p.waitForSelector("button:has-text('Open the secure form')");
+  if (check) await axe(p, "link page");
+  await p.click("button:has-text('Open the secure form')");
+  await p.waitForSelector("button:has-text('Send securely')");
+}
+
 test("empty form, form with errors and thank-you page have no WCAG 2.1 AA violations", async () => {
   const [ctx, p] = await page(1280);
-  await p.goto(link(0));
+  await openForm(p, 0, true);
   await axe(p, "empty form");
   await p.screenshot({ path: `${ART}/form-desktop.png`, fullPage: true });
 
@@ -81,6 +90,11 @@ test("empty form, form with errors and thank-you page have no WCAG 2.1 AA violat
 test("a keyboard alone fills and submits the form (Tab, typing, Space, Enter)", async () => {
   const [ctx, p] = await page(1280);
   await p.goto(link(1)); // identity: SSN, secret answer, a single choice
+  // The link's page opens the form from the keyboard too.
+  await p.keyboard.press("Tab");
+  assert.equal(await p.evaluate(() => document.activeElement?.textContent?.trim()), "Open the secure form");
+  await p.keyboard.press("Enter");
+  await p.waitForSelector("button:has-text('Send securely')");
   const tabTo = async (id) => {
     for (let i = 0; i < 20; i++) {
       await p.keyboard.press("Tab");
@@ -104,7 +118,7 @@ test("a keyboard alone fills and submits the form (Tab, typing, Space, Enter)", 
 
 test("at phone width (375 px) nothing scrolls sideways and targets stay usable", async () => {
   const [ctx, p] = await page(375, { isMobile: true, hasTouch: true, deviceScaleFactor: 2 });
-  await p.goto(link(2));
+  await openForm(p, 2, true);
   const overflow = await p.evaluate(() => document.documentElement.scrollWidth - document.documentElement.clientWidth);
   assert.ok(overflow <= 0, `horizontal overflow ${overflow}px`);
   const button = await p.locator("button[type=submit]").boundingBox();
@@ -121,7 +135,7 @@ test("at phone width (375 px) nothing scrolls sideways and targets stay usable",
 test("the form works without JavaScript", async () => {
   const ctx = await browser.newContext({ javaScriptEnabled: false, viewport: { width: 1024, height: 800 } });
   const p = await ctx.newPage();
-  await p.goto(link(3));
+  await openForm(p, 3, false);
   await p.fill("#f-cardholder", "No Script");
   await p.fill("#f-pan", "5555 5555 5555 4444");
   await p.fill("#f-expiry", "01/40");
@@ -136,7 +150,7 @@ test("the page's content security policy blocks inline script", async () => {
   const p = await ctx.newPage();
   const violations = [];
   p.on("console", (m) => { if (/Content Security Policy/i.test(m.text())) violations.push(m.text()); });
-  await p.goto(link(4));
+  await openForm(p, 4, false);
   const ran = await p.evaluate(() => {
     const s = document.createElement("script");
     s.textContent = "window.__inlineRan = true";
