@@ -42,6 +42,8 @@ pub struct BenchReport {
     pub brokers: String,
     /// kafka or tansu.
     pub broker_kind: String,
+    /// The librdkafka properties the run applied over the service's own (empty: as shipped).
+    pub client_properties: BTreeMap<String, String>,
     pub records: usize,
     pub record_bytes: usize,
     pub passthrough_per_sec: f64,
@@ -532,6 +534,7 @@ pub async fn run(settings: &Settings, brokers: &str, opts: &BenchOptions) -> Res
     Ok(BenchReport {
         brokers: brokers.to_string(),
         broker_kind: broker_kind.name().to_string(),
+        client_properties: settings.kafka_properties.clone(),
         records: opts.records,
         record_bytes,
         passthrough_per_sec: pass,
@@ -611,7 +614,7 @@ fn tempfile_dir() -> Result<ScratchDir, KafkaError> {
 impl BenchReport {
     pub fn render(&self) -> String {
         format!(
-            "secureforms bench against {} ({})\n\
+            "secureforms bench against {} ({}), client properties over the shipped ones: {:?}\n\
              records: {} FormSubmitted of {} bytes each\n\
              passthrough (consume -> produce)                                  {:>9.0} records/s\n\
              tokenizer   (consume -> vault durable -> FormReady -> offsets)    {:>9.0} records/s\n\
@@ -623,6 +626,7 @@ impl BenchReport {
              purge expiry scan, {} expired: vault of {} {:.2} ms, vault of {} {:.2} ms, ratio {:.2}   (cost follows what expires: ~1, not {})\n",
             self.brokers,
             self.broker_kind,
+            self.client_properties,
             self.records,
             self.record_bytes,
             self.passthrough_per_sec,

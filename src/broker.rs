@@ -329,6 +329,12 @@ impl EmbeddedBroker {
         &self.addr
     }
 
+    /// Kills the broker at once (SIGKILL), as a crash would; for fault-injection tests.
+    pub async fn kill(mut self) {
+        let _ = std::fs::remove_file(&self.addr_file);
+        let _ = self.child.kill().await;
+    }
+
     /// Stops the broker gracefully (SIGTERM, then SIGKILL after 30 s: Apache Kafka's controlled
     /// shutdown takes a few seconds).
     pub async fn stop(mut self) {

@@ -66,6 +66,11 @@ pub struct Settings {
     pub log_format: String,
     /// File holding the master key (base64). `SECUREFORMS_MASTER_KEY` takes precedence.
     pub master_key_file: Option<PathBuf>,
+    /// librdkafka properties for every Kafka client the service and the CLI create, applied over the
+    /// service's own: TLS and SASL (`security.protocol`, `sasl.mechanisms`, `ssl.ca.location`, ...)
+    /// and tuning (`linger.ms`, `fetch.wait.max.ms`). In a file: a `[kafka_properties]` table.
+    #[serde(default)]
+    pub kafka_properties: BTreeMap<String, String>,
     /// Most records a consumer applies in one atomic batch (one sled flush per batch).
     pub max_batch: usize,
     /// Address of the visitor gateway (HTTP/HTTPS); empty: no gateway on this node.
@@ -136,6 +141,7 @@ impl Default for Settings {
             log_format: "text".into(),
             master_key_file: None,
             max_batch: 500,
+            kafka_properties: BTreeMap::new(),
             http_listen: Some("127.0.0.1:8080".into()),
             metrics_listen: Some("127.0.0.1:9464".into()),
             tls_cert: None,

@@ -75,6 +75,7 @@ pub fn kafka_settings(settings: &Settings, brokers: String, client: &str) -> Kaf
         group_prefix: settings.group_prefix.clone(),
         client_id: format!("secureforms-{}-{client}", settings.node_id),
         max_batch: settings.max_batch,
+        properties: settings.kafka_properties.clone(),
     }
 }
 

@@ -129,7 +129,19 @@ async fn submitted_form(e: &Env, site: &str, conv: &str, form: &str, sender: &st
         assert!(std::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let page = e.client.get(format!("{}{}", e.base, path)).send().await.unwrap().text().await.unwrap();
+    // The visitor's click on the link's page opens the form (a POST with the link's key).
+    let (form_path, open_key) = path.split_once("?k=").unwrap();
+    let page = e
+        .client
+        .post(format!("{}{form_path}/open", e.base))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("k={open_key}"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let at = page.find("name=\"k\" value=\"").unwrap() + 16;
     let submit_key = page[at..at + 22].to_string();
     let body = serde_urlencoded::to_string([

@@ -522,5 +522,14 @@ fn the_canary_scanner_finds_each_encoding_and_respects_digit_boundaries() {
     }
     assert_eq!(find(format!("9{pan}").as_bytes(), pan.as_bytes()), None, "inside a longer number is not the value");
     assert_eq!(find(format!("9{pan} {pan}").as_bytes(), pan.as_bytes()), Some(18));
+    // A short all-digit canary (a CVV) inside pointers, UUIDs, timestamps and hex is chance, not a
+    // leak; standing alone in any encoding of a value it is found.
+    let cvv = "8590";
+    for chance in ["ptr 0x7fb8ec0a8590 x", "id 3f2a-8590-4c1d", "at 19:41:33.8590Z", "v1.8590", "k_8590"] {
+        assert_eq!(find(chance.as_bytes(), cvv.as_bytes()), None, "{chance}");
+    }
+    for leak in ["cvv=8590&", "{\"cvv\":\"8590\"}", "cvv: 8590 ", "\u{8}8590\u{2}"] {
+        assert!(find(leak.as_bytes(), cvv.as_bytes()).is_some(), "{leak:?}");
+    }
     assert_eq!(hits(b"nothing to see", &forms), 0);
 }

@@ -161,9 +161,11 @@ fn submit_key(page: &str) -> String {
 }
 
 const PAN: &str = "4111 1111 1111 1111";
+/// Four digits (CVVs have 3 or 4): the scans look for it as a value of its own (common::find).
+const CVV: &str = "7397";
 
 fn good_answers(k: &str) -> Vec<(&str, &str)> {
-    vec![("k", k), ("cardholder", "Ada <Lovelace> & \"Co\""), ("pan", PAN), ("expiry", "12/39"), ("cvv", "737")]
+    vec![("k", k), ("cardholder", "Ada <Lovelace> & \"Co\""), ("pan", PAN), ("expiry", "12/39"), ("cvv", CVV)]
 }
 
 async fn key_refusals(prefix: &str, n: usize) -> Vec<secureforms::events::KeyRefused> {
@@ -196,11 +198,8 @@ async fn a_visitor_opens_fills_and_submits_and_only_ciphertext_reaches_the_topic
     assert!(subs.read_until(WAIT, |r| count_of(r, EventKind::FormSubmitted) >= 1).await);
     for m in &subs.records {
         let raw = m.payload().unwrap();
-        for needle in ["4111111111111111", "737", "Lovelace"] {
-            assert!(
-                !raw.windows(needle.len()).any(|w| w == needle.as_bytes()),
-                "{needle} in clear on the submissions topic"
-            );
+        for needle in ["4111111111111111", "4111 1111 1111 1111", CVV, "Lovelace"] {
+            assert_eq!(find(raw, needle.as_bytes()), None, "{needle} in clear on the submissions topic");
         }
     }
     let submitted =

@@ -26,6 +26,10 @@ pub struct Args {
     /// Duration of the agent retrieve phase (seconds).
     #[arg(long, default_value_t = 5)]
     retrieve_secs: u64,
+    /// Run with the client settings from before the latency tuning (linger.ms=2, Nagle on), to
+    /// compare: the report of a run with and one without says what the tuning buys.
+    #[arg(long)]
+    untuned: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -42,7 +46,12 @@ pub async fn run(global: &GlobalArgs, args: Args) -> anyhow::Result<()> {
             "--records, --latency-rate, --latency-secs, --retrieve-rate and --retrieve-secs must be at least 1"
         );
     }
-    let settings = global.settings()?;
+    let mut settings = global.settings()?;
+    if args.untuned {
+        for (k, v) in [("linger.ms", "2"), ("socket.nagle.disable", "false")] {
+            settings.kafka_properties.entry(k.to_string()).or_insert_with(|| v.to_string());
+        }
+    }
     let brokers = resolve_brokers(&settings)?;
     let report = run_bench(
         &settings,

@@ -65,8 +65,23 @@ pub struct History {
 }
 
 /// `{"error": code, "message": ...}` with a status.
+/// A 503 (infrastructure trouble, never a refusal) carries `Retry-After`.
 pub fn api_error(status: StatusCode, code: &str, message: &str) -> Response {
-    (status, Json(ApiError { error: code.to_string(), message: message.to_string() })).into_response()
+    let mut r = (status, Json(ApiError { error: code.to_string(), message: message.to_string() })).into_response();
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        r.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("5"));
+    }
+    r
+}
+
+/// 503 while the node has not caught up with the topics or cannot reach the brokers: an answer from
+/// stale state could be a false refusal.
+fn not_ready() -> Response {
+    api_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not_ready",
+        "this node is catching up with the event log or cannot reach the brokers; retry after the Retry-After seconds",
+    )
 }
 
 fn now(state: &AppState) -> i64 {
@@ -201,6 +216,7 @@ fn parse_json<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &Bytes)
         (status = 403, description = "wrong_site, permission_denied, not_sender, conversation_closed, invalid_key, wrong_purpose, key_expired, key_spent, purged", body = ApiError),
         (status = 404, description = "unknown_submission", body = ApiError),
         (status = 415, description = "Not application/json", body = ApiError),
+        (status = 503, description = "not_ready or unavailable: the node is catching up or cannot record the audit; retry after Retry-After", body = ApiError),
     ))]
 pub async fn retrieve(
     State(state): State<Arc<AppState>>,
@@ -208,17 +224,21 @@ pub async fn retrieve(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let Ok(sid) = uuid::Uuid::parse_str(&id) else {
-        return api_error(StatusCode::BAD_REQUEST, "bad_submission_id", "the submission id must be a UUID");
-    };
-    let known = owner(&state, &sid);
     let claims = match authenticate(&state, &headers) {
         Ok(c) => c,
         Err(f) => {
+            let known = uuid::Uuid::parse_str(&id).ok().and_then(|sid| owner(&state, &sid));
             audit(&state, known.as_ref(), &id, "", None, "denied", f.code()).await;
             return api_error(StatusCode::UNAUTHORIZED, f.code(), f.message());
         }
     };
+    let Ok(sid) = uuid::Uuid::parse_str(&id) else {
+        return api_error(StatusCode::BAD_REQUEST, "bad_submission_id", "the submission id must be a UUID");
+    };
+    if !super::wait_ready(&state).await {
+        return not_ready();
+    }
+    let known = owner(&state, &sid);
     let request: RetrieveRequest = match parse_json(&headers, &body) {
         Ok(r) => r,
         Err(r) => {
@@ -304,15 +324,19 @@ pub async fn retrieve(
         (status = 401, description = "Token refused", body = ApiError),
         (status = 403, description = "Not the sender, no permission, other site or conversation closed", body = ApiError),
         (status = 404, description = "unknown_submission", body = ApiError),
+        (status = 503, description = "not_ready or unavailable: the node is catching up or cannot record the audit; retry after Retry-After", body = ApiError),
     ))]
 pub async fn fresh_key(State(state): State<Arc<AppState>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    let Ok(sid) = uuid::Uuid::parse_str(&id) else {
-        return api_error(StatusCode::BAD_REQUEST, "bad_submission_id", "the submission id must be a UUID");
-    };
     let claims = match authenticate(&state, &headers) {
         Ok(c) => c,
         Err(f) => return api_error(StatusCode::UNAUTHORIZED, f.code(), f.message()),
     };
+    let Ok(sid) = uuid::Uuid::parse_str(&id) else {
+        return api_error(StatusCode::BAD_REQUEST, "bad_submission_id", "the submission id must be a UUID");
+    };
+    if !super::wait_ready(&state).await {
+        return not_ready();
+    }
     let known = owner(&state, &sid);
     let conv = known.as_ref().and_then(|o| conversation(&state, &o.site_id, &o.conversation_id));
     let who = Requester { agent_id: &claims.sub, site_id: &claims.site, permissions: &claims.permissions };
@@ -370,12 +394,16 @@ pub async fn fresh_key(State(state): State<Arc<AppState>>, Path(id): Path<String
         (status = 200, description = "The conversation's secure forms", body = History),
         (status = 401, description = "Token refused", body = ApiError),
         (status = 403, description = "not_a_manager", body = ApiError),
+        (status = 503, description = "not_ready or unavailable: the node is catching up or cannot record the audit; retry after Retry-After", body = ApiError),
     ))]
 pub async fn history(State(state): State<Arc<AppState>>, Path(conv): Path<String>, headers: HeaderMap) -> Response {
     let claims = match authenticate(&state, &headers) {
         Ok(c) => c,
         Err(f) => return api_error(StatusCode::UNAUTHORIZED, f.code(), f.message()),
     };
+    if !super::wait_ready(&state).await {
+        return not_ready();
+    }
     if !claims.roles.iter().any(|r| r == MANAGER_ROLE) {
         return api_error(StatusCode::FORBIDDEN, "not_a_manager", "conversation history is for agent managers");
     }

@@ -82,6 +82,22 @@ impl AppState {
     }
 }
 
+/// How long a request waits for the node to become ready (caught up with the topics, brokers
+/// answering) before it is answered 503 with Retry-After.
+const READY_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Waits up to [`READY_GRACE`] for the node to be ready; false means answer 503.
+pub(crate) async fn wait_ready(state: &AppState) -> bool {
+    let deadline = std::time::Instant::now() + READY_GRACE;
+    while !state.node.metrics.is_ready() {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    true
+}
+
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/f/{site}/{form}", get(visitor::link).post(visitor::submit))

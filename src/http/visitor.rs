@@ -182,6 +182,7 @@ fn urlencode(s: &str) -> String {
         (status = 409, description = "The form was already submitted", content_type = "text/html"),
         (status = 410, description = "The key expired or the form was opened too many times", content_type = "text/html"),
         (status = 429, description = "Too many attempts; see Retry-After", content_type = "text/html"),
+        (status = 503, description = "The node is catching up or cannot reach the brokers; try again after Retry-After", content_type = "text/html"),
     ))]
 pub async fn link(
     State(state): State<Arc<AppState>>,
@@ -192,6 +193,9 @@ pub async fn link(
 ) -> Response {
     if client_limited(&state, &addr) {
         return too_many();
+    }
+    if !super::wait_ready(&state).await {
+        return try_again_shortly("The form cannot be shown right now");
     }
     let key = form_key(&site, &form);
     let now = (state.node.clock)();
@@ -245,6 +249,9 @@ pub async fn open(
         Ok(p) => p,
         Err(r) => return r,
     };
+    if !super::wait_ready(&state).await {
+        return try_again_shortly("The form cannot be used right now");
+    }
     let key = form_key(&site, &form);
     let guard = lock(&state, &key);
     let _held = guard.lock().await;
@@ -344,6 +351,7 @@ fn parse_urlencoded(body: &[u8]) -> Option<Vec<(String, String)>> {
         (status = 415, description = "Not application/x-www-form-urlencoded", content_type = "text/html"),
         (status = 422, description = "Answers do not validate; the form again with an error summary", content_type = "text/html"),
         (status = 429, description = "Too many attempts; see Retry-After", content_type = "text/html"),
+        (status = 503, description = "The node is catching up or cannot reach the brokers; nothing was sent; try again after Retry-After", content_type = "text/html"),
     ))]
 pub async fn submit(
     State(state): State<Arc<AppState>>,
@@ -359,6 +367,9 @@ pub async fn submit(
         Ok(p) => p,
         Err(r) => return r,
     };
+    if !super::wait_ready(&state).await {
+        return try_again_shortly("The form cannot be used right now");
+    }
     let key = form_key(&site, &form);
     let guard = lock(&state, &key);
     let _held = guard.lock().await;

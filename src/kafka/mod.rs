@@ -76,6 +76,9 @@ pub struct KafkaSettings {
     pub client_id: String,
     /// Most records applied in one batch.
     pub max_batch: usize,
+    /// librdkafka properties for every client, applied last so they win over the service's own
+    /// (TLS and SASL settings, tuning). From `kafka_properties` in the configuration.
+    pub properties: std::collections::BTreeMap<String, String>,
 }
 
 impl KafkaSettings {
@@ -83,8 +86,18 @@ impl KafkaSettings {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers)
             .set("client.id", &self.client_id)
+            // Small requests go out at once: every hop of the flow is awaited by someone.
+            .set("socket.nagle.disable", "true")
             // librdkafka logs through our `log` bridge at warn and above only.
             .set("log_level", "4");
+        self.finish(c)
+    }
+
+    /// Applies the configured properties over whatever a client set for itself.
+    pub fn finish(&self, mut c: ClientConfig) -> ClientConfig {
+        for (k, v) in &self.properties {
+            c.set(k, v);
+        }
         c
     }
 

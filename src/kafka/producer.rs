@@ -108,17 +108,16 @@ impl EventProducer {
 }
 
 fn create(settings: &KafkaSettings) -> Result<FutureProducer, KafkaError> {
-    settings
-        .client_config()
+    let mut config = settings.client_config();
+    config
         .set("enable.idempotence", "true")
         .set("acks", "all")
         // The Java client's partitioner (murmur2 of the key), so a chat bus in any language and this
         // service put a conversation on the same partition number of every topic.
         .set("partitioner", "murmur2_random")
         .set("linger.ms", LINGER_MS)
-        .set("message.timeout.ms", DELIVERY_TIMEOUT.as_millis().to_string())
-        .create()
-        .map_err(|e| settings.client_error(e))
+        .set("message.timeout.ms", DELIVERY_TIMEOUT.as_millis().to_string());
+    settings.finish(config).create().map_err(|e| settings.client_error(e))
 }
 
 /// How long the producer waits to fill a batch. Every event the service produces is awaited by

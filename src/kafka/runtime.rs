@@ -356,7 +356,7 @@ fn subscribe(
     if static_member {
         config.set("group.instance.id", format!("{}-{}", settings.client_id, handler));
     }
-    let consumer: StreamConsumer<OffsetsFromStore> = config
+    config
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -364,9 +364,9 @@ fn subscribe(
         .set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS)
         .set("fetch.error.backoff.ms", "50")
         .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000")
-        .create_with_context(context)
-        .map_err(|e| settings.client_error(e))?;
+        .set("heartbeat.interval.ms", "1000");
+    let consumer: StreamConsumer<OffsetsFromStore> =
+        settings.finish(config).create_with_context(context).map_err(|e| settings.client_error(e))?;
     let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&refs).map_err(|e| settings.client_error(e))?;
     Ok(consumer)

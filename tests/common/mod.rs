@@ -122,6 +122,7 @@ pub fn kafka(prefix: &str) -> KafkaSettings {
         group_prefix: prefix.trim_end_matches('.').to_string(),
         client_id: "test".into(),
         max_batch: 500,
+        properties: Default::default(),
     }
 }
 
@@ -172,6 +173,11 @@ pub async fn producer(prefix: &str) -> EventProducer {
     EventProducer::new(&kafka(prefix)).unwrap()
 }
 
+/// Kafka settings for other brokers than the shared test broker.
+pub fn kafka_on(brokers: &str, prefix: &str) -> KafkaSettings {
+    KafkaSettings { brokers: brokers.to_string(), ..kafka(prefix) }
+}
+
 /// Reads a topic from the beginning (no group) until `done` says so or the deadline passes.
 pub struct TopicReader {
     consumer: StreamConsumer,
@@ -180,9 +186,14 @@ pub struct TopicReader {
 
 impl TopicReader {
     pub async fn new(prefix: &str, topic: Topic) -> TopicReader {
+        TopicReader::on(&brokers(), prefix, topic).await
+    }
+
+    /// A reader on other brokers than the shared test broker.
+    pub async fn on(brokers: &str, prefix: &str, topic: Topic) -> TopicReader {
         let name = TopicNames::new(prefix).name(topic);
         let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers())
+            .set("bootstrap.servers", brokers)
             .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
             .set("enable.auto.commit", "false")
             .set("fetch.wait.max.ms", "50")
@@ -334,14 +345,23 @@ pub fn hits(haystack: &[u8], needles: &[Vec<u8>]) -> usize {
     needles.iter().filter(|n| find(haystack, n).is_some()).count()
 }
 
-/// First place `needle` occurs without a digit right before or after it (a short all-digit value
-/// such as a CVV otherwise "occurs" inside any timestamp).
+/// Whether a byte next to an all-digit canary makes the match part of a longer token: a number,
+/// a hex string (pointers, UUIDs, hashes), a timestamp, a version or an identifier. A short value
+/// such as a 4-digit CVV otherwise "occurs" by chance in `0x7fb8ec0a8590`, a UUID's `-8590-` group
+/// or `19:41:33.8590`; stored or logged as a value it stands alone (`"8590"`, `=8590`, `: 8590`,
+/// after an Avro length byte), which the scan still finds.
+fn part_of_a_token(b: &u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-.:_".contains(b)
+}
+
+/// First place `needle` occurs as a value of its own: an all-digit needle must not be part of a
+/// longer token (see [`part_of_a_token`]); any other needle matches anywhere.
 pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     let digits = needle.iter().all(u8::is_ascii_digit);
     let bounded = |i: usize| {
         !digits
-            || (!haystack.get(i.wrapping_sub(1)).is_some_and(u8::is_ascii_digit)
-                && !haystack.get(i + needle.len()).is_some_and(u8::is_ascii_digit))
+            || (!haystack.get(i.wrapping_sub(1)).is_some_and(part_of_a_token)
+                && !haystack.get(i + needle.len()).is_some_and(part_of_a_token))
     };
     // A literal regex searches with memchr/memmem: logs of tens of MB scan in milliseconds. Inside a
     // longer run of digits every occurrence of a digit needle touches a digit, so skipping the
