@@ -55,10 +55,12 @@ use rdkafka::message::Message;
 async fn a_broker_outage_longer_than_the_delivery_timeout_is_ridden_out_without_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut broker_settings = secureforms::config::Settings::default();
-    broker_settings.data_dir = dir.path().join("broker");
-    broker_settings.embedded_broker = broker_kind();
-    broker_settings.embedded_broker_port = port;
+    let broker_settings = secureforms::config::Settings {
+        data_dir: dir.path().join("broker"),
+        embedded_broker: broker_kind(),
+        embedded_broker_port: port,
+        ..Default::default()
+    };
     let broker = start_broker(&broker_settings).await;
     let addr = broker.addr().to_string();
 
