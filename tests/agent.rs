@@ -108,6 +108,7 @@ async fn env() -> Env {
     let beta = s.sites["acme"].clone();
     s.sites.insert("beta".into(), beta);
     let service = Service::start(s, brokers(), system_clock()).await.unwrap();
+    service.wait_ready(WAIT).await.expect("ready");
     let base = format!("http://{}", service.http_addr.unwrap());
     Env { service, base, prefix, client: reqwest::Client::new(), _dir: dir }
 }
@@ -397,6 +398,8 @@ async fn a_spent_key_stays_spent_across_a_restart_and_the_audit_reaches_kafka() 
         s
     };
     let service = Service::start(settings, brokers(), system_clock()).await.unwrap();
+    // Until the restarted node has caught up it answers 503 (never a grant from stale state).
+    service.wait_ready(WAIT).await.expect("ready after the restart");
     let e = Env { base: format!("http://{}", service.http_addr.unwrap()), service, prefix, client, _dir: dir };
     let (status, body) = e.retrieve(&sub, Some(&agent("alice", "s-a")), &key).await;
     assert_eq!((status, body["error"].as_str()), (403, Some("key_spent")), "{body}");
@@ -410,6 +413,38 @@ async fn a_spent_key_stays_spent_across_a_restart_and_the_audit_reaches_kafka() 
         assert!(std::time::Instant::now() < deadline, "the audit log drains");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let mut service = e.service;
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_agent_hammering_the_api_is_rate_limited_without_stopping_the_others() {
+    let e = env().await;
+    let (sub, key, _) = submitted_form(&e, "acme", "conv-rl", "form-rl", "alice").await;
+    // Mallory, authenticated, tries keys as fast as she can: every refusal would be an audit write.
+    let bad = "AAAAAAAAAAAAAAAAAAAAAA";
+    let mallory = agent("mallory", "s-m");
+    let statuses: Vec<u16> = futures::future::join_all((0..90).map(|_| e.retrieve(&sub, Some(&mallory), bad)))
+        .await
+        .into_iter()
+        .map(|r| r.0)
+        .collect();
+    assert!(statuses.contains(&429), "{statuses:?}");
+    assert!(statuses.iter().all(|s| *s == 403 || *s == 429), "{statuses:?}");
+    let r = e
+        .client
+        .post(format!("{}/api/v1/submissions/{sub}/retrieve", e.base))
+        .bearer_auth(&mallory)
+        .json(&json!({ "key": bad }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "rate_limited");
+    // The sender, another agent on the same client address, is not held up.
+    let (status, body) = e.retrieve(&sub, Some(&agent("alice", "s-a")), &key).await;
+    assert_eq!(status, 200, "{body}");
     let mut service = e.service;
     service.stop().await;
 }

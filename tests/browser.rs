@@ -26,6 +26,7 @@ async fn the_visitor_page_passes_axe_keyboard_phone_and_no_script_checks_in_chro
     let mut s = settings(&prefix, dir.path());
     s.http_listen = Some("127.0.0.1:0".into());
     let mut service = Service::start(s, brokers(), system_clock()).await.unwrap();
+    service.wait_ready(std::time::Duration::from_secs(60)).await.expect("ready");
     let base = format!("http://{}", service.http_addr.unwrap());
 
     let producer = producer(&prefix).await;

@@ -86,6 +86,7 @@ async fn fixture(name: &str) -> Fixture {
     let n = now.clone();
     let clock: Clock = Arc::new(move || n.load(Ordering::SeqCst));
     let service = Service::start(http_settings(&prefix, dir.path()), brokers(), clock).await.unwrap();
+    service.wait_ready(WAIT).await.expect("ready");
     let base = format!("http://{}", service.http_addr.unwrap());
     let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
     Fixture { service, base, prefix, now, client, _dir: dir }
@@ -501,6 +502,8 @@ async fn a_visitor_mid_form_survives_a_restart_of_the_service() {
     let n = now.clone();
     let clock: Clock = Arc::new(move || n.load(Ordering::SeqCst));
     let mut service = Service::start(http_settings(&prefix, dir.path()), brokers(), clock).await.unwrap();
+    // A restarted node answers 503 until it has caught up; the visitor's browser would retry.
+    service.wait_ready(WAIT).await.expect("ready after the restart");
     let base = format!("http://{}", service.http_addr.unwrap());
     let body = serde_urlencoded::to_string(good_answers(&k)).unwrap();
     let r = client
@@ -575,6 +578,7 @@ async fn https_with_a_generated_certificate_adds_hsts() {
     let mut s = http_settings(&prefix, dir.path());
     s.tls_self_signed = true;
     let mut service = Service::start(s, brokers(), secureforms::kafka::runtime::system_clock()).await.unwrap();
+    service.wait_ready(WAIT).await.expect("ready");
     let addr = service.http_addr.unwrap();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider.clone())

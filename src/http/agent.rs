@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use rand::SeedableRng;
@@ -72,6 +72,25 @@ pub fn api_error(status: StatusCode, code: &str, message: &str) -> Response {
         r.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("5"));
     }
     r
+}
+
+/// 429 with Retry-After: too many agent API requests from one client or for one agent.
+fn too_many() -> Response {
+    let mut r = api_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        "too many requests; retry after the Retry-After seconds",
+    );
+    r.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("10"));
+    r
+}
+
+fn client_limited(state: &AppState, addr: &std::net::SocketAddr) -> bool {
+    state.api_per_client.check_key(&addr.ip().to_string()).is_err()
+}
+
+fn agent_limited(state: &AppState, claims: &AgentClaims) -> bool {
+    state.api_per_agent.check_key(&format!("{}/{}", claims.site, claims.sub)).is_err()
 }
 
 /// 503 while the node has not caught up with the topics or cannot reach the brokers: an answer from
@@ -216,15 +235,21 @@ fn parse_json<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &Bytes)
         (status = 403, description = "wrong_site, permission_denied, not_sender, conversation_closed, invalid_key, wrong_purpose, key_expired, key_spent, purged", body = ApiError),
         (status = 404, description = "unknown_submission", body = ApiError),
         (status = 415, description = "Not application/json", body = ApiError),
+        (status = 429, description = "rate_limited: too many requests from this client or for this agent; see Retry-After", body = ApiError),
         (status = 503, description = "not_ready or unavailable: the node is catching up or cannot record the audit; retry after Retry-After", body = ApiError),
     ))]
 pub async fn retrieve(
     State(state): State<Arc<AppState>>,
+    ConnectInfo(addr): ConnectInfo<std::net::SocketAddr>,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if client_limited(&state, &addr) {
+        return too_many();
+    }
     let claims = match authenticate(&state, &headers) {
+        Ok(c) if agent_limited(&state, &c) => return too_many(),
         Ok(c) => c,
         Err(f) => {
             let known = uuid::Uuid::parse_str(&id).ok().and_then(|sid| owner(&state, &sid));
@@ -324,10 +349,20 @@ pub async fn retrieve(
         (status = 401, description = "Token refused", body = ApiError),
         (status = 403, description = "Not the sender, no permission, other site or conversation closed", body = ApiError),
         (status = 404, description = "unknown_submission", body = ApiError),
+        (status = 429, description = "rate_limited: too many requests from this client or for this agent; see Retry-After", body = ApiError),
         (status = 503, description = "not_ready or unavailable: the node is catching up or cannot record the audit; retry after Retry-After", body = ApiError),
     ))]
-pub async fn fresh_key(State(state): State<Arc<AppState>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+pub async fn fresh_key(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(addr): ConnectInfo<std::net::SocketAddr>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if client_limited(&state, &addr) {
+        return too_many();
+    }
     let claims = match authenticate(&state, &headers) {
+        Ok(c) if agent_limited(&state, &c) => return too_many(),
         Ok(c) => c,
         Err(f) => return api_error(StatusCode::UNAUTHORIZED, f.code(), f.message()),
     };
@@ -394,10 +429,20 @@ pub async fn fresh_key(State(state): State<Arc<AppState>>, Path(id): Path<String
         (status = 200, description = "The conversation's secure forms", body = History),
         (status = 401, description = "Token refused", body = ApiError),
         (status = 403, description = "not_a_manager", body = ApiError),
+        (status = 429, description = "rate_limited: too many requests from this client or for this agent; see Retry-After", body = ApiError),
         (status = 503, description = "not_ready or unavailable: the node is catching up or cannot record the audit; retry after Retry-After", body = ApiError),
     ))]
-pub async fn history(State(state): State<Arc<AppState>>, Path(conv): Path<String>, headers: HeaderMap) -> Response {
+pub async fn history(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(addr): ConnectInfo<std::net::SocketAddr>,
+    Path(conv): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if client_limited(&state, &addr) {
+        return too_many();
+    }
     let claims = match authenticate(&state, &headers) {
+        Ok(c) if agent_limited(&state, &c) => return too_many(),
         Ok(c) => c,
         Err(f) => return api_error(StatusCode::UNAUTHORIZED, f.code(), f.message()),
     };

@@ -52,6 +52,10 @@ pub struct AppState {
     pub locks: DashMap<Vec<u8>, Arc<tokio::sync::Mutex<()>>>,
     pub per_client: DefaultKeyedRateLimiter<String>,
     pub per_form: DefaultKeyedRateLimiter<String>,
+    /// Agent API, per client address (before authentication: every refused attempt is an audit write).
+    pub api_per_client: DefaultKeyedRateLimiter<String>,
+    /// Agent API, per authenticated agent (site and agent id).
+    pub api_per_agent: DefaultKeyedRateLimiter<String>,
     pub https: bool,
     pub auth: auth::AgentAuth,
 }
@@ -77,6 +81,10 @@ impl AppState {
             locks: DashMap::new(),
             per_client: RateLimiter::keyed(quota(120, 60)),
             per_form: RateLimiter::keyed(quota(30, 20)),
+            // A workspace behind one address serves many agents; one agent retrieves a few forms a
+            // minute. Sized for the bench's 1,000 requests/s from one client.
+            api_per_client: RateLimiter::keyed(quota(120_000, 2_000)),
+            api_per_agent: RateLimiter::keyed(quota(600, 60)),
             https,
         }))
     }
