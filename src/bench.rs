@@ -368,8 +368,11 @@ async fn retrieve_latency(
     s.agent_auth.jwt_secret_file = Some(root.join("jwt.secret"));
     let mut service =
         Service::start(s, brokers.to_string(), system_clock()).await.map_err(|e| bench_err(e.to_string()))?;
+    service.wait_ready(Duration::from_secs(120)).await.map_err(|e| bench_err(e.to_string()))?;
     let addr = service.http_addr.ok_or_else(|| bench_err("no http address".into()))?;
-    let conversations = 50;
+    // One agent per conversation, as in a contact centre: the agent API's per-agent rate limit
+    // (ten requests a second each) is not what this phase measures.
+    let conversations = 500;
     let sends: Vec<Event> = (0..conversations)
         .map(|c| {
             Event::FormSent(crate::events::FormSent {
@@ -382,7 +385,7 @@ async fn retrieve_latency(
                     &format!("f-{c}"),
                 ),
                 form_id: format!("f-{c}"),
-                agent_id: "bench-agent".into(),
+                agent_id: format!("bench-agent-{c}"),
                 agent_profile: "agent".into(),
                 template_id: "card-payment".into(),
                 visitor_ref: None,
@@ -397,6 +400,7 @@ async fn retrieve_latency(
     for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
         let subs = chunk.iter().map(|i| {
             let (conv, form) = (format!("conv-{}", i % conversations), format!("f-{}", i % conversations));
+            let agent = format!("bench-agent-{}", i % conversations);
             let template = &template;
             let node = &service.node;
             async move {
@@ -409,7 +413,7 @@ async fn retrieve_latency(
                     site_id: "bench",
                     conversation_id: &conv,
                     form_id: &form,
-                    agent_id: "bench-agent",
+                    agent_id: &agent,
                     template,
                     answers,
                 })
@@ -440,28 +444,32 @@ async fn retrieve_latency(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let claims = crate::http::auth::AgentClaims {
-        sub: "bench-agent".into(),
-        site: "bench".into(),
-        roles: vec!["agent".into()],
-        permissions: vec!["use_secure_form".into()],
-        sid: "bench".into(),
-        exp: system_clock()() / 1000 + 3600,
-    };
-    let token = jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .map_err(|e| bench_err(e.to_string()))?;
+    let tokens = (0..conversations)
+        .map(|c| {
+            let claims = crate::http::auth::AgentClaims {
+                sub: format!("bench-agent-{c}"),
+                site: "bench".into(),
+                roles: vec!["agent".into()],
+                permissions: vec!["use_secure_form".into()],
+                sid: format!("bench-{c}"),
+                exp: system_clock()() / 1000 + 3600,
+            };
+            jsonwebtoken::encode(
+                &jsonwebtoken::Header::default(),
+                &claims,
+                &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+            )
+            .map_err(|e| bench_err(e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let client =
         reqwest::Client::builder().pool_max_idle_per_host(256).build().map_err(|e| bench_err(e.to_string()))?;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut inflight = Vec::with_capacity(n);
-    for id in &ids {
+    for (i, id) in ids.iter().enumerate() {
         tick.tick().await;
-        let (client, token, key) = (client.clone(), token.clone(), keys[&id.to_string()].clone());
+        let (client, token, key) = (client.clone(), tokens[i % conversations].clone(), keys[&id.to_string()].clone());
         let url = format!("http://{addr}/api/v1/submissions/{id}/retrieve");
         inflight.push(tokio::spawn(async move {
             let start = Instant::now();

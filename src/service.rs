@@ -56,6 +56,13 @@ pub enum ServiceError {
     NotReady(u64),
 }
 
+impl ServiceError {
+    /// The brokers could not be reached (metadata, admin or delivery failures): worth retrying.
+    pub fn is_brokers_unavailable(&self) -> bool {
+        matches!(self, ServiceError::Kafka(KafkaError::Client(..) | KafkaError::Delivery { .. }))
+    }
+}
+
 /// A visitor's submission as the gateway hands it over: already validated, not yet sealed.
 pub struct Submission<'a> {
     pub site_id: &'a str,
@@ -252,8 +259,10 @@ impl Service {
         options: StartOptions,
     ) -> Result<Service, ServiceError> {
         let master = master_key(&settings)?;
-        let kafka = kafka_settings(&settings, brokers, if options.shadow { "ops" } else { "service" });
+        let mut kafka = kafka_settings(&settings, brokers, if options.shadow { "ops" } else { "service" });
         apply_topics(&kafka, settings.replication_factor).await?;
+        // Learned once, so the clients can be tuned for the broker (see runtime::fetch_wait_ms).
+        kafka.kind = Some(Admin::new(&kafka)?.broker_kind().await?);
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let producer = EventProducer::new(&kafka)?.with_metrics(metrics.clone());
         let stores = ALL_HANDLERS
@@ -531,9 +540,32 @@ pub async fn serve(settings: Settings, clock: Clock, shutdown: impl Future<Outpu
     };
     let brokers =
         embedded.as_ref().map(|b| b.addr().to_string()).or_else(|| settings.brokers.clone()).unwrap_or_default();
-    let result = match Service::start(settings, brokers, clock).await {
-        Ok(service) => service.run_until(shutdown).await,
-        Err(e) => Err(e),
+    tokio::pin!(shutdown);
+    // Brokers that do not answer yet are waited for, with backoff: a node started while Kafka is
+    // away (or restarting) keeps trying instead of exiting.
+    let mut backoff = std::time::Duration::from_secs(1);
+    let started = loop {
+        match Service::start(settings.clone(), brokers.clone(), clock.clone()).await {
+            Ok(service) => break Some(service),
+            Err(error) if error.is_brokers_unavailable() => {
+                tracing::warn!(%error, %brokers, retry_in_s = backoff.as_secs(), "the brokers do not answer; retrying (check that Kafka is up and reachable from this node)");
+                tokio::select! {
+                    _ = &mut shutdown => break None,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
+            }
+            Err(error) => {
+                if let Some(b) = embedded {
+                    b.stop().await;
+                }
+                return Err(error);
+            }
+        }
+    };
+    let result = match started {
+        Some(service) => service.run_until(shutdown).await,
+        None => Ok(()),
     };
     if let Some(b) = embedded {
         b.stop().await;

@@ -351,3 +351,42 @@ fn operations_commands_run_beside_a_live_node_and_replay_after_it_stops() {
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("unknown projection"), "{}", text(&o));
 }
+
+#[test]
+fn serve_waits_for_brokers_that_do_not_answer_and_stops_cleanly_meanwhile() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port nothing listens on: the brokers are "away".
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo.toml");
+    let mut child = Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path())
+        .arg("--master-key-file")
+        .arg(common::master_key_file(dir.path()))
+        .args(["--brokers", &format!("127.0.0.1:{port}")])
+        .env("SECUREFORMS_HTTP_LISTEN", "127.0.0.1:0")
+        .env("SECUREFORMS_METRICS_LISTEN", "")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut retries = 0;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("the brokers do not answer; retrying") {
+                retries += 1;
+                if retries == 2 {
+                    let _ = tx.send(line);
+                }
+            }
+        }
+    });
+    let line = rx.recv_timeout(Duration::from_secs(120)).expect("serve says it is waiting for the brokers, twice");
+    assert!(line.contains("check that Kafka is up"), "says what to check: {line}");
+    assert!(child.try_wait().unwrap().is_none(), "serve keeps running while the brokers are away");
+    stop(Serve(child));
+}

@@ -26,7 +26,8 @@ pub struct Args {
     /// Duration of the agent retrieve phase (seconds).
     #[arg(long, default_value_t = 5)]
     retrieve_secs: u64,
-    /// Run with the client settings from before the latency tuning (linger.ms=2, Nagle on), to
+    /// Run with the client settings from before the latency tuning (linger.ms=2, Nagle on,
+    /// fetch.wait.max.ms=20 on every broker), to
     /// compare: the report of a run with and one without says what the tuning buys.
     #[arg(long)]
     untuned: bool,
@@ -48,7 +49,7 @@ pub async fn run(global: &GlobalArgs, args: Args) -> anyhow::Result<()> {
     }
     let mut settings = global.settings()?;
     if args.untuned {
-        for (k, v) in [("linger.ms", "2"), ("socket.nagle.disable", "false")] {
+        for (k, v) in [("linger.ms", "2"), ("socket.nagle.disable", "false"), ("fetch.wait.max.ms", "20")] {
             settings.kafka_properties.entry(k.to_string()).or_insert_with(|| v.to_string());
         }
     }

@@ -361,7 +361,7 @@ fn subscribe(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS)
+        .set("fetch.wait.max.ms", fetch_wait_ms(settings.kind))
         .set("fetch.error.backoff.ms", "50")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000");
@@ -372,9 +372,16 @@ fn subscribe(
     Ok(consumer)
 }
 
-/// How long a fetch waits at the broker for new records. Each hop of the flow (FormSubmitted ->
-/// FormReady) costs up to one fetch wait when records arrive one at a time; see the bench report.
-const FETCH_WAIT_MAX_MS: &str = "20";
+/// How long a fetch waits at the broker for new records. Apache Kafka answers a waiting fetch as
+/// soon as a record arrives, so the wait costs no latency and a long one saves idle requests; tansu
+/// 0.6.0 holds the fetch for the whole wait, so every hop of the flow (FormSubmitted -> FormReady)
+/// costs up to one wait there: short. Measured in the bench report (README, Performance).
+fn fetch_wait_ms(kind: Option<super::BrokerKind>) -> &'static str {
+    match kind {
+        Some(super::BrokerKind::Kafka) => "100",
+        _ => "5",
+    }
+}
 
 /// Looks up, once per partition, the offset the group committed in Kafka: everything below it had
 /// its outputs delivered already.
