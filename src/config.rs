@@ -78,6 +78,13 @@ pub struct Settings {
     /// Address of the operations listener (plain HTTP): `/metrics` (Prometheus), `/healthz`,
     /// `/readyz`. Empty: none. Keep it off the public network.
     pub metrics_listen: Option<String>,
+    /// Seconds a client may take to send a request's headers once it has started (slow clients,
+    /// slowloris).
+    pub http_header_read_timeout_secs: u64,
+    /// Seconds a connection may send nothing before it is closed (clients that never send a
+    /// request, idle keep-alive connections). Keep it above 33 s: a submit may wait that long for
+    /// the broker.
+    pub http_idle_timeout_secs: u64,
     /// PEM certificate chain and private key for HTTPS.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -116,6 +123,8 @@ const SETTING_KEYS: &[&str] = &[
     "tls_cert",
     "tls_key",
     "tls_self_signed",
+    "http_header_read_timeout_secs",
+    "http_idle_timeout_secs",
     "purge_interval_secs",
     "metrics_listen",
 ];
@@ -147,6 +156,8 @@ impl Default for Settings {
             tls_cert: None,
             tls_key: None,
             tls_self_signed: false,
+            http_header_read_timeout_secs: 10,
+            http_idle_timeout_secs: 45,
             purge_interval_secs: 3600,
             agent_auth: AgentAuthConfig::default(),
             sites: BTreeMap::new(),
@@ -303,6 +314,18 @@ impl Settings {
                     "http_listen {listen} is not a loopback address, so the gateway needs HTTPS: set tls_cert and tls_key (or listen on 127.0.0.1 behind a TLS proxy)"
                 )));
             }
+        }
+        if !(1..=3600).contains(&self.http_idle_timeout_secs) {
+            return Err(ConfigError::Invalid(format!(
+                "http_idle_timeout_secs must be between 1 and 3600, not {}",
+                self.http_idle_timeout_secs
+            )));
+        }
+        if !(1..=300).contains(&self.http_header_read_timeout_secs) {
+            return Err(ConfigError::Invalid(format!(
+                "http_header_read_timeout_secs must be between 1 and 300, not {}",
+                self.http_header_read_timeout_secs
+            )));
         }
         if self.max_batch == 0 || self.max_batch > 100_000 {
             return Err(ConfigError::Invalid(format!(

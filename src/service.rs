@@ -400,11 +400,17 @@ impl Service {
             let server = crate::http::bind(node.clone(), &listen).await?;
             self.http_addr = Some(server.local_addr());
             let mut stop = stop_rx.clone();
+            let header_read_timeout = std::time::Duration::from_secs(node.settings.http_header_read_timeout_secs);
+            let idle_timeout = std::time::Duration::from_secs(node.settings.http_idle_timeout_secs);
             self.tasks.spawn(async move {
                 let result = server
-                    .run(async move {
-                        let _ = stop.changed().await;
-                    })
+                    .run(
+                        async move {
+                            let _ = stop.changed().await;
+                        },
+                        header_read_timeout,
+                        idle_timeout,
+                    )
                     .await;
                 ("http gateway", result.map_err(|e| KafkaError::Topic { topic: "http".into(), message: e.to_string() }))
             });

@@ -609,3 +609,66 @@ async fn https_with_a_generated_certificate_adds_hsts() {
     assert!(!String::from_utf8_lossy(&buf).contains("200 OK"));
     service.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_connections_are_closed_and_protocol_errors_say_what_is_wrong() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let prefix = unique_prefix("slowloris");
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = http_settings(&prefix, dir.path());
+    s.http_header_read_timeout_secs = 1;
+    s.http_idle_timeout_secs = 2;
+    let mut service = Service::start(s, brokers(), secureforms::kafka::runtime::system_clock()).await.unwrap();
+    service.wait_ready(WAIT).await.expect("ready");
+    let addr = service.http_addr.unwrap();
+
+    // Half a request, then silence (slowloris); and a connection that never sends anything.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: ").await.unwrap();
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    for (what, conn) in [("half a request", &mut slow), ("an idle connection", &mut idle)] {
+        let mut buf = [0u8; 1024];
+        let mut read = 0;
+        let closed = tokio::time::timeout(Duration::from_secs(15), async {
+            loop {
+                match conn.read(&mut buf[read..]).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => read = (read + n).min(buf.len() - 1),
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "{what} was still open after 15 s with 1 s header read and 2 s idle timeouts");
+    }
+
+    // HTTP/1.1 without Host is refused; 405 and 413 carry a body in the route's format and the
+    // security headers.
+    let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
+    raw.write_all(b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut answer = String::new();
+    raw.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("Host"), "says what is missing: {answer}");
+
+    let client = reqwest::Client::new();
+    let base = format!("http://{addr}");
+    let r = client.put(format!("{base}/f/acme/form-x")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 405);
+    assert!(r.headers().contains_key("allow") && r.headers().contains_key("content-security-policy"));
+    assert!(r.text().await.unwrap().contains("does not take that method"));
+    let id = uuid::Uuid::new_v4();
+    let r = client.delete(format!("{base}/api/v1/submissions/{id}/retrieve")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 405);
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["error"], "method_not_allowed");
+    let r = client
+        .post(format!("{base}/api/v1/submissions/{id}/retrieve"))
+        .header("content-type", "application/json")
+        .body(vec![b' '; 70 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 413);
+    assert!(r.headers().contains_key("content-security-policy"));
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["error"], "body_too_large");
+    service.stop().await;
+}

@@ -126,6 +126,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], openapi::json()) }))
         .fallback(visitor::not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn(framework_errors))
         .layer(middleware::from_fn_with_state(state.clone(), security_headers))
         .layer(middleware::from_fn_with_state(state.clone(), record_latency))
         .with_state(state)
@@ -183,6 +184,48 @@ fn frame_ancestors(state: &AppState, path: &str) -> String {
     if origins.is_empty() { "'none'".to_string() } else { origins.join(" ") }
 }
 
+/// Requests and answers the framework handles before (or instead of) a handler get a body in the
+/// format of their route: HTTP/1.1 requests without `Host` are refused (RFC 9112 3.2), and 405 and
+/// 413 answers say what is wrong, as JSON on the agent API and as a page elsewhere.
+async fn framework_errors(request: Request, next: Next) -> Response {
+    let api = request.uri().path().starts_with("/api/");
+    if request.version() == axum::http::Version::HTTP_11 && !request.headers().contains_key(header::HOST) {
+        return framework_error(
+            api,
+            axum::http::StatusCode::BAD_REQUEST,
+            "missing_host",
+            "an HTTP/1.1 request must carry a Host header",
+        );
+    }
+    let response = next.run(request).await;
+    match response.status() {
+        axum::http::StatusCode::METHOD_NOT_ALLOWED => {
+            let allow = response.headers().get(header::ALLOW).cloned();
+            let mut r = framework_error(
+                api,
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this address does not take that method",
+            );
+            if let Some(allow) = allow {
+                r.headers_mut().insert(header::ALLOW, allow);
+            }
+            r
+        }
+        axum::http::StatusCode::PAYLOAD_TOO_LARGE if api => framework_error(
+            true,
+            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            "the request body is over 64 KiB",
+        ),
+        _ => response,
+    }
+}
+
+fn framework_error(api: bool, status: axum::http::StatusCode, code: &str, message: &str) -> Response {
+    if api { agent::api_error(status, code, message) } else { visitor::error_page(status, message) }
+}
+
 /// Security headers on every response, errors included.
 async fn security_headers(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let ancestors = frame_ancestors(&state, request.uri().path());
@@ -211,8 +254,44 @@ pub struct Server {
 }
 
 enum ServerKind {
-    Plain(tokio::net::TcpListener, Router),
+    Plain(std::net::TcpListener, Router),
     Tls(std::net::TcpListener, axum_server::tls_rustls::RustlsConfig, Router),
+}
+
+/// Closes connections that send nothing for `idle`: clients that connect and never send a request,
+/// and keep-alive connections left open. A read that waits longer fails and hyper drops the
+/// connection. Longer than any request takes (a submit waits at most 30 s for the broker).
+#[derive(Clone, Copy)]
+struct IdleTimeout(std::time::Duration);
+
+impl<I, S> axum_server::accept::Accept<I, S> for IdleTimeout
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
+    type Stream = std::pin::Pin<Box<tokio_io_timeout::TimeoutStream<I>>>;
+    type Service = S;
+    type Future = std::future::Ready<std::io::Result<(Self::Stream, S)>>;
+
+    fn accept(&self, stream: I, service: S) -> Self::Future {
+        let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+        stream.set_read_timeout(Some(self.0));
+        std::future::ready(Ok((Box::pin(stream), service)))
+    }
+}
+
+/// hyper applies its header read timeout only when it has a timer; without one a client that sends
+/// half a request and goes silent holds the connection for ever.
+fn harden<Addr: axum_server::Address, Acceptor>(
+    server: &mut axum_server::Server<Addr, Acceptor>,
+    header_read_timeout: std::time::Duration,
+) {
+    server
+        .http_builder()
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .keep_alive(true);
+    server.http_builder().http2().timer(hyper_util::rt::TokioTimer::new());
 }
 
 /// Binds the gateway: HTTPS with the configured or a self-signed certificate, else plain HTTP
@@ -255,7 +334,8 @@ pub async fn bind(node: Arc<Node>, listen: &str) -> Result<Server, HttpError> {
             Ok(Server { addr, kind: ServerKind::Tls(listener, config, app) })
         }
         None => {
-            let listener = tokio::net::TcpListener::bind(listen).await.map_err(bind_err)?;
+            let listener = std::net::TcpListener::bind(listen).map_err(bind_err)?;
+            listener.set_nonblocking(true).map_err(bind_err)?;
             let addr = listener.local_addr().map_err(bind_err)?;
             tracing::warn!(%addr, "serving the visitor gateway over plain HTTP on loopback; put it behind TLS or set tls_cert and tls_key before exposing it");
             Ok(Server { addr, kind: ServerKind::Plain(listener, app) })
@@ -268,28 +348,40 @@ impl Server {
         self.addr
     }
 
-    /// Serves until `shutdown` resolves, then lets in-flight requests finish.
-    pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), HttpError> {
+    /// Serves until `shutdown` resolves, then lets in-flight requests finish (10 s at most).
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+        header_read_timeout: std::time::Duration,
+        idle_timeout: std::time::Duration,
+    ) -> Result<(), HttpError> {
+        let handle = axum_server::Handle::new();
+        let h = handle.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            h.graceful_shutdown(Some(std::time::Duration::from_secs(10)));
+        });
+        let serve_err = |e: std::io::Error| HttpError::Serve(e.to_string());
         match self.kind {
             ServerKind::Plain(listener, app) => {
-                axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-                    .with_graceful_shutdown(shutdown)
-                    .await
-                    .map_err(|e| HttpError::Serve(e.to_string()))
-            }
-            ServerKind::Tls(listener, config, app) => {
-                let handle = axum_server::Handle::new();
-                let h = handle.clone();
-                tokio::spawn(async move {
-                    shutdown.await;
-                    h.graceful_shutdown(Some(std::time::Duration::from_secs(10)));
-                });
-                axum_server::from_tcp_rustls(listener, config)
-                    .map_err(|e| HttpError::Serve(e.to_string()))?
+                let mut server =
+                    axum_server::from_tcp(listener).map_err(serve_err)?.acceptor(IdleTimeout(idle_timeout));
+                harden(&mut server, header_read_timeout);
+                server
                     .handle(handle)
                     .serve(app.into_make_service_with_connect_info::<SocketAddr>())
                     .await
-                    .map_err(|e| HttpError::Serve(e.to_string()))
+                    .map_err(serve_err)
+            }
+            ServerKind::Tls(listener, config, app) => {
+                let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(config).acceptor(IdleTimeout(idle_timeout));
+                let mut server = axum_server::from_tcp(listener).map_err(serve_err)?.acceptor(acceptor);
+                harden(&mut server, header_read_timeout);
+                server
+                    .handle(handle)
+                    .serve(app.into_make_service_with_connect_info::<SocketAddr>())
+                    .await
+                    .map_err(serve_err)
             }
         }
     }

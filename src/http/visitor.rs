@@ -42,6 +42,20 @@ fn message(status: StatusCode, heading: &str, paragraphs: &[&str]) -> Response {
     html(status, MessagePage::new(heading, paragraphs))
 }
 
+/// A page for an error the framework answered (405, 413): what is wrong and what to do.
+pub fn error_page(status: StatusCode, what: &str) -> Response {
+    message(
+        status,
+        "The request could not be used",
+        &[&format!("{}.", capitalized(what)), "Open the form from the link your agent sent in the chat."],
+    )
+}
+
+fn capitalized(s: &str) -> String {
+    let mut c = s.chars();
+    c.next().map(|f| f.to_uppercase().collect::<String>() + c.as_str()).unwrap_or_default()
+}
+
 /// A 4xx for input the gateway cannot use, saying what is wrong.
 fn bad_request(status: StatusCode, what: &str) -> Response {
     message(status, "The form could not be read", &[what, "Go back to the chat and open the form link again."])
