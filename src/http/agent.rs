@@ -226,7 +226,7 @@ fn parse_json<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &Bytes)
 /// who sent the form, with "use secure form within a conversation", while the conversation is live.
 /// Every attempt emits one FormRetrieved (granted or denied with the reason code).
 #[utoipa::path(post, path = "/api/v1/submissions/{id}/retrieve", tag = "agent", security(("agent_jwt" = [])),
-    params(("id" = String, Path, description = "Submission UUID")),
+    params(("id" = uuid::Uuid, Path, description = "Submission UUID")),
     request_body = RetrieveRequest,
     responses(
         (status = 200, description = "The answers, and the off-the-record ones if still in memory", body = RetrieveResponse),
@@ -234,6 +234,7 @@ fn parse_json<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &Bytes)
         (status = 401, description = "token_missing, token_invalid, token_expired, session_ended, auth_not_configured", body = ApiError),
         (status = 403, description = "wrong_site, permission_denied, not_sender, conversation_closed, invalid_key, wrong_purpose, key_expired, key_spent, purged", body = ApiError),
         (status = 404, description = "unknown_submission", body = ApiError),
+        (status = 413, description = "body_too_large: the body is over 64 KiB", body = ApiError),
         (status = 415, description = "Not application/json", body = ApiError),
         (status = 429, description = "rate_limited: too many requests from this client or for this agent; see Retry-After", body = ApiError),
         (status = 503, description = "not_ready or unavailable: the node is catching up or cannot record the audit; retry after Retry-After", body = ApiError),
@@ -343,9 +344,10 @@ pub async fn retrieve(
 /// A fresh one-time retrieve key for the sender, while the conversation is live. Delivered in the
 /// response and as a new FormReady.
 #[utoipa::path(post, path = "/api/v1/submissions/{id}/retrieve-key", tag = "agent", security(("agent_jwt" = [])),
-    params(("id" = String, Path, description = "Submission UUID")),
+    params(("id" = uuid::Uuid, Path, description = "Submission UUID")),
     responses(
         (status = 201, description = "The new key", body = FreshKey),
+        (status = 400, description = "bad_submission_id: the id is not a UUID", body = ApiError),
         (status = 401, description = "Token refused", body = ApiError),
         (status = 403, description = "Not the sender, no permission, other site or conversation closed", body = ApiError),
         (status = 404, description = "unknown_submission", body = ApiError),
