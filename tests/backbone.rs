@@ -224,10 +224,25 @@ async fn a_consumer_killed_mid_stream_loses_nothing_and_applies_nothing_twice() 
     child.kill().unwrap();
     child.wait().unwrap();
     if !complete {
-        let log = std::fs::read_to_string(dir.path().join("serve-1.log")).unwrap_or_default();
+        let answered: BTreeSet<String> = links
+            .records
+            .iter()
+            .filter_map(|m| Codec::get().decode(m.payload()?).ok())
+            .map(|e| e.header().correlation_id.clone())
+            .collect();
+        let missing: Vec<String> = (0..N).map(|i| format!("f-{i}")).filter(|f| !answered.contains(f)).collect();
+        let mut dead = TopicReader::new(&prefix, Topic::DeadLetters).await;
+        dead.read_until(Duration::from_secs(5), |_| false).await;
+        let logs: String = (0..2)
+            .map(|n| {
+                let log = std::fs::read_to_string(dir.path().join(format!("serve-{n}.log"))).unwrap_or_default();
+                format!("--- serve-{n}.log\n{log}")
+            })
+            .collect();
         panic!(
-            "every form answered after the restart (had {at_kill} at the kill, {} now); restarted service log:\n{log}",
-            links.records.len()
+            "every form answered after the restart (had {at_kill} at the kill, {} now); missing {missing:?}; {} dead letters; logs:\n{logs}",
+            links.records.len(),
+            dead.records.len()
         );
     }
 
