@@ -531,5 +531,16 @@ fn the_canary_scanner_finds_each_encoding_and_respects_digit_boundaries() {
     for leak in ["cvv=8590&", "{\"cvv\":\"8590\"}", "cvv: 8590 ", "\u{8}8590\u{2}"] {
         assert!(find(leak.as_bytes(), cvv.as_bytes()).is_some(), "{leak:?}");
     }
+    // The same for its byte-list form (Debug of a byte slice): inside a hex string's bytes it is
+    // chance; as the bytes of a value of its own it is found.
+    let list = forms_of(cvv).into_iter().find(|f| f.starts_with(b"56, 53")).expect("byte-list form");
+    let printed = |s: &str| s.bytes().map(|b| b.to_string()).collect::<Vec<_>>().join(", ");
+    for chance in ["\"ab8590ff\"", "x8590", "8590e"] {
+        assert_eq!(find(printed(chance).as_bytes(), &list), None, "{chance}");
+    }
+    for leak in ["\"8590\"", "=8590&", "[8590]"] {
+        assert!(find(printed(leak).as_bytes(), &list).is_some(), "{leak}");
+    }
+    assert!(find(format!("[{}]", printed("8590")).as_bytes(), &list).is_some(), "a whole list");
     assert_eq!(hits(b"nothing to see", &forms), 0);
 }

@@ -354,11 +354,52 @@ fn part_of_a_token(b: &u8) -> bool {
     b.is_ascii_alphanumeric() || b"-.:_".contains(b)
 }
 
+/// The byte codes of a decimal byte list (`55, 52, 50, 56`) whose bytes are all ASCII digits: the
+/// byte-list form of a digit canary.
+fn digit_byte_list(needle: &[u8]) -> bool {
+    std::str::from_utf8(needle).is_ok_and(|s| {
+        s.split(", ")
+            .all(|n| n.parse::<u8>().is_ok_and(|b| b.is_ascii_digit() && n.bytes().all(|c| c.is_ascii_digit())))
+    })
+}
+
+/// In a printed byte list, whether the element next to a match at `start..end` is the code of a
+/// character that makes the match part of a longer token (or the match cuts a number in two).
+fn byte_list_neighbour_joins(haystack: &[u8], start: usize, end: usize) -> bool {
+    let joins = |code: &[u8]| {
+        std::str::from_utf8(code).ok().and_then(|n| n.parse::<u8>().ok()).is_some_and(|b| part_of_a_token(&b))
+    };
+    if haystack.get(start.wrapping_sub(1)).is_some_and(u8::is_ascii_digit)
+        || haystack.get(end).is_some_and(u8::is_ascii_digit)
+    {
+        return true;
+    }
+    let before = &haystack[..start];
+    if let Some(rest) = before.strip_suffix(b", ") {
+        let from = rest.iter().rposition(|b| !b.is_ascii_digit()).map(|p| p + 1).unwrap_or(0);
+        if joins(&rest[from..]) {
+            return true;
+        }
+    }
+    if let Some(rest) = haystack[end..].strip_prefix(b", ") {
+        let to = rest.iter().position(|b| !b.is_ascii_digit()).unwrap_or(rest.len());
+        if joins(&rest[..to]) {
+            return true;
+        }
+    }
+    false
+}
+
 /// First place `needle` occurs as a value of its own: an all-digit needle must not be part of a
-/// longer token (see [`part_of_a_token`]); any other needle matches anywhere.
+/// longer token (see [`part_of_a_token`]), nor the byte-list form of one (its neighbouring codes
+/// are checked the same way); any other needle matches anywhere.
 pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     let digits = needle.iter().all(u8::is_ascii_digit);
+    let byte_list = !digits && digit_byte_list(needle);
     let bounded = |i: usize| {
+        if byte_list {
+            return !byte_list_neighbour_joins(haystack, i, i + needle.len());
+        }
         !digits
             || (!haystack.get(i.wrapping_sub(1)).is_some_and(part_of_a_token)
                 && !haystack.get(i + needle.len()).is_some_and(part_of_a_token))
