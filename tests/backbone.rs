@@ -186,6 +186,8 @@ async fn a_consumer_killed_mid_stream_loses_nothing_and_applies_nothing_twice() 
             .arg(master_key_file(dir.path()))
             .env("SECUREFORMS_GROUP_PREFIX", prefix.trim_end_matches('.'))
             .env("SECUREFORMS_HTTP_LISTEN", "127.0.0.1:0")
+            // No fixed port: a leftover process on the default 9464 would stop this one at start.
+            .env("SECUREFORMS_METRICS_LISTEN", "")
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .spawn()
@@ -205,7 +207,11 @@ async fn a_consumer_killed_mid_stream_loses_nothing_and_applies_nothing_twice() 
 
     // Kill it once some, but not all, answers are out.
     let mut links = TopicReader::new(&prefix, Topic::FormLinks).await;
-    assert!(links.read_until(WAIT, |r| r.len() >= 20).await, "service made progress before the kill");
+    if !links.read_until(WAIT, |r| r.len() >= 20).await {
+        let _ = child.kill();
+        let log = std::fs::read_to_string(dir.path().join("serve-0.log")).unwrap_or_default();
+        panic!("the service made no progress before the kill ({} answers); its log:\n{log}", links.records.len());
+    }
     child.kill().unwrap();
     child.wait().unwrap();
     let at_kill = links.records.len();
@@ -271,6 +277,13 @@ async fn topics_apply_creates_what_is_missing_is_idempotent_and_reports_drift() 
     let wrong_name = format!("{prefix}chat-events");
     let wrong = NewTopic::new(&wrong_name, 2, TopicReplication::Fixed(1)).set("cleanup.policy", "delete");
     admin.create_topics(&[wrong], &AdminOptions::new()).await.unwrap();
+    // Apache Kafka answers CreateTopics before every metadata view has the topic: wait until ours does.
+    let deadline = std::time::Instant::now() + WAIT;
+    let reader = secureforms::kafka::admin::Admin::new(&k).unwrap();
+    while !reader.topic_partitions().await.unwrap().contains_key(&wrong_name) {
+        assert!(std::time::Instant::now() < deadline, "{wrong_name} never appeared in the metadata");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let first = secureforms::service::apply_topics(&k, 1).await.unwrap();
     let created = first.iter().filter(|a| matches!(a, TopicAction::Create { .. })).count();
