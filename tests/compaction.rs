@@ -18,28 +18,13 @@ use secureforms::domain::retention::parse_as_of;
 use secureforms::events::Event;
 use secureforms::kafka::BrokerKind;
 use secureforms::kafka::runtime::Clock;
-use secureforms::service::{Service, Submission};
+use secureforms::service::Service;
 use secureforms::topics::Topic;
 
 const WAIT: Duration = Duration::from_secs(60);
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-async fn submit(service: &Service, conversation: &str, form: &str, pan: &str) {
-    let t = template(&service.settings, "card-payment");
-    service
-        .submit(Submission {
-            site_id: "acme",
-            conversation_id: conversation,
-            form_id: form,
-            agent_id: "agent-1",
-            template: &t,
-            answers: answers(&[("cardholder", "A Visitor"), ("pan", pan), ("expiry", "12/30"), ("cvv", "123")]),
-        })
-        .await
-        .expect("submitted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -59,11 +44,11 @@ async fn the_log_cleaner_removes_destroyed_wrapped_keys_from_the_keys_topic_file
 
     // January 2025: a key, a rotation to a second generation, a submission under each. March 2025:
     // a key whose period has not expired by the purge date (the live one).
-    submit(&service, "c1", "shred-1", &luhn_pan(11)).await;
+    submit_card(&service, "c1", "shred-1", &luhn_pan(11)).await;
     secureforms::handlers::keys::rotate(&service.ring, &service.producer, "acme", first).await.expect("rotated");
-    submit(&service, "c2", "shred-2", &luhn_pan(12)).await;
+    submit_card(&service, "c2", "shred-2", &luhn_pan(12)).await;
     now.store(parse_as_of("2025-03-10T12:00:00Z").unwrap(), Ordering::SeqCst);
-    submit(&service, "c3", "shred-3", &luhn_pan(13)).await;
+    submit_card(&service, "c3", "shred-3", &luhn_pan(13)).await;
 
     let mut keys = TopicReader::new(&prefix, Topic::Keys).await;
     assert!(keys.read_until(WAIT, |rs| rs.len() >= 3).await, "three DataKeyCreated on the keys topic");

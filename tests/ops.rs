@@ -18,7 +18,7 @@ use secureforms::domain::retention::{add_months, parse_as_of};
 use secureforms::events::{Codec, Event, FormSent};
 use secureforms::kafka::runtime::{Clock, system_clock};
 use secureforms::ops::erase::EraseTarget;
-use secureforms::service::{ALL_HANDLERS, Service, Submission, store_dir};
+use secureforms::service::{ALL_HANDLERS, Service, store_dir};
 use secureforms::store::Store;
 use secureforms::topics::Topic;
 use secureforms::vault::detokenize::{DetokenizeError, Refusal};
@@ -36,21 +36,6 @@ async fn start(settings: &Settings, clock: Clock) -> Service {
     let service = Service::start(settings.clone(), brokers(), clock).await.expect("service starts");
     service.wait_ready(WAIT).await.expect("ready");
     service
-}
-
-async fn submit(service: &Service, settings: &Settings, conversation: &str, form: &str, pan: &str) -> uuid::Uuid {
-    let t = template(settings, "card-payment");
-    service
-        .submit(Submission {
-            site_id: "acme",
-            conversation_id: conversation,
-            form_id: form,
-            agent_id: "agent-1",
-            template: &t,
-            answers: answers(&[("cardholder", "A Visitor"), ("pan", pan), ("expiry", "12/30"), ("cvv", "123")]),
-        })
-        .await
-        .expect("submitted")
 }
 
 async fn wait_vault_len(service: &Service, n: usize) {
@@ -144,7 +129,7 @@ async fn purge_across_fourteen_months_removes_only_the_expired_destroys_their_ke
         now.store(at, Ordering::SeqCst);
         for i in 0..2 {
             let (form, pan) = (format!("purge-form-m{month}-{i}"), luhn_pan(1000 + month as u64 * 10 + i));
-            let id = submit(&service, &settings, &format!("conv-{month}-{i}"), &form, &pan).await;
+            let id = submit_card(&service, &format!("conv-{month}-{i}"), &form, &pan).await;
             made.push((at, id, form, pan));
         }
     }
@@ -261,7 +246,7 @@ async fn an_interrupted_replay_resumes_instead_of_starting_over_and_a_running_no
     let settings = settings(&prefix, dir.path());
     let mut service = start(&settings, system_clock()).await;
     for i in 0..6 {
-        submit(&service, &settings, &format!("conv-{i}"), &format!("form-{i}"), &luhn_pan(i)).await;
+        submit_card(&service, &format!("conv-{i}"), &format!("form-{i}"), &luhn_pan(i)).await;
     }
     wait_vault_len(&service, 6).await;
     // The node holds its stores: replay says to stop it.
@@ -306,10 +291,10 @@ async fn erasure_by_conversation_and_by_visitor_reference_is_immediate_and_survi
         sent.visitor_ref = Some(visitor.into());
         producer.send(&Event::FormSent(FormSent { ..sent })).await.unwrap();
     }
-    let a1 = submit(&service, &settings, "conv-a", "f-a1", &luhn_pan(1)).await;
-    let a2 = submit(&service, &settings, "conv-a", "f-a2", &luhn_pan(2)).await;
-    let b = submit(&service, &settings, "conv-b", "f-b", &luhn_pan(3)).await;
-    let c = submit(&service, &settings, "conv-c", "f-c", &luhn_pan(4)).await;
+    let a1 = submit_card(&service, "conv-a", "f-a1", &luhn_pan(1)).await;
+    let a2 = submit_card(&service, "conv-a", "f-a2", &luhn_pan(2)).await;
+    let b = submit_card(&service, "conv-b", "f-b", &luhn_pan(3)).await;
+    let c = submit_card(&service, "conv-c", "f-c", &luhn_pan(4)).await;
     wait_vault_len(&service, 4).await;
 
     let report = secureforms::ops::erase::erase(
@@ -411,7 +396,7 @@ async fn metrics_counters_move_during_a_run_and_readyz_says_ready() {
     let producer = producer(&prefix).await;
     producer.send(&form_sent("acme", "conv-m", "f-m", "agent-1", "agent", "card-payment")).await.unwrap();
     producer.send_raw(Topic::ChatEvents, b"conv-bad", b"not avro").await.unwrap();
-    let id = submit(&service, &settings, "conv-m", "f-m", &luhn_pan(9)).await;
+    let id = submit_card(&service, "conv-m", "f-m", &luhn_pan(9)).await;
     wait_vault_len(&service, 1).await;
     let denied = client
         .post(format!("http://{web}/api/v1/submissions/{id}/retrieve"))
@@ -477,7 +462,7 @@ async fn the_purge_worker_purges_on_its_own_once_the_clock_passes_retention() {
     let start_at = parse_as_of("2025-03-05T09:00:00Z").unwrap();
     let (now, clock) = clock_at(start_at);
     let mut service = start(&settings, clock).await;
-    let id = submit(&service, &settings, "conv-w", "form-w", &luhn_pan(77)).await;
+    let id = submit_card(&service, "conv-w", "form-w", &luhn_pan(77)).await;
     wait_vault_len(&service, 1).await;
     // A purge dated in the future would shred keys in use: refused (a dry run may look ahead).
     let refused = secureforms::ops::purge::purge(&service, add_months(start_at, 24), false).await.unwrap_err();

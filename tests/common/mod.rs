@@ -416,3 +416,24 @@ pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
         Err(_) => haystack.windows(needle.len()).enumerate().find(|&(i, w)| w == needle && bounded(i)).map(|(i, _)| i),
     }
 }
+
+/// A card payment submitted through the node as the gateway would (site acme, agent-1).
+pub async fn submit_card(
+    service: &secureforms::service::Service,
+    conversation: &str,
+    form: &str,
+    pan: &str,
+) -> uuid::Uuid {
+    let t = template(&service.settings, "card-payment");
+    service
+        .submit(secureforms::service::Submission {
+            site_id: "acme",
+            conversation_id: conversation,
+            form_id: form,
+            agent_id: "agent-1",
+            template: &t,
+            answers: answers(&[("cardholder", "A Visitor"), ("pan", pan), ("expiry", "12/30"), ("cvv", "123")]),
+        })
+        .await
+        .expect("submitted")
+}
