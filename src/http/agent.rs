@@ -85,6 +85,34 @@ fn too_many() -> Response {
     r
 }
 
+/// Why a request was not let in: over a rate limit, or its token was refused.
+enum Refused {
+    Limited,
+    Auth(AuthFailure),
+}
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        match self {
+            Refused::Limited => too_many(),
+            Refused::Auth(f) => api_error(StatusCode::UNAUTHORIZED, f.code(), f.message()),
+        }
+    }
+}
+
+/// The gate every agent API request passes: the per-client limit (before authentication: a refused
+/// attempt is an audit write), the token, then the per-agent limit.
+fn admit(state: &AppState, addr: &std::net::SocketAddr, headers: &HeaderMap) -> Result<AgentClaims, Refused> {
+    if client_limited(state, addr) {
+        return Err(Refused::Limited);
+    }
+    let claims = authenticate(state, headers).map_err(Refused::Auth)?;
+    if agent_limited(state, &claims) {
+        return Err(Refused::Limited);
+    }
+    Ok(claims)
+}
+
 fn client_limited(state: &AppState, addr: &std::net::SocketAddr) -> bool {
     state.api_per_client.check_key(&addr.ip().to_string()).is_err()
 }
@@ -246,16 +274,14 @@ pub async fn retrieve(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if client_limited(&state, &addr) {
-        return too_many();
-    }
-    let claims = match authenticate(&state, &headers) {
-        Ok(c) if agent_limited(&state, &c) => return too_many(),
+    let claims = match admit(&state, &addr, &headers) {
         Ok(c) => c,
-        Err(f) => {
-            let known = uuid::Uuid::parse_str(&id).ok().and_then(|sid| owner(&state, &sid));
-            audit(&state, known.as_ref(), &id, "", None, "denied", f.code()).await;
-            return api_error(StatusCode::UNAUTHORIZED, f.code(), f.message());
+        Err(refused) => {
+            if let Refused::Auth(f) = &refused {
+                let known = uuid::Uuid::parse_str(&id).ok().and_then(|sid| owner(&state, &sid));
+                audit(&state, known.as_ref(), &id, "", None, "denied", f.code()).await;
+            }
+            return refused.into_response();
         }
     };
     let Ok(sid) = uuid::Uuid::parse_str(&id) else {
@@ -360,13 +386,9 @@ pub async fn fresh_key(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if client_limited(&state, &addr) {
-        return too_many();
-    }
-    let claims = match authenticate(&state, &headers) {
-        Ok(c) if agent_limited(&state, &c) => return too_many(),
+    let claims = match admit(&state, &addr, &headers) {
         Ok(c) => c,
-        Err(f) => return api_error(StatusCode::UNAUTHORIZED, f.code(), f.message()),
+        Err(refused) => return refused.into_response(),
     };
     let Ok(sid) = uuid::Uuid::parse_str(&id) else {
         return api_error(StatusCode::BAD_REQUEST, "bad_submission_id", "the submission id must be a UUID");
@@ -440,13 +462,9 @@ pub async fn history(
     Path(conv): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if client_limited(&state, &addr) {
-        return too_many();
-    }
-    let claims = match authenticate(&state, &headers) {
-        Ok(c) if agent_limited(&state, &c) => return too_many(),
+    let claims = match admit(&state, &addr, &headers) {
         Ok(c) => c,
-        Err(f) => return api_error(StatusCode::UNAUTHORIZED, f.code(), f.message()),
+        Err(refused) => return refused.into_response(),
     };
     if !super::wait_ready(&state).await {
         return not_ready();
