@@ -97,6 +97,9 @@ pub struct Settings {
     /// How agent tokens (JWT from the chat platform) are verified.
     #[serde(default)]
     pub agent_auth: AgentAuthConfig,
+    /// Request rate limits of the gateway (token buckets: a sustained rate per minute and a burst).
+    #[serde(default)]
+    pub rate_limits: RateLimits,
     /// Sites, keyed by site id.
     #[serde(default)]
     pub sites: BTreeMap<String, SiteConfig>,
@@ -160,8 +163,63 @@ impl Default for Settings {
             http_idle_timeout_secs: 45,
             purge_interval_secs: 3600,
             agent_auth: AgentAuthConfig::default(),
+            rate_limits: RateLimits::default(),
             sites: BTreeMap::new(),
         }
+    }
+}
+
+/// One token bucket: `per_minute` sustained, up to `burst` at once.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Rate {
+    pub per_minute: u32,
+    pub burst: u32,
+}
+
+/// The gateway's rate limits. Visitor requests are limited per client address, and per form only
+/// once a request carries a valid key (so nobody without the key can lock the visitor out); agent
+/// API requests per client address before authentication (every refusal is an audit write) and per
+/// authenticated agent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimits {
+    pub visitor_per_client: Rate,
+    pub visitor_per_form: Rate,
+    /// A workspace behind one address serves many agents: sized for 1,000 requests/s from one client.
+    pub api_per_client: Rate,
+    /// One agent retrieves a few forms a minute.
+    pub api_per_agent: Rate,
+}
+
+impl Default for RateLimits {
+    fn default() -> RateLimits {
+        RateLimits {
+            visitor_per_client: Rate { per_minute: 120, burst: 60 },
+            visitor_per_form: Rate { per_minute: 30, burst: 20 },
+            api_per_client: Rate { per_minute: 120_000, burst: 2_000 },
+            api_per_agent: Rate { per_minute: 600, burst: 60 },
+        }
+    }
+}
+
+impl RateLimits {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let all = [
+            ("visitor_per_client", self.visitor_per_client),
+            ("visitor_per_form", self.visitor_per_form),
+            ("api_per_client", self.api_per_client),
+            ("api_per_agent", self.api_per_agent),
+        ];
+        for (name, rate) in all {
+            if rate.per_minute == 0 || rate.burst == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "rate_limits.{name}: per_minute and burst must both be at least 1 (got {} and {})",
+                    rate.per_minute, rate.burst
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -315,6 +373,7 @@ impl Settings {
                 )));
             }
         }
+        self.rate_limits.validate()?;
         if !(1..=3600).contains(&self.http_idle_timeout_secs) {
             return Err(ConfigError::Invalid(format!(
                 "http_idle_timeout_secs must be between 1 and 3600, not {}",
@@ -414,6 +473,19 @@ mod tests {
         let p = write(&dir, "[sites.acme]\nenabled = true\nreopen_limit = 0\n");
         let e = Settings::load(Some(&p), &serde_json::json!({})).unwrap_err().to_string();
         assert!(e.contains("acme") && e.contains("reopen_limit"), "{e}");
+
+        let p = write(&dir, "[rate_limits]\napi_per_agent = { per_minute = 0, burst = 5 }\n");
+        let e = Settings::load(Some(&p), &serde_json::json!({})).unwrap_err().to_string();
+        assert!(e.contains("rate_limits.api_per_agent") && e.contains("at least 1"), "{e}");
+    }
+
+    #[test]
+    fn rate_limits_default_per_kind_and_can_be_raised_one_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(&dir, "[rate_limits]\napi_per_agent = { per_minute = 6000, burst = 600 }\n");
+        let s = Settings::load(Some(&p), &serde_json::json!({})).unwrap();
+        assert_eq!(s.rate_limits.api_per_agent, Rate { per_minute: 6000, burst: 600 });
+        assert_eq!(s.rate_limits.visitor_per_form, RateLimits::default().visitor_per_form, "others keep defaults");
     }
 
     #[test]

@@ -22,7 +22,7 @@ use utoipa::OpenApi;
         readyz,
     ),
     components(schemas(super::agent::RetrieveRequest, super::agent::RetrieveResponse, super::agent::OffRecordView, super::agent::ApiError, super::agent::FreshKey, super::agent::History, super::agent::HistoryItem)),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &VisitorBodies),
     tags((name = "visitor", description = "The secure form page opened from the link in the chat"), (name = "agent", description = "Retrieval for the agent workspace and history for managers"))
 )]
 pub struct ApiDoc;
@@ -37,6 +37,50 @@ impl utoipa::Modify for BearerAuth {
             "agent_jwt",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()),
         );
+    }
+}
+
+/// The visitor's two POST bodies are HTML form posts whose fields follow the template, which the
+/// annotations cannot express: both are required, `k` is a one-time key (22 URL-safe base64
+/// characters), and a submit carries one string field per question id.
+struct VisitorBodies;
+
+impl utoipa::Modify for VisitorBodies {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::request_body::RequestBodyBuilder;
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        use utoipa::openapi::{Content, Required};
+        let key = |description: &str| {
+            ObjectBuilder::new().schema_type(Type::String).pattern(Some("^[A-Za-z0-9_-]{22}$")).description(Some(description))
+        };
+        let bodies = [
+            (
+                "/f/{site}/{form}/open",
+                "The visitor's click on the link's page: `k`, the one-time open key from the link",
+                ObjectBuilder::new().property("k", key("The open key from the link (its `k` query parameter)")).required("k"),
+            ),
+            (
+                "/f/{site}/{form}",
+                "`k` (the submit key from the form) and one field per question id (repeated for multiple choice)",
+                ObjectBuilder::new()
+                    .property("k", key("The submit key from the form page"))
+                    .required("k")
+                    .additional_properties(Some(ObjectBuilder::new().schema_type(Type::String))),
+            ),
+        ];
+        for (path, description, schema) in bodies {
+            let Some(post) = openapi.paths.paths.get_mut(path).and_then(|item| item.post.as_mut()) else {
+                continue;
+            };
+            post.request_body = Some(
+                RequestBodyBuilder::new()
+                    .description(Some(description))
+                    .required(Some(Required::True))
+                    .content("application/x-www-form-urlencoded", Content::new(Some(schema.build())))
+                    .build()
+                    .into(),
+            );
+        }
     }
 }
 
