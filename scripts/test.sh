@@ -29,6 +29,7 @@ for k in "${kinds[@]}"; do
   esac
 done
 scripts/install-browser.sh
+scripts/install-schemathesis.sh >/dev/null
 
 work=$(mktemp -d)
 cleanup() {

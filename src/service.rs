@@ -258,6 +258,18 @@ impl Service {
         clock: Clock,
         options: StartOptions,
     ) -> Result<Service, ServiceError> {
+        Service::start_on(settings, brokers, clock, options, None).await
+    }
+
+    /// Starts the parts `options` asks for, serving HTTP on `listeners` when given (bound before the
+    /// brokers answered; see [`crate::http::listener`]) or on listeners bound now.
+    pub async fn start_on(
+        settings: Settings,
+        brokers: String,
+        clock: Clock,
+        options: StartOptions,
+        listeners: Option<crate::http::listener::Listeners>,
+    ) -> Result<Service, ServiceError> {
         let master = master_key(&settings)?;
         let mut kafka = kafka_settings(&settings, brokers, if options.shadow { "ops" } else { "service" });
         apply_topics(&kafka, settings.replication_factor).await?;
@@ -353,7 +365,7 @@ impl Service {
             service.tasks.spawn(async move { ("readiness", crate::ops::readiness::run(node, stop).await) });
         }
         if options.node_tasks {
-            service.spawn_node_tasks(audit_writer, &stop_rx).await?;
+            service.spawn_node_tasks(audit_writer, &stop_rx, listeners).await?;
         }
         tracing::info!(templates_published = n, keys_loaded, metrics = ?service.metrics_addr, brokers = %node.kafka.brokers, http = ?service.http_addr, master_key_id = %node.ring.master().id(), handlers = ?node.handlers.iter().map(|h| h.name).collect::<Vec<_>>(), "service starting");
         Ok(service)
@@ -365,6 +377,7 @@ impl Service {
         &mut self,
         audit_writer: crate::audit::AuditWriter,
         stop_rx: &watch::Receiver<bool>,
+        listeners: Option<crate::http::listener::Listeners>,
     ) -> Result<(), ServiceError> {
         let node = self.node.clone();
         {
@@ -396,38 +409,27 @@ impl Service {
             let (node, stop) = (node.clone(), stop_rx.clone());
             self.tasks.spawn(async move { ("purge worker", crate::ops::purge::worker(node, stop).await) });
         }
-        if let Some(listen) = node.settings.http_listen.clone().filter(|l| !l.is_empty()) {
-            let server = crate::http::bind(node.clone(), &listen).await?;
-            self.http_addr = Some(server.local_addr());
-            let mut stop = stop_rx.clone();
-            let header_read_timeout = std::time::Duration::from_secs(node.settings.http_header_read_timeout_secs);
-            let idle_timeout = std::time::Duration::from_secs(node.settings.http_idle_timeout_secs);
+        // Bound already when `serve` started them before the brokers answered; else bound here.
+        let listeners = match listeners {
+            Some(l) => l,
+            None => crate::http::listener::Listeners::bind(&node.settings).await?,
+        };
+        if let Some(gateway) = listeners.gateway {
+            gateway.install(crate::http::router(crate::http::AppState::new(node.clone(), gateway.https())?));
+            self.http_addr = Some(gateway.local_addr());
+            let stop = stop_rx.clone();
             self.tasks.spawn(async move {
-                let result = server
-                    .run(
-                        async move {
-                            let _ = stop.changed().await;
-                        },
-                        header_read_timeout,
-                        idle_timeout,
-                    )
-                    .await;
-                ("http gateway", result.map_err(|e| KafkaError::Topic { topic: "http".into(), message: e.to_string() }))
+                ("http gateway", gateway.run_until(stop).await.map_err(|e| KafkaError::Topic { topic: "http".into(), message: e.to_string() }))
             });
         }
-        if let Some(listen) = node.settings.metrics_listen.clone().filter(|l| !l.is_empty()) {
-            let (listener, router) = crate::http::bind_ops(node.clone(), &listen).await?;
-            self.metrics_addr = listener.local_addr().ok();
-            let mut stop = stop_rx.clone();
+        if let Some(operations) = listeners.operations {
+            operations.install(crate::http::ops_router(node.clone()));
+            self.metrics_addr = Some(operations.local_addr());
+            let stop = stop_rx.clone();
             self.tasks.spawn(async move {
-                let result = axum::serve(listener, router)
-                    .with_graceful_shutdown(async move {
-                        let _ = stop.changed().await;
-                    })
-                    .await;
                 (
                     "metrics listener",
-                    result.map_err(|e| KafkaError::Topic { topic: "http".into(), message: e.to_string() }),
+                    operations.run_until(stop).await.map_err(|e| KafkaError::Topic { topic: "http".into(), message: e.to_string() }),
                 )
             });
         }
@@ -540,6 +542,9 @@ pub async fn serve(settings: Settings, clock: Clock, shutdown: impl Future<Outpu
     }
     // Fail on a missing master key before starting anything.
     master_key(&settings)?;
+    // Listening from the start: while the brokers do not answer, /healthz is 200, /readyz 503 and
+    // every other request 503 with Retry-After.
+    let listeners = crate::http::listener::Listeners::bind(&settings).await?;
     let embedded = match &settings.brokers {
         Some(b) if !b.trim().is_empty() => None,
         _ => Some(EmbeddedBroker::start_for(&settings).await?),
@@ -551,7 +556,9 @@ pub async fn serve(settings: Settings, clock: Clock, shutdown: impl Future<Outpu
     // away (or restarting) keeps trying instead of exiting.
     let mut backoff = std::time::Duration::from_secs(1);
     let started = loop {
-        match Service::start(settings.clone(), brokers.clone(), clock.clone()).await {
+        let attempt =
+            Service::start_on(settings.clone(), brokers.clone(), clock.clone(), StartOptions::node(), Some(listeners.clone()));
+        match attempt.await {
             Ok(service) => break Some(service),
             Err(error) if error.is_brokers_unavailable() => {
                 tracing::warn!(%error, %brokers, retry_in_s = backoff.as_secs(), "the brokers do not answer; retrying (check that Kafka is up and reachable from this node)");
@@ -562,6 +569,7 @@ pub async fn serve(settings: Settings, clock: Clock, shutdown: impl Future<Outpu
                 backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
             }
             Err(error) => {
+                listeners.finish().await;
                 if let Some(b) = embedded {
                     b.stop().await;
                 }
@@ -573,6 +581,7 @@ pub async fn serve(settings: Settings, clock: Clock, shutdown: impl Future<Outpu
         Some(service) => service.run_until(shutdown).await,
         None => Ok(()),
     };
+    listeners.finish().await;
     if let Some(b) = embedded {
         b.stop().await;
     }

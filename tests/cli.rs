@@ -352,8 +352,25 @@ fn operations_commands_run_beside_a_live_node_and_replay_after_it_stops() {
     assert!(text(&o).contains("unknown projection"), "{}", text(&o));
 }
 
+/// One HTTP/1.1 request over a plain socket: (status, headers in lower case, body).
+fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, head.to_lowercase(), body.to_string())
+}
+
 #[test]
-fn serve_waits_for_brokers_that_do_not_answer_and_stops_cleanly_meanwhile() {
+fn serve_waits_for_brokers_that_do_not_answer_answering_503_meanwhile_and_serves_once_they_come() {
     let dir = tempfile::tempdir().unwrap();
     // A port nothing listens on: the brokers are "away".
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -366,8 +383,10 @@ fn serve_waits_for_brokers_that_do_not_answer_and_stops_cleanly_meanwhile() {
         .arg("--master-key-file")
         .arg(common::master_key_file(dir.path()))
         .args(["--brokers", &format!("127.0.0.1:{port}")])
+        .args(["--broker-kind", common::broker_kind().name()])
         .env("SECUREFORMS_HTTP_LISTEN", "127.0.0.1:0")
         .env("SECUREFORMS_METRICS_LISTEN", "")
+        .env("SECUREFORMS_JWT_SECRET", "cli-test-secret-that-is-at-least-32-bytes")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -375,18 +394,61 @@ fn serve_waits_for_brokers_that_do_not_answer_and_stops_cleanly_meanwhile() {
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let mut retries = 0;
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("the brokers do not answer; retrying") {
-                retries += 1;
-                if retries == 2 {
-                    let _ = tx.send(line);
-                }
-            }
+            let _ = tx.send(line);
         }
     });
-    let line = rx.recv_timeout(Duration::from_secs(120)).expect("serve says it is waiting for the brokers, twice");
-    assert!(line.contains("check that Kafka is up"), "says what to check: {line}");
+    let (mut gateway, mut retries, mut advice) = (None, 0, String::new());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while gateway.is_none() || retries < 2 {
+        let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("serve logs that it listens and waits for the brokers, twice");
+        if line.contains("listening") && line.contains("Gateway") {
+            gateway = line.split("addr=").nth(1).and_then(|a| a.split_whitespace().next()).map(str::to_string);
+        }
+        if line.contains("the brokers do not answer; retrying") {
+            retries += 1;
+            advice = line;
+        }
+    }
+    assert!(advice.contains("check that Kafka is up"), "says what to check: {advice}");
     assert!(child.try_wait().unwrap().is_none(), "serve keeps running while the brokers are away");
+    let gateway = gateway.unwrap();
+
+    // Meanwhile: alive, not ready, and 503 with Retry-After for visitors and agents.
+    assert_eq!(http(&gateway, "GET", "/healthz", "").0, 200);
+    assert_eq!(http(&gateway, "GET", "/readyz", "").0, 503);
+    let (status, head, page) = http(&gateway, "GET", "/f/acme/form-1?k=AAAAAAAAAAAAAAAAAAAAAA", "");
+    assert_eq!(status, 503, "broker trouble is not the visitor's fault: {page}");
+    assert!(head.contains("retry-after:") && head.contains("content-security-policy:"), "{head}");
+    assert!(page.contains("try again"), "{page}");
+    let uuid = "00000000-0000-4000-8000-000000000000";
+    let (status, head, body) =
+        http(&gateway, "POST", &format!("/api/v1/submissions/{uuid}/retrieve"), r#"{"key":"AAAAAAAAAAAAAAAAAAAAAA"}"#);
+    assert_eq!(status, 503, "{body}");
+    assert!(head.contains("retry-after:") && head.contains("application/json"), "{head}");
+    assert!(body.contains("not_ready"), "{body}");
+    assert_eq!(http(&gateway, "GET", "/static/form.css", "").0, 200, "the error page's stylesheet is served");
+
+    // The brokers come: the same process becomes ready and serves.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let broker_settings = secureforms::config::Settings {
+        data_dir: dir.path().join("broker"),
+        embedded_broker: common::broker_kind(),
+        embedded_broker_port: port,
+        ..Default::default()
+    };
+    let broker = runtime
+        .block_on(secureforms::broker::EmbeddedBroker::start_for(&broker_settings))
+        .expect("the test broker starts");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while http(&gateway, "GET", "/readyz", "").0 != 200 {
+        assert!(Instant::now() < deadline, "serve did not become ready once the brokers answered");
+        assert!(child.try_wait().unwrap().is_none(), "serve keeps running");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (status, _, body) =
+        http(&gateway, "POST", &format!("/api/v1/submissions/{uuid}/retrieve"), r#"{"key":"AAAAAAAAAAAAAAAAAAAAAA"}"#);
+    assert_eq!(status, 401, "the node itself answers now (no token: 401): {body}");
     stop(Serve(child));
+    runtime.block_on(broker.stop());
 }

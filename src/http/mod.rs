@@ -1,14 +1,14 @@
 //! The visitor gateway over HTTP(S), with axum: the secure form page (`/f/{site}/{form}`), its
 //! static assets, and security headers on every response. `router(state)` is what tests call with
-//! `tower::ServiceExt::oneshot`; [`bind`] serves it with TLS or, on loopback only, plain HTTP.
+//! `tower::ServiceExt::oneshot`; [`listener`] serves it with TLS or, on loopback only, plain HTTP.
 
 pub mod agent;
 pub mod auth;
+pub mod listener;
 pub mod openapi;
 pub mod pages;
 pub mod visitor;
 
-use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
@@ -70,21 +70,21 @@ impl AppState {
                 "agent authentication is not configured: the agent API answers 401 auth_not_configured; set SECUREFORMS_JWT_SECRET or agent_auth.jwks_file"
             );
         }
-        let quota = |per_minute: u32, burst: u32| {
-            Quota::per_minute(NonZeroU32::new(per_minute).expect("non-zero"))
-                .allow_burst(NonZeroU32::new(burst).expect("non-zero"))
+        // Configuration refuses zero rates; a zero here would be a bug, so it is clamped, not a panic.
+        let quota = |rate: crate::config::Rate| {
+            Quota::per_minute(NonZeroU32::new(rate.per_minute).unwrap_or(NonZeroU32::MIN))
+                .allow_burst(NonZeroU32::new(rate.burst).unwrap_or(NonZeroU32::MIN))
         };
+        let limits = node.settings.rate_limits.clone();
         Ok(Arc::new(AppState {
             auth,
             node,
             overlay: DashMap::new(),
             locks: DashMap::new(),
-            per_client: RateLimiter::keyed(quota(120, 60)),
-            per_form: RateLimiter::keyed(quota(30, 20)),
-            // A workspace behind one address serves many agents; one agent retrieves a few forms a
-            // minute. Sized for the bench's 1,000 requests/s from one client.
-            api_per_client: RateLimiter::keyed(quota(120_000, 2_000)),
-            api_per_agent: RateLimiter::keyed(quota(600, 60)),
+            per_client: RateLimiter::keyed(quota(limits.visitor_per_client)),
+            per_form: RateLimiter::keyed(quota(limits.visitor_per_form)),
+            api_per_client: RateLimiter::keyed(quota(limits.api_per_client)),
+            api_per_agent: RateLimiter::keyed(quota(limits.api_per_agent)),
             https,
         }))
     }
@@ -110,14 +110,8 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/f/{site}/{form}", get(visitor::link).post(visitor::submit))
         .route("/f/{site}/{form}/open", axum::routing::post(visitor::open))
-        .route(
-            "/static/form.css",
-            get(|| async { static_file("text/css; charset=utf-8", include_str!("../../static/form.css")) }),
-        )
-        .route(
-            "/static/form.js",
-            get(|| async { static_file("text/javascript; charset=utf-8", include_str!("../../static/form.js")) }),
-        )
+        .route("/static/form.css", get(|| async { static_asset("/static/form.css").unwrap_or_default() }))
+        .route("/static/form.js", get(|| async { static_asset("/static/form.js").unwrap_or_default() }))
         .route("/api/v1/submissions/{id}/retrieve", axum::routing::post(agent::retrieve))
         .route("/api/v1/submissions/{id}/retrieve-key", axum::routing::post(agent::fresh_key))
         .route("/api/v1/conversations/{id}/history", get(agent::history))
@@ -161,19 +155,14 @@ async fn record_latency(State(state): State<Arc<AppState>>, request: Request, ne
     response
 }
 
-/// Binds the operations listener on `listen` (plain HTTP) and returns it with [`ops_router`].
-pub async fn bind_ops(node: Arc<Node>, listen: &str) -> Result<(tokio::net::TcpListener, Router), HttpError> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|source| HttpError::Bind { addr: listen.to_string(), source })?;
-    if listener.local_addr().is_ok_and(|a| !a.ip().is_loopback()) {
-        tracing::info!(addr = %listen, "metrics listener is not on loopback: restrict who can reach it (network policy or firewall)");
-    }
-    Ok((listener, ops_router(node)))
-}
-
-fn static_file(content_type: &'static str, body: &'static str) -> Response {
-    ([(header::CONTENT_TYPE, content_type)], body).into_response()
+/// The page's stylesheet and script, served even before the node has started (error pages use them).
+pub(crate) fn static_asset(path: &str) -> Option<Response> {
+    let (content_type, body) = match path {
+        "/static/form.css" => ("text/css; charset=utf-8", include_str!("../../static/form.css")),
+        "/static/form.js" => ("text/javascript; charset=utf-8", include_str!("../../static/form.js")),
+        _ => return None,
+    };
+    Some(([(header::CONTENT_TYPE, content_type)], body).into_response())
 }
 
 /// The frame-ancestors sources for a path: a form may be framed by its site's chat origins only.
@@ -247,142 +236,3 @@ async fn security_headers(State(state): State<Arc<AppState>>, request: Request, 
     response
 }
 
-/// A bound server, ready to run.
-pub struct Server {
-    addr: SocketAddr,
-    kind: ServerKind,
-}
-
-enum ServerKind {
-    Plain(std::net::TcpListener, Router),
-    Tls(std::net::TcpListener, axum_server::tls_rustls::RustlsConfig, Router),
-}
-
-/// Closes connections that send nothing for `idle`: clients that connect and never send a request,
-/// and keep-alive connections left open. A read that waits longer fails and hyper drops the
-/// connection. Longer than any request takes (a submit waits at most 30 s for the broker).
-#[derive(Clone, Copy)]
-struct IdleTimeout(std::time::Duration);
-
-impl<I, S> axum_server::accept::Accept<I, S> for IdleTimeout
-where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite,
-{
-    type Stream = std::pin::Pin<Box<tokio_io_timeout::TimeoutStream<I>>>;
-    type Service = S;
-    type Future = std::future::Ready<std::io::Result<(Self::Stream, S)>>;
-
-    fn accept(&self, stream: I, service: S) -> Self::Future {
-        let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
-        stream.set_read_timeout(Some(self.0));
-        std::future::ready(Ok((Box::pin(stream), service)))
-    }
-}
-
-/// hyper applies its header read timeout only when it has a timer; without one a client that sends
-/// half a request and goes silent holds the connection for ever.
-fn harden<Addr: axum_server::Address, Acceptor>(
-    server: &mut axum_server::Server<Addr, Acceptor>,
-    header_read_timeout: std::time::Duration,
-) {
-    server
-        .http_builder()
-        .http1()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(header_read_timeout)
-        .keep_alive(true);
-    server.http_builder().http2().timer(hyper_util::rt::TokioTimer::new());
-}
-
-/// Binds the gateway: HTTPS with the configured or a self-signed certificate, else plain HTTP
-/// (allowed on loopback only; configuration refuses anything else).
-pub async fn bind(node: Arc<Node>, listen: &str) -> Result<Server, HttpError> {
-    // rustls needs a process-wide crypto provider before any TLS config is built.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let s = &node.settings;
-    let tls = match (&s.tls_cert, &s.tls_key, s.tls_self_signed) {
-        (Some(cert), Some(key), _) => Some(
-            axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
-                .await
-                .map_err(|e| HttpError::Tls(format!("{}: {e}", cert.display())))?,
-        ),
-        (_, _, true) => {
-            let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-                .map_err(|e| HttpError::Tls(e.to_string()))?;
-            tracing::warn!(
-                "serving HTTPS with a self-signed certificate generated at start; browsers will warn. Use tls_cert and tls_key outside local testing"
-            );
-            Some(
-                axum_server::tls_rustls::RustlsConfig::from_pem(
-                    generated.cert.pem().into_bytes(),
-                    generated.signing_key.serialize_pem().into_bytes(),
-                )
-                .await
-                .map_err(|e| HttpError::Tls(e.to_string()))?,
-            )
-        }
-        _ => None,
-    };
-    let state = AppState::new(node.clone(), tls.is_some())?;
-    let app = router(state);
-    let bind_err = |source| HttpError::Bind { addr: listen.to_string(), source };
-    match tls {
-        Some(config) => {
-            let listener = std::net::TcpListener::bind(listen).map_err(bind_err)?;
-            listener.set_nonblocking(true).map_err(bind_err)?;
-            let addr = listener.local_addr().map_err(bind_err)?;
-            Ok(Server { addr, kind: ServerKind::Tls(listener, config, app) })
-        }
-        None => {
-            let listener = std::net::TcpListener::bind(listen).map_err(bind_err)?;
-            listener.set_nonblocking(true).map_err(bind_err)?;
-            let addr = listener.local_addr().map_err(bind_err)?;
-            tracing::warn!(%addr, "serving the visitor gateway over plain HTTP on loopback; put it behind TLS or set tls_cert and tls_key before exposing it");
-            Ok(Server { addr, kind: ServerKind::Plain(listener, app) })
-        }
-    }
-}
-
-impl Server {
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// Serves until `shutdown` resolves, then lets in-flight requests finish (10 s at most).
-    pub async fn run(
-        self,
-        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-        header_read_timeout: std::time::Duration,
-        idle_timeout: std::time::Duration,
-    ) -> Result<(), HttpError> {
-        let handle = axum_server::Handle::new();
-        let h = handle.clone();
-        tokio::spawn(async move {
-            shutdown.await;
-            h.graceful_shutdown(Some(std::time::Duration::from_secs(10)));
-        });
-        let serve_err = |e: std::io::Error| HttpError::Serve(e.to_string());
-        match self.kind {
-            ServerKind::Plain(listener, app) => {
-                let mut server =
-                    axum_server::from_tcp(listener).map_err(serve_err)?.acceptor(IdleTimeout(idle_timeout));
-                harden(&mut server, header_read_timeout);
-                server
-                    .handle(handle)
-                    .serve(app.into_make_service_with_connect_info::<SocketAddr>())
-                    .await
-                    .map_err(serve_err)
-            }
-            ServerKind::Tls(listener, config, app) => {
-                let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(config).acceptor(IdleTimeout(idle_timeout));
-                let mut server = axum_server::from_tcp(listener).map_err(serve_err)?.acceptor(acceptor);
-                harden(&mut server, header_read_timeout);
-                server
-                    .handle(handle)
-                    .serve(app.into_make_service_with_connect_info::<SocketAddr>())
-                    .await
-                    .map_err(serve_err)
-            }
-        }
-    }
-}

@@ -308,7 +308,7 @@ pub async fn open(
 }
 
 /// Infrastructure trouble (the brokers away): 503 with Retry-After, never the visitor's fault.
-fn try_again_shortly(heading: &str) -> Response {
+pub(crate) fn try_again_shortly(heading: &str) -> Response {
     let mut r = message(
         StatusCode::SERVICE_UNAVAILABLE,
         heading,
