@@ -354,7 +354,7 @@ async fn retrieve_latency(
     std::fs::create_dir_all(&root).map_err(|e| bench_err(e.to_string()))?;
     std::fs::write(root.join("master.key"), crate::crypto::MasterKey::generate_base64().as_bytes())
         .map_err(|e| bench_err(e.to_string()))?;
-    let secret = "bench-shared-secret";
+    let secret = "bench-shared-secret-of-at-least-32-bytes";
     std::fs::write(root.join("jwt.secret"), secret).map_err(|e| bench_err(e.to_string()))?;
     let mut s: Settings = toml::from_str(BENCH_SITE).map_err(|e| bench_err(e.to_string()))?;
     s.brokers = Some(brokers.to_string());
@@ -453,6 +453,7 @@ async fn retrieve_latency(
                 permissions: vec!["use_secure_form".into()],
                 sid: format!("bench-{c}"),
                 exp: system_clock()() / 1000 + 3600,
+                nbf: None,
             };
             jsonwebtoken::encode(
                 &jsonwebtoken::Header::default(),

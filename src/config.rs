@@ -372,6 +372,13 @@ impl Settings {
                     "http_listen {listen} is not a loopback address, so the gateway needs HTTPS: set tls_cert and tls_key (or listen on 127.0.0.1 behind a TLS proxy)"
                 )));
             }
+            // A gateway others can reach is production: agent tokens must be meant for this service,
+            // not any token the chat platform signs for its other services.
+            if !addr.ip().is_loopback() && self.agent_auth.audience.as_deref().unwrap_or("").is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "http_listen {listen} is reachable beyond this machine, so agent_auth.audience is required: set it to the `aud` your chat platform puts in tokens for secureforms"
+                )));
+            }
         }
         self.rate_limits.validate()?;
         if !(1..=3600).contains(&self.http_idle_timeout_secs) {
@@ -477,6 +484,19 @@ mod tests {
         let p = write(&dir, "[rate_limits]\napi_per_agent = { per_minute = 0, burst = 5 }\n");
         let e = Settings::load(Some(&p), &serde_json::json!({})).unwrap_err().to_string();
         assert!(e.contains("rate_limits.api_per_agent") && e.contains("at least 1"), "{e}");
+    }
+
+    #[test]
+    fn a_gateway_beyond_loopback_requires_an_audience_for_agent_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(&dir, "http_listen = \"0.0.0.0:8443\"\ntls_self_signed = true\n");
+        let e = Settings::load(Some(&p), &serde_json::json!({})).unwrap_err().to_string();
+        assert!(e.contains("agent_auth.audience is required"), "{e}");
+        let p = write(
+            &dir,
+            "http_listen = \"0.0.0.0:8443\"\ntls_self_signed = true\n[agent_auth]\naudience = \"secureforms\"\n",
+        );
+        assert!(Settings::load(Some(&p), &serde_json::json!({})).is_ok());
     }
 
     #[test]

@@ -30,6 +30,7 @@ fn token(agent: &str, site: &str, perms: &[&str], roles: &[&str], sid: &str, exp
         permissions: perms.iter().map(|p| p.to_string()).collect(),
         sid: sid.into(),
         exp: now_ms() / 1000 + exp_in_secs,
+        nbf: None,
     };
     encode(&Header::default(), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
 }

@@ -49,6 +49,7 @@ async fn schemathesis_finds_no_failure_and_no_server_error_with_every_check_on()
         permissions: vec!["use_secure_form".into(), "view_secure_form_responses_in_history".into()],
         sid: "contract-session".into(),
         exp: now_ms() / 1000 + 3600,
+        nbf: None,
     };
     let token = encode(&Header::default(), &claims, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap();
 

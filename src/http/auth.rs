@@ -24,6 +24,9 @@ pub struct AgentClaims {
     /// The agent's session on the chat platform.
     pub sid: String,
     pub exp: i64,
+    /// Not before (seconds since the epoch), when the platform sets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<i64>,
 }
 
 /// Why a token was refused (401). The code goes into the response and the audit event.
@@ -33,6 +36,7 @@ pub enum AuthFailure {
     Missing,
     Invalid,
     Expired,
+    NotYetValid,
     SessionEnded,
 }
 
@@ -43,6 +47,7 @@ impl AuthFailure {
             AuthFailure::Missing => "token_missing",
             AuthFailure::Invalid => "token_invalid",
             AuthFailure::Expired => "token_expired",
+            AuthFailure::NotYetValid => "token_not_yet_valid",
             AuthFailure::SessionEnded => "session_ended",
         }
     }
@@ -55,6 +60,9 @@ impl AuthFailure {
             AuthFailure::Missing => "send the agent's token as Authorization: Bearer <jwt>",
             AuthFailure::Invalid => "the token is not valid (signature, algorithm, claims or format)",
             AuthFailure::Expired => "the token has expired; get a new one from the chat platform",
+            AuthFailure::NotYetValid => {
+                "the token is not valid yet (nbf); check the clocks of the chat platform and this node"
+            }
             AuthFailure::SessionEnded => "the agent's session has ended (logout or idle logout); sign in again",
         }
     }
@@ -70,7 +78,14 @@ pub enum AuthConfigError {
     },
     #[error("{path} is not a JWKS file: {message}")]
     Jwks { path: String, message: String },
+    #[error(
+        "the HS256 secret ({from}) is {len} bytes; it must be at least {MIN_SECRET_BYTES} random bytes (for example `openssl rand -base64 48`)"
+    )]
+    WeakSecret { from: &'static str, len: usize },
 }
+
+/// The shortest HS256 secret accepted: as many bytes as the hash (RFC 7518 3.2).
+pub const MIN_SECRET_BYTES: usize = 32;
 
 enum Keys {
     None,
@@ -90,11 +105,17 @@ impl AgentAuth {
         let read = |p: &Path| {
             std::fs::read(p).map_err(|source| AuthConfigError::Read { path: p.display().to_string(), source })
         };
-        let keys = if let Some(secret) = env_secret.filter(|s| !s.is_empty()) {
-            Keys::Secret(DecodingKey::from_secret(secret.as_bytes()))
+        let secret = |from: &'static str, s: &[u8]| {
+            if s.len() < MIN_SECRET_BYTES {
+                return Err(AuthConfigError::WeakSecret { from, len: s.len() });
+            }
+            Ok(Keys::Secret(DecodingKey::from_secret(s)))
+        };
+        let keys = if let Some(s) = env_secret.filter(|s| !s.is_empty()) {
+            secret("SECUREFORMS_JWT_SECRET", s.as_bytes())?
         } else if let Some(p) = &cfg.jwt_secret_file {
             let bytes = read(p)?;
-            Keys::Secret(DecodingKey::from_secret(String::from_utf8_lossy(&bytes).trim().as_bytes()))
+            secret("jwt_secret_file", String::from_utf8_lossy(&bytes).trim().as_bytes())?
         } else if let Some(p) = &cfg.jwks_file {
             let bad = |message: String| AuthConfigError::Jwks { path: p.display().to_string(), message };
             let set: JwkSet = serde_json::from_slice(&read(p)?).map_err(|e| bad(e.to_string()))?;
@@ -148,18 +169,27 @@ impl AgentAuth {
         let mut v = Validation::new(alg);
         // Expiry is checked below against the injected clock, not the system clock.
         v.validate_exp = false;
-        v.required_spec_claims = ["sub".to_string()].into_iter().collect();
+        v.validate_nbf = false;
         v.leeway = 0;
+        // A configured issuer or audience is required in every token, not only checked when present.
+        v.required_spec_claims = ["sub".to_string()].into_iter().collect();
         if let Some(iss) = &self.issuer {
             v.set_issuer(&[iss]);
+            v.required_spec_claims.insert("iss".into());
         }
         match &self.audience {
-            Some(aud) => v.set_audience(&[aud]),
+            Some(aud) => {
+                v.set_audience(&[aud]);
+                v.required_spec_claims.insert("aud".into());
+            }
             None => v.validate_aud = false,
         }
         let claims = jsonwebtoken::decode::<AgentClaims>(token, key, &v).map_err(|_| AuthFailure::Invalid)?.claims;
         if claims.exp * 1000 <= now_ms {
             return Err(AuthFailure::Expired);
+        }
+        if claims.nbf.is_some_and(|nbf| nbf * 1000 > now_ms) {
+            return Err(AuthFailure::NotYetValid);
         }
         Ok(claims)
     }
@@ -185,8 +215,11 @@ mod tests {
             permissions: vec!["use_secure_form".into()],
             sid: "s1".into(),
             exp,
+            nbf: None,
         }
     }
+
+    const SECRET: &str = "a-test-secret-of-at-least-thirty-two-bytes";
 
     #[test]
     fn a_jwks_file_verifies_eddsa_tokens_by_kid_and_checks_issuer_and_audience() {
@@ -228,13 +261,63 @@ mod tests {
             Err(AuthFailure::Invalid),
             "HS256 is not accepted when keys come from JWKS"
         );
+        // A token that leaves out the configured issuer or audience is refused, not waved through.
+        let bare = {
+            let mut header = Header::new(Algorithm::EdDSA);
+            header.kid = Some("k1".into());
+            let t = encode(&header, &claims(2_000), &EncodingKey::from_ed_pem(kp.serialize_pem().as_bytes()).unwrap())
+                .unwrap();
+            let mut h = HeaderMap::new();
+            h.insert(axum::http::header::AUTHORIZATION, format!("Bearer {t}").parse().unwrap());
+            h
+        };
+        assert_eq!(auth.verify(&bare, 1_000), Err(AuthFailure::Invalid), "no iss and no aud");
+    }
+
+    #[test]
+    fn a_configured_issuer_or_audience_is_required_in_hs256_tokens_too() {
+        for (issuer, audience) in [(Some("chat"), None), (None, Some("secureforms"))] {
+            let cfg = AgentAuthConfig {
+                issuer: issuer.map(String::from),
+                audience: audience.map(String::from),
+                ..Default::default()
+            };
+            let auth = AgentAuth::load(&cfg, Some(SECRET)).unwrap();
+            assert_eq!(
+                auth.verify(&token(SECRET, &claims(2_000), Algorithm::HS256), 1_000),
+                Err(AuthFailure::Invalid),
+                "{issuer:?} {audience:?}: a token without the claim"
+            );
+            let mut c = serde_json::to_value(claims(2_000)).unwrap();
+            if let Some(i) = issuer {
+                c["iss"] = i.into();
+            }
+            if let Some(a) = audience {
+                c["aud"] = a.into();
+            }
+            let t = encode(&Header::new(Algorithm::HS256), &c, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap();
+            let mut h = HeaderMap::new();
+            h.insert(axum::http::header::AUTHORIZATION, format!("Bearer {t}").parse().unwrap());
+            assert_eq!(auth.verify(&h, 1_000).unwrap().sub, "alice", "with the claim");
+        }
+    }
+
+    #[test]
+    fn hs256_secrets_shorter_than_32_bytes_are_refused_with_advice() {
+        let e = AgentAuth::load(&AgentAuthConfig::default(), Some("top-secret")).err().unwrap().to_string();
+        assert!(e.contains("10 bytes") && e.contains("at least 32"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("jwt.secret");
+        std::fs::write(&file, "short\n").unwrap();
+        let cfg = AgentAuthConfig { jwt_secret_file: Some(file), ..Default::default() };
+        assert!(matches!(AgentAuth::load(&cfg, None), Err(AuthConfigError::WeakSecret { len: 5, .. })));
     }
 
     #[test]
     fn tokens_are_checked_for_signature_algorithm_and_expiry() {
-        let auth = AgentAuth::load(&AgentAuthConfig::default(), Some("top-secret")).unwrap();
+        let auth = AgentAuth::load(&AgentAuthConfig::default(), Some(SECRET)).unwrap();
         assert_eq!(
-            auth.verify(&token("top-secret", &claims(2_000), Algorithm::HS256), 1_000_000).unwrap().sub,
+            auth.verify(&token(SECRET, &claims(2_000), Algorithm::HS256), 1_000_000).unwrap().sub,
             "alice"
         );
         assert_eq!(
@@ -243,15 +326,19 @@ mod tests {
             "forged"
         );
         assert_eq!(
-            auth.verify(&token("top-secret", &claims(2_000), Algorithm::HS512), 1_000_000),
+            auth.verify(&token(SECRET, &claims(2_000), Algorithm::HS512), 1_000_000),
             Err(AuthFailure::Invalid),
             "algorithm"
         );
         assert_eq!(
-            auth.verify(&token("top-secret", &claims(999), Algorithm::HS256), 1_000_000),
+            auth.verify(&token(SECRET, &claims(999), Algorithm::HS256), 1_000_000),
             Err(AuthFailure::Expired)
         );
         assert_eq!(auth.verify(&HeaderMap::new(), 0), Err(AuthFailure::Missing));
+        let mut early = claims(2_000);
+        early.nbf = Some(1_500);
+        assert_eq!(auth.verify(&token(SECRET, &early, Algorithm::HS256), 1_000_000), Err(AuthFailure::NotYetValid));
+        assert_eq!(auth.verify(&token(SECRET, &early, Algorithm::HS256), 1_500_000).unwrap().sub, "alice", "from nbf on");
         let unconfigured = AgentAuth::load(&AgentAuthConfig::default(), None).unwrap();
         assert_eq!(
             unconfigured.verify(&token("x", &claims(2_000), Algorithm::HS256), 0),
