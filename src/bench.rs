@@ -352,10 +352,10 @@ async fn retrieve_latency(
     let p = format!("bench-{}-ret.", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let root = dir.join("retrieve");
     std::fs::create_dir_all(&root).map_err(|e| bench_err(e.to_string()))?;
-    std::fs::write(root.join("master.key"), crate::crypto::MasterKey::generate_base64().as_bytes())
+    write_private(&root.join("master.key"), crate::crypto::MasterKey::generate_base64().as_bytes())
         .map_err(|e| bench_err(e.to_string()))?;
     let secret = "bench-shared-secret-of-at-least-32-bytes";
-    std::fs::write(root.join("jwt.secret"), secret).map_err(|e| bench_err(e.to_string()))?;
+    write_private(&root.join("jwt.secret"), secret.as_bytes()).map_err(|e| bench_err(e.to_string()))?;
     let mut s: Settings = toml::from_str(BENCH_SITE).map_err(|e| bench_err(e.to_string()))?;
     s.brokers = Some(brokers.to_string());
     s.topic_prefix = p.clone();
@@ -661,4 +661,10 @@ impl BenchReport {
             self.purge_large_vault / self.purge_small_vault,
         )
     }
+}
+
+/// A key file only its owner may read (the service refuses anything more open).
+fn write_private(path: &std::path::Path, contents: &[u8]) -> std::io::Result<()> {
+    std::fs::write(path, contents)?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
 }

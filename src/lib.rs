@@ -39,6 +39,7 @@ pub mod kafka;
 pub mod logging;
 pub mod metrics;
 pub mod ops;
+pub mod secrets;
 pub mod service;
 pub mod store;
 pub mod topics;

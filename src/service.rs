@@ -104,8 +104,8 @@ pub fn store_dir(settings: &Settings, handler: &str) -> PathBuf {
 }
 
 pub fn master_key(settings: &Settings) -> Result<MasterKey, KeyError> {
-    let env = std::env::var("SECUREFORMS_MASTER_KEY").ok();
-    MasterKey::load(env.as_deref(), settings.master_key_file.as_deref())
+    let env = crate::secrets::master_key();
+    MasterKey::load(env.as_ref().map(|v| v.as_str()), settings.master_key_file.as_deref())
 }
 
 /// Publishes each configured template once per version, so templates are events and replayable.
@@ -419,7 +419,13 @@ impl Service {
             self.http_addr = Some(gateway.local_addr());
             let stop = stop_rx.clone();
             self.tasks.spawn(async move {
-                ("http gateway", gateway.run_until(stop).await.map_err(|e| KafkaError::Topic { topic: "http".into(), message: e.to_string() }))
+                (
+                    "http gateway",
+                    gateway
+                        .run_until(stop)
+                        .await
+                        .map_err(|e| KafkaError::Topic { topic: "http".into(), message: e.to_string() }),
+                )
             });
         }
         if let Some(operations) = listeners.operations {
@@ -429,7 +435,10 @@ impl Service {
             self.tasks.spawn(async move {
                 (
                     "metrics listener",
-                    operations.run_until(stop).await.map_err(|e| KafkaError::Topic { topic: "http".into(), message: e.to_string() }),
+                    operations
+                        .run_until(stop)
+                        .await
+                        .map_err(|e| KafkaError::Topic { topic: "http".into(), message: e.to_string() }),
                 )
             });
         }
@@ -556,8 +565,13 @@ pub async fn serve(settings: Settings, clock: Clock, shutdown: impl Future<Outpu
     // away (or restarting) keeps trying instead of exiting.
     let mut backoff = std::time::Duration::from_secs(1);
     let started = loop {
-        let attempt =
-            Service::start_on(settings.clone(), brokers.clone(), clock.clone(), StartOptions::node(), Some(listeners.clone()));
+        let attempt = Service::start_on(
+            settings.clone(),
+            brokers.clone(),
+            clock.clone(),
+            StartOptions::node(),
+            Some(listeners.clone()),
+        );
         match attempt.await {
             Ok(service) => break Some(service),
             Err(error) if error.is_brokers_unavailable() => {

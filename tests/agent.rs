@@ -102,7 +102,7 @@ async fn env() -> Env {
     let prefix = unique_prefix("agent");
     let dir = tempfile::tempdir().unwrap();
     let secret_file = dir.path().join("jwt.secret");
-    std::fs::write(&secret_file, SECRET).unwrap();
+    write_private(&secret_file, SECRET.as_bytes());
     let mut s = settings(&prefix, dir.path());
     s.http_listen = Some("127.0.0.1:0".into());
     s.agent_auth.jwt_secret_file = Some(secret_file);
@@ -271,6 +271,9 @@ async fn the_access_matrix_with_one_audit_event_per_attempt() {
         let (status, body) = e.retrieve(&sub, Some(&agent("alice", "s-a")), &fresh_key).await;
         if status == 200 {
             expected.push(("granted", ""));
+            // The CVV was read once, by the first granted retrieval, and forgotten then.
+            assert_eq!(body["off_record"]["state"], "expired", "{body}");
+            assert_eq!(body["answers"]["pan"], "4111111111111111", "stored answers stay retrievable");
             break;
         }
         assert_eq!(body["error"], "invalid_key", "until the projection has the fresh key");

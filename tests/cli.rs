@@ -133,6 +133,57 @@ fn a_missing_master_key_stops_serve_with_how_to_make_one() {
 }
 
 #[test]
+fn a_master_key_file_others_may_read_stops_serve_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = common::master_key_file(dir.path());
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let o = Command::new(bin())
+        .args(["serve", "--brokers", "127.0.0.1:1", "--data-dir", dir.path().to_str().unwrap()])
+        .arg("--master-key-file")
+        .arg(&key)
+        .env_remove("SECUREFORMS_MASTER_KEY")
+        .env_remove("SECUREFORMS_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let t = text(&o);
+    assert!(t.contains("mode 644") && t.contains("chmod 600"), "{t}");
+}
+
+#[test]
+fn secrets_given_in_the_environment_are_scrubbed_from_it_once_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = secureforms::crypto::MasterKey::generate_base64();
+    let jwt = format!("jwt-secret-canary-{}", uuid::Uuid::new_v4().simple());
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo.toml");
+    let mut child = Command::new(bin())
+        .args(["serve", "--brokers", "127.0.0.1:1", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("SECUREFORMS_MASTER_KEY", master.as_str())
+        .env("SECUREFORMS_JWT_SECRET", &jwt)
+        .env("SECUREFORMS_HTTP_LISTEN", "127.0.0.1:0")
+        .env("SECUREFORMS_METRICS_LISTEN", "")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once it logs, it has read its secrets: what the kernel shows of its environment holds neither.
+    let stderr = child.stderr.take().unwrap();
+    let first = BufReader::new(stderr).lines().next();
+    assert!(first.is_some(), "serve logs");
+    let environ = std::fs::read(format!("/proc/{}/environ", child.id())).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&environ).contains(&jwt)
+            && !environ.windows(master.len()).any(|w| w == master.as_bytes()),
+        "a secret is still in /proc/<pid>/environ"
+    );
+    assert!(String::from_utf8_lossy(&environ).contains("SECUREFORMS_HTTP_LISTEN"), "the environment was read");
+    drop(Serve(child));
+}
+
+#[test]
 fn without_brokers_and_without_a_running_serve_the_cli_says_how_to_proceed() {
     let dir = tempfile::tempdir().unwrap();
     let o = run(&["tail", "form-links", "--data-dir", dir.path().to_str().unwrap()]);
@@ -401,7 +452,9 @@ fn serve_waits_for_brokers_that_do_not_answer_answering_503_meanwhile_and_serves
     let (mut gateway, mut retries, mut advice) = (None, 0, String::new());
     let deadline = Instant::now() + Duration::from_secs(120);
     while gateway.is_none() || retries < 2 {
-        let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("serve logs that it listens and waits for the brokers, twice");
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("serve logs that it listens and waits for the brokers, twice");
         if line.contains("listening") && line.contains("Gateway") {
             gateway = line.split("addr=").nth(1).and_then(|a| a.split_whitespace().next()).map(str::to_string);
         }

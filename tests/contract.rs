@@ -32,7 +32,7 @@ async fn schemathesis_finds_no_failure_and_no_server_error_with_every_check_on()
     let prefix = unique_prefix("contract");
     let dir = tempfile::tempdir().unwrap();
     let secret_file = dir.path().join("jwt.secret");
-    std::fs::write(&secret_file, SECRET).unwrap();
+    write_private(&secret_file, SECRET.as_bytes());
     let mut s = settings(&prefix, dir.path());
     s.http_listen = Some("127.0.0.1:0".into());
     s.agent_auth.jwt_secret_file = Some(secret_file);

@@ -165,9 +165,14 @@ async fn visit(client: &reqwest::Client, base: &str, link: &str, pan: &str) -> (
     }
     let at = page.find("name=\"k\" value=\"").unwrap() + 16;
     let k = page[at..at + 22].to_string();
-    let body =
-        serde_urlencoded::to_string([("k", k.as_str()), ("cardholder", "Ada"), ("pan", pan), ("expiry", "12/39"), ("cvv", "737")])
-            .unwrap();
+    let body = serde_urlencoded::to_string([
+        ("k", k.as_str()),
+        ("cardholder", "Ada"),
+        ("pan", pan),
+        ("expiry", "12/39"),
+        ("cvv", "737"),
+    ])
+    .unwrap();
     loop {
         let r = client
             .post(format!("{base}{}", link.split('?').next().unwrap()))
@@ -288,7 +293,15 @@ async fn the_broker_stopped_and_restarted_under_load_costs_visitors_a_retry_at_m
     while !service.metrics.is_ready() {
         let figures = || {
             let m = service.metrics.render();
-            m.lines().filter(|l| l.contains("assigned_partitions") || l.contains("lag") || l.contains("rejoin") || l.contains("producer_resets")).collect::<Vec<_>>().join("\n")
+            m.lines()
+                .filter(|l| {
+                    l.contains("assigned_partitions")
+                        || l.contains("lag")
+                        || l.contains("rejoin")
+                        || l.contains("producer_resets")
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
         };
         if Instant::now() > deadline {
             let log = std::fs::read_to_string(dir.path().join("broker/broker.log")).unwrap_or_default();
@@ -298,9 +311,13 @@ async fn the_broker_stopped_and_restarted_under_load_costs_visitors_a_retry_at_m
                 .position(|l| l.contains("panicked"))
                 .map(|at| lines[at..(at + 4).min(lines.len())].to_vec())
                 .unwrap_or_default();
-            let tail: String = log.lines().rev().take(10).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+            let tail: String =
+                log.lines().rev().take(10).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
             let tail = format!("{}\n...\n{tail}", panics.join("\n"));
-            panic!("the service did not become ready again after the broker came back:\n{}\nthe broker's log ends:\n{tail}", figures());
+            panic!(
+                "the service did not become ready again after the broker came back:\n{}\nthe broker's log ends:\n{tail}",
+                figures()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -77,6 +77,11 @@ async fn canaries_appear_nowhere_but_come_back_to_the_agent() {
         label = "Memorable phrase"
         kind = "secret_answer"
         off_record = true
+        [[questions]]
+        id = "pin"
+        label = "PIN"
+        kind = "pin"
+        off_record = false
         "#,
     )
     .unwrap();
@@ -88,6 +93,8 @@ async fn canaries_appear_nowhere_but_come_back_to_the_agent() {
     let ssn = format!("{:03}-{:02}-{:04}", seed % 900 + 100, seed % 89 + 10, seed % 9000 + 1000);
     let cvv = format!("{:04}", seed % 10_000);
     let memo = format!("canary-offrecord-{}", uuid::Uuid::new_v4().simple());
+    // A PIN is never stored, even where the template says it may be (PCI DSS 3.3.1.3).
+    let pin = format!("{:06}", (seed / 7) % 1_000_000);
     let id = service
         .submit(Submission {
             site_id: "acme",
@@ -95,14 +102,14 @@ async fn canaries_appear_nowhere_but_come_back_to_the_agent() {
             form_id: "form-canary",
             agent_id: "agent-1",
             template: &extra,
-            answers: answers(&[("pan", &pan), ("ssn", &ssn), ("cvv", &cvv), ("memo", &memo)]),
+            answers: answers(&[("pan", &pan), ("ssn", &ssn), ("cvv", &cvv), ("memo", &memo), ("pin", &pin)]),
         })
         .await
         .unwrap();
 
     let ready = ready_events(&prefix, 1).await;
     let Event::FormReady(r) = Codec::get().decode(&ready[&id.to_string()][0]).unwrap() else { unreachable!() };
-    assert_eq!(r.off_record_field_ids, vec!["cvv", "memo"]);
+    assert_eq!(r.off_record_field_ids, vec!["cvv", "memo", "pin"]);
 
     // The FormSubmitted on the topic holds neither off-the-record field, not even encrypted.
     let mut subs = TopicReader::new(&prefix, Topic::Submissions).await;
@@ -129,6 +136,7 @@ async fn canaries_appear_nowhere_but_come_back_to_the_agent() {
         OffRecord::Present(a) => {
             assert_eq!(a["cvv"].expose(), cvv);
             assert_eq!(a["memo"].expose(), memo);
+            assert_eq!(a["pin"].expose(), pin);
         }
         OffRecord::Expired => panic!("off-the-record answers are still in memory"),
     }
@@ -138,7 +146,7 @@ async fn canaries_appear_nowhere_but_come_back_to_the_agent() {
     service.stop().await;
     drop(service);
 
-    let canaries = [("pan", pan.as_str()), ("ssn", ssn.as_str()), ("memo", memo.as_str())];
+    let canaries = [("pan", pan.as_str()), ("ssn", ssn.as_str()), ("memo", memo.as_str()), ("pin", pin.as_str())];
     let mut scanned = 0;
     for file in all_files(&broker_dir()).into_iter().chain(all_files(dir.path())) {
         if file.file_name().is_some_and(|n| n == "master.key") {

@@ -38,6 +38,8 @@ pub enum KeyError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the master key file is not private: {0}")]
+    MasterFilePermissions(#[from] crate::secrets::PermissionsError),
     #[error("data key {0} cannot be unwrapped with master key {1}: wrong master key or a tampered record")]
     Unwrap(String, String),
     #[error("data key {0} is not known to this node")]
@@ -119,6 +121,7 @@ impl MasterKey {
             return MasterKey::from_base64(v);
         }
         let path = file.ok_or(KeyError::MissingMaster)?;
+        crate::secrets::check_private_file(path)?;
         let text = Zeroizing::new(
             std::fs::read_to_string(path)
                 .map_err(|source| KeyError::MasterFile { path: path.display().to_string(), source })?,

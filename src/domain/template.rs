@@ -54,9 +54,11 @@ impl QuestionKind {
         serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
     }
 
-    /// CVV answers are always off the record; PINs and secret answers are always masked.
+    /// Sensitive authentication data PCI DSS forbids storing after authorisation, encrypted or not
+    /// (3.3.1.2 card verification code, 3.3.1.3 PIN), is off the record whatever the template says:
+    /// held in memory for its TTL, never sealed into the vault. PINs and secret answers are masked.
     pub fn forces_off_record(self) -> bool {
-        self == QuestionKind::Cvv
+        matches!(self, QuestionKind::Cvv | QuestionKind::Pin)
     }
 
     pub fn forces_masked(self) -> bool {
@@ -330,6 +332,13 @@ mod tests {
 
     fn t(questions: Vec<QuestionSpec>) -> Template {
         Template { id: "pay".into(), version: 1, title: "Pay".into(), instructions: String::new(), questions }
+    }
+
+    #[test]
+    fn a_pin_is_off_the_record_whatever_the_template_says() {
+        let pin = QuestionKind::parse("pin").unwrap();
+        assert!(pin.forces_off_record() && pin.forces_masked());
+        assert!(!QuestionKind::parse("ssn").unwrap().forces_off_record(), "an SSN may be kept (sealed)");
     }
 
     #[test]

@@ -331,6 +331,10 @@ pub async fn retrieve(
                 );
             }
             let answers = got.answers.iter().map(|(k, v)| (k.clone(), v.expose().to_string())).collect();
+            // Off-the-record answers are read once: the granted retrieval that returns them forgets them.
+            if matches!(&got.off_record, OffRecord::Present(a) if !a.is_empty()) {
+                state.node.off_record.forget(&sid);
+            }
             let off_record = match &got.off_record {
                 OffRecord::Present(a) => OffRecordView {
                     state: "present",
@@ -495,8 +499,9 @@ pub async fn history(
         if with_answers {
             match state.node.detokenizer.open_for_history(&claims.site, sid) {
                 Ok(answers) => {
-                    item.answers = Some(answers.iter().map(|(k, v)| (k.clone(), v.expose().to_string())).collect());
-                    audit(
+                    // Recorded before any answer leaves the service (ADR 9); unrecorded, nothing is
+                    // returned.
+                    let recorded = audit(
                         &state,
                         Some(&o),
                         &sid.to_string(),
@@ -506,6 +511,14 @@ pub async fn history(
                         "history_view",
                     )
                     .await;
+                    if !recorded {
+                        return api_error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "audit_unavailable",
+                            "the history view could not be audited, so no answers were returned; try again shortly",
+                        );
+                    }
+                    item.answers = Some(answers.iter().map(|(k, v)| (k.clone(), v.expose().to_string())).collect());
                 }
                 Err(e) => item.note = Some(format!("responses unavailable: {e}")),
             }

@@ -76,6 +76,8 @@ pub enum AuthConfigError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the agent token secret file is not private: {0}")]
+    Permissions(#[from] crate::secrets::PermissionsError),
     #[error("{path} is not a JWKS file: {message}")]
     Jwks { path: String, message: String },
     #[error(
@@ -114,6 +116,7 @@ impl AgentAuth {
         let keys = if let Some(s) = env_secret.filter(|s| !s.is_empty()) {
             secret("SECUREFORMS_JWT_SECRET", s.as_bytes())?
         } else if let Some(p) = &cfg.jwt_secret_file {
+            crate::secrets::check_private_file(p)?;
             let bytes = read(p)?;
             secret("jwt_secret_file", String::from_utf8_lossy(&bytes).trim().as_bytes())?
         } else if let Some(p) = &cfg.jwks_file {
@@ -309,6 +312,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("jwt.secret");
         std::fs::write(&file, "short\n").unwrap();
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         let cfg = AgentAuthConfig { jwt_secret_file: Some(file), ..Default::default() };
         assert!(matches!(AgentAuth::load(&cfg, None), Err(AuthConfigError::WeakSecret { len: 5, .. })));
     }
@@ -316,10 +320,7 @@ mod tests {
     #[test]
     fn tokens_are_checked_for_signature_algorithm_and_expiry() {
         let auth = AgentAuth::load(&AgentAuthConfig::default(), Some(SECRET)).unwrap();
-        assert_eq!(
-            auth.verify(&token(SECRET, &claims(2_000), Algorithm::HS256), 1_000_000).unwrap().sub,
-            "alice"
-        );
+        assert_eq!(auth.verify(&token(SECRET, &claims(2_000), Algorithm::HS256), 1_000_000).unwrap().sub, "alice");
         assert_eq!(
             auth.verify(&token("other", &claims(2_000), Algorithm::HS256), 1_000_000),
             Err(AuthFailure::Invalid),
@@ -330,15 +331,16 @@ mod tests {
             Err(AuthFailure::Invalid),
             "algorithm"
         );
-        assert_eq!(
-            auth.verify(&token(SECRET, &claims(999), Algorithm::HS256), 1_000_000),
-            Err(AuthFailure::Expired)
-        );
+        assert_eq!(auth.verify(&token(SECRET, &claims(999), Algorithm::HS256), 1_000_000), Err(AuthFailure::Expired));
         assert_eq!(auth.verify(&HeaderMap::new(), 0), Err(AuthFailure::Missing));
         let mut early = claims(2_000);
         early.nbf = Some(1_500);
         assert_eq!(auth.verify(&token(SECRET, &early, Algorithm::HS256), 1_000_000), Err(AuthFailure::NotYetValid));
-        assert_eq!(auth.verify(&token(SECRET, &early, Algorithm::HS256), 1_500_000).unwrap().sub, "alice", "from nbf on");
+        assert_eq!(
+            auth.verify(&token(SECRET, &early, Algorithm::HS256), 1_500_000).unwrap().sub,
+            "alice",
+            "from nbf on"
+        );
         let unconfigured = AgentAuth::load(&AgentAuthConfig::default(), None).unwrap();
         assert_eq!(
             unconfigured.verify(&token("x", &claims(2_000), Algorithm::HS256), 0),

@@ -62,8 +62,8 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(node: Arc<Node>, https: bool) -> Result<Arc<AppState>, HttpError> {
-        let secret = std::env::var("SECUREFORMS_JWT_SECRET").ok();
-        let auth = auth::AgentAuth::load(&node.settings.agent_auth, secret.as_deref())
+        let secret = crate::secrets::jwt_secret();
+        let auth = auth::AgentAuth::load(&node.settings.agent_auth, secret.as_ref().map(|v| v.as_str()))
             .map_err(|e| HttpError::Auth(e.to_string()))?;
         if !auth.is_configured() {
             tracing::warn!(
@@ -235,4 +235,3 @@ async fn security_headers(State(state): State<Arc<AppState>>, request: Request, 
     }
     response
 }
-

@@ -51,13 +51,18 @@ impl utoipa::Modify for VisitorBodies {
         use utoipa::openapi::schema::{ObjectBuilder, Type};
         use utoipa::openapi::{Content, Required};
         let key = |description: &str| {
-            ObjectBuilder::new().schema_type(Type::String).pattern(Some("^[A-Za-z0-9_-]{22}$")).description(Some(description))
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some("^[A-Za-z0-9_-]{22}$"))
+                .description(Some(description))
         };
         let bodies = [
             (
                 "/f/{site}/{form}/open",
                 "The visitor's click on the link's page: `k`, the one-time open key from the link",
-                ObjectBuilder::new().property("k", key("The open key from the link (its `k` query parameter)")).required("k"),
+                ObjectBuilder::new()
+                    .property("k", key("The open key from the link (its `k` query parameter)"))
+                    .required("k"),
             ),
             (
                 "/f/{site}/{form}",

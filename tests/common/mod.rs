@@ -126,11 +126,17 @@ pub fn kafka(prefix: &str) -> KafkaSettings {
     }
 }
 
+/// Writes a key file readable by its owner only (the service refuses anything more open).
+pub fn write_private(path: &Path, contents: &[u8]) {
+    std::fs::write(path, contents).unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+}
+
 /// Writes a fresh master key into `dir` (once) and returns its path.
 pub fn master_key_file(dir: &Path) -> PathBuf {
     let path = dir.join("master.key");
     if !path.exists() {
-        std::fs::write(&path, secureforms::crypto::MasterKey::generate_base64().as_bytes()).unwrap();
+        write_private(&path, secureforms::crypto::MasterKey::generate_base64().as_bytes());
     }
     path
 }
