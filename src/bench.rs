@@ -116,7 +116,7 @@ fn submissions(n: usize) -> Vec<(uuid::Uuid, Event)> {
     (0..n)
         .map(|i| {
             let sid = uuid::Uuid::new_v4();
-            let (conv, form) = (format!("conv-{}", i % 97), format!("form-{i}"));
+            let (conv, form) = (format!("conv-{}", i % 97), format!("form-{}", sid.simple()));
             let ctx = SubmissionContext {
                 site_id: "bench",
                 conversation_id: &conv,
@@ -251,7 +251,8 @@ async fn tokenizer(
     events: &[(uuid::Uuid, Event)],
 ) -> Result<f64, KafkaError> {
     apply_topics(k, 1).await?;
-    let producer = EventProducer::new(k)?;
+    let signer = bench_signer();
+    let producer = EventProducer::new(k)?.with_signer(signer.clone());
     let out_reader = reader(k, &k.names.name(Topic::AgentEvents), Topic::AgentEvents.spec().partitions)?;
     let store = Store::open(&dir.join("tokenizer"))?;
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -260,7 +261,7 @@ async fn tokenizer(
         store,
         producer.clone(),
         bench_tokenizer(),
-        RunContext::new(system_clock()),
+        RunContext::new(system_clock(), Some(signer)),
         stop_rx,
     ));
     produce_all(&producer, &submissions(1)).await?;
@@ -275,7 +276,8 @@ async fn tokenizer(
 
 async fn latency(k: &KafkaSettings, dir: &std::path::Path, rate: u32, secs: u64) -> Result<Vec<f64>, KafkaError> {
     apply_topics(k, 1).await?;
-    let producer = EventProducer::new(k)?;
+    let signer = bench_signer();
+    let producer = EventProducer::new(k)?.with_signer(signer.clone());
     let store = Store::open(&dir.join("latency"))?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let task = tokio::spawn(runtime::run(
@@ -283,7 +285,7 @@ async fn latency(k: &KafkaSettings, dir: &std::path::Path, rate: u32, secs: u64)
         store,
         producer.clone(),
         bench_tokenizer(),
-        RunContext::new(system_clock()),
+        RunContext::new(system_clock(), Some(signer)),
         stop_rx,
     ));
     let out_reader = reader(k, &k.names.name(Topic::AgentEvents), Topic::AgentEvents.spec().partitions)?;
@@ -667,4 +669,11 @@ impl BenchReport {
 fn write_private(path: &std::path::Path, contents: &[u8]) -> std::io::Result<()> {
     std::fs::write(path, contents)?;
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+}
+
+/// The bench's events are signed and checked as the service's are (the MAC is part of the cost).
+fn bench_signer() -> std::sync::Arc<crate::crypto::mac::EventSigner> {
+    let master = crate::crypto::MasterKey::from_base64(&crate::crypto::MasterKey::generate_base64())
+        .expect("a generated master key parses");
+    std::sync::Arc::new(crate::crypto::mac::EventSigner::new(&master))
 }

@@ -94,6 +94,10 @@ pub struct Settings {
     /// (seconds); 0 turns the worker off on this node. Running it on several nodes is safe (the
     /// receipts are idempotent).
     pub purge_interval_secs: u64,
+    /// Accept events of the kinds only this service produces without their MAC (see
+    /// `crypto::mac`). Only while migrating topics written by a version before MACs; off again once
+    /// those records are past. Anyone who can write to the topics can then forge them.
+    pub accept_unsigned_events: bool,
     /// How agent tokens (JWT from the chat platform) are verified.
     #[serde(default)]
     pub agent_auth: AgentAuthConfig,
@@ -162,6 +166,7 @@ impl Default for Settings {
             http_header_read_timeout_secs: 10,
             http_idle_timeout_secs: 45,
             purge_interval_secs: 3600,
+            accept_unsigned_events: false,
             agent_auth: AgentAuthConfig::default(),
             rate_limits: RateLimits::default(),
             sites: BTreeMap::new(),

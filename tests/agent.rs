@@ -452,3 +452,72 @@ async fn one_agent_hammering_the_api_is_rate_limited_without_stopping_the_others
     let mut service = e.service;
     service.stop().await;
 }
+
+/// The two proofs of issue 14, replayed against this build: whoever can write to the topics
+/// re-publishes a real FormSubmitted with only the agent changed, and forges a DataKeyDestroyed for
+/// the key in use. Neither carries the service's MAC, so both are dead-lettered
+/// (`unauthenticated`): the sender alone still retrieves, and new submissions still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_events_are_dead_lettered_and_the_sender_alone_still_retrieves() {
+    let e = env().await;
+    let (sub, key, _) = submitted_form(&e, "acme", "conv-forged", "form-forged", "alice").await;
+    let mut subs = TopicReader::new(&e.prefix, Topic::Submissions).await;
+    assert!(
+        subs.read_until(WAIT, |r| r.iter().any(|m| matches!(m.payload().map(|p| Codec::get().decode(p)), Some(Ok(Event::FormSubmitted(s))) if s.submission_id == sub)))
+            .await
+    );
+    let real = subs
+        .events()
+        .into_iter()
+        .find_map(|ev| if let Event::FormSubmitted(s) = ev { (s.submission_id == sub).then_some(s) } else { None })
+        .unwrap();
+    let key_id = real.key_id.clone();
+    let mut forged = real.clone();
+    forged.agent_id = "mallory".into();
+    let bus = producer(&e.prefix).await;
+    bus.send(&Event::FormSubmitted(forged)).await.unwrap();
+    bus.send(&Event::DataKeyDestroyed(secureforms::events::DataKeyDestroyed {
+        header: EventHeader::new(EventKind::DataKeyDestroyed, uuid::Uuid::new_v4(), now_ms(), "acme", "", &key_id),
+        key_id: key_id.clone(),
+        reason: "retention".into(),
+    }))
+    .await
+    .unwrap();
+    // A MAC made with another master key is no better than none.
+    let stranger =
+        secureforms::crypto::MasterKey::from_base64(&secureforms::crypto::MasterKey::generate_base64()).unwrap();
+    let mut other = real.clone();
+    other.agent_id = "mallory".into();
+    other.header.event_id = uuid::Uuid::new_v4().to_string();
+    producer(&e.prefix)
+        .await
+        .with_signer(std::sync::Arc::new(secureforms::crypto::mac::EventSigner::new(&stranger)))
+        .send(&Event::FormSubmitted(other))
+        .await
+        .unwrap();
+
+    // Every handler that reads them refuses them: submissions are read by the tokenizer, gateway,
+    // retrieval and visibility projections; keys by the keys handler.
+    let mut dlq = TopicReader::new(&e.prefix, Topic::DeadLetters).await;
+    let unauthenticated = |r: &[rdkafka::message::OwnedMessage]| {
+        r.iter()
+            .filter(|m| matches!(m.payload().map(|p| Codec::get().decode(p)), Some(Ok(Event::DeadLetter(d))) if d.error_kind == "unauthenticated"))
+            .count()
+    };
+    assert!(
+        dlq.read_until(WAIT, |r| unauthenticated(r) >= 9).await,
+        "4 handlers x 2 forged submissions + the keys handler"
+    );
+    assert!(e.service.ring.get(&key_id).is_ok(), "the data key is not destroyed");
+
+    // The sender alone retrieves; the agent named in the forgery is refused.
+    let (status, body) = e.retrieve(&sub, Some(&agent("mallory", "s-m")), &key).await;
+    assert_eq!((status, body["error"].as_str()), (403, Some("not_sender")), "{body}");
+    let (status, body) = e.retrieve(&sub, Some(&agent("alice", "s-a")), &key).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["answers"]["pan"], "4111111111111111");
+    // New submissions for the site still work (the key in use was not destroyed).
+    let (next, next_key, _) = submitted_form(&e, "acme", "conv-after", "form-after", "alice").await;
+    let (status, body) = e.retrieve(&next, Some(&agent("alice", "s-a")), &next_key).await;
+    assert_eq!(status, 200, "{body}");
+}

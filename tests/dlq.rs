@@ -45,13 +45,17 @@ async fn a_dead_letter_re_driven_after_a_config_fix_is_applied_exactly_once() {
         generation: 1,
         master_key_id: right_key.id().into(),
     });
-    producer(&prefix).await.send(&created).await.unwrap();
+    // Written by a node that has the right master key (so it carries that key's MAC).
+    let signer = std::sync::Arc::new(secureforms::crypto::mac::EventSigner::new(&right_key));
+    producer(&prefix).await.with_signer(signer).send(&created).await.unwrap();
 
     let mut service = Service::start(settings.clone(), brokers(), system_clock()).await.unwrap();
     let mut dlq = TopicReader::new(&prefix, Topic::DeadLetters).await;
     assert!(dlq.read_until(WAIT, |r| !r.is_empty()).await, "the unwrappable key is dead-lettered");
     let Event::DeadLetter(letter) = dlq.events().remove(0) else { panic!("not a dead letter") };
-    assert_eq!(letter.error_kind, "apply");
+    // This node cannot check the other key's MAC before anything else.
+    assert_eq!(letter.error_kind, "unauthenticated");
+    assert!(letter.source_mac.is_some(), "the dead letter keeps the MAC the record came with");
     assert!(letter.reason.contains("SECUREFORMS_MASTER_KEY"), "{}", letter.reason);
     assert!(service.ring.get(&id).is_err());
     service.stop().await;

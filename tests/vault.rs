@@ -175,9 +175,14 @@ async fn canaries_appear_nowhere_but_come_back_to_the_agent() {
 
 /// Seals `n` submissions with the service and returns their ids.
 async fn submit_many(service: &Service, settings: &Settings, n: usize) -> Vec<uuid::Uuid> {
+    submit_many_from(service, settings, 0, n).await
+}
+
+/// Submissions for forms `form-{first}` .. (one form has one submission).
+async fn submit_many_from(service: &Service, settings: &Settings, first: usize, n: usize) -> Vec<uuid::Uuid> {
     let t = template(settings, "card-payment");
     let mut ids = Vec::new();
-    for i in 0..n {
+    for i in first..first + n {
         let pan = luhn_pan(i as u64 + 1);
         let id = service
             .submit(Submission {
@@ -270,7 +275,7 @@ async fn produce_sealed(prefix: &str, settings: &Settings, dir: &Path, n: usize)
         master_key_id: ring.master().id().into(),
     };
     ring.created(&created).unwrap();
-    let producer = producer(prefix).await;
+    let producer = signed_producer(prefix, dir).await;
     producer.send(&Event::DataKeyCreated(created)).await.unwrap();
     let key = ring.get(&id).unwrap();
     let t = template(settings, "card-payment");
@@ -395,7 +400,11 @@ async fn swapped_ciphertexts_do_not_open_and_retrieve_keys_refuse_every_misuse()
     let pan_of_other = originals[1].answers.iter().find(|x| x.field_id == "pan").unwrap().ciphertext.clone();
     moved.answers.iter_mut().find(|x| x.field_id == "pan").unwrap().ciphertext = pan_of_other;
     swapped.submission_id = uuid::Uuid::new_v4().to_string();
-    let producer = producer(&prefix).await;
+    // Signed with the master key (an insider or a bug, not a stranger: a stranger's records lack the
+    // MAC and never get this far), and on forms of their own (one form has one submission).
+    swapped.form_id = "form-swapped".into();
+    moved.form_id = "form-moved".into();
+    let producer = signed_producer(&prefix, dir.path()).await;
     producer.send(&Event::FormSubmitted(swapped.clone())).await.unwrap();
     producer.send(&Event::FormSubmitted(moved.clone())).await.unwrap();
 
@@ -474,7 +483,7 @@ async fn swapped_ciphertexts_do_not_open_and_retrieve_keys_refuse_every_misuse()
         submit_key_hash: submit_key.hash(secureforms::domain::otk::Purpose::Submit, "acme", "form-0"),
         submit_expires_at: now_ms() + 60_000,
     });
-    producer.send(&opened).await.unwrap();
+    signed_producer(&prefix, dir.path()).await.send(&opened).await.unwrap();
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         match retrieve("acme", &first, submit_key.expose()) {
@@ -509,7 +518,7 @@ async fn rotation_moves_new_writes_to_a_new_key_and_old_data_stays_readable() {
     let rotated =
         secureforms::handlers::keys::rotate(&service.ring, &service.producer, "acme", now_ms()).await.unwrap();
     assert_eq!(rotated.generation, 2);
-    let after = submit_many(&service, &settings, 1).await;
+    let after = submit_many_from(&service, &settings, 1, 1).await;
     wait_for_vault(&service, 2).await;
     let k1 = k1.map(|r| r.key_id).unwrap_or_else(|| service.detokenizer.record(&before[0]).unwrap().unwrap().key_id);
     let k2 = service.detokenizer.record(&after[0]).unwrap().unwrap().key_id;
@@ -549,9 +558,9 @@ async fn a_duplicate_form_submitted_changes_nothing_and_emits_nothing() {
         .iter()
         .find(|m| matches!(Codec::get().decode(m.payload().unwrap()), Ok(Event::FormSubmitted(_))))
         .unwrap();
-    let p = producer(&prefix).await;
+    let p = signed_producer(&prefix, dir.path()).await;
     p.send_raw(Topic::Submissions, original.key().unwrap(), original.payload().unwrap()).await.unwrap();
-    let marker = submit_many(&service, &settings, 1).await;
+    let marker = submit_many_from(&service, &settings, 1, 1).await;
     let ready = ready_events(&prefix, 2).await;
     assert_eq!(ready[&ids[0].to_string()].len(), 1, "one FormReady for the duplicated submission");
     assert!(ready.contains_key(&marker[0].to_string()));

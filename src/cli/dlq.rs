@@ -146,11 +146,13 @@ pub async fn run(global: &GlobalArgs, cmd: DlqCommand) -> anyhow::Result<()> {
                     sent += 1;
                     continue;
                 } else {
+                    // Exactly what came, with the MAC it came with (if any): a re-drive never signs.
                     producer
-                        .send_to(
+                        .send_with_mac(
                             &letter.source_topic,
                             letter.source_key.as_deref().unwrap_or_default(),
                             &letter.payload,
+                            letter.source_mac.as_deref(),
                         )
                         .await?;
                     println!("re-drove {}/{}@{}", letter.source_topic, letter.source_partition, letter.source_offset);

@@ -103,7 +103,9 @@ pub async fn run(global: &GlobalArgs, cmd: KeysCommand) -> anyhow::Result<()> {
                 generation,
                 master_key_id: ring.master().id().to_string(),
             });
-            EventProducer::new(&kafka)?.send(&event).await?;
+            // Signed as the service signs it: only the master key's holders may create data keys.
+            let signer = std::sync::Arc::new(crate::crypto::mac::EventSigner::new(ring.master()));
+            EventProducer::new(&kafka)?.with_signer(signer).send(&event).await?;
             println!("rotated: new writes for {site} use {id} (older keys stay readable until purged)");
             Ok(())
         }

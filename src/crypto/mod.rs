@@ -6,6 +6,7 @@
 //! beyond one disk) and in the node's key ring; destroying one makes everything it sealed unreadable.
 
 pub mod keyring;
+pub mod mac;
 
 use std::fmt;
 use std::path::Path;
@@ -136,6 +137,16 @@ impl MasterKey {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// A 32-byte key for another purpose, derived from this master key (HMAC-SHA256 keyed with the
+    /// master key over `label`), so one secret serves every purpose without reusing its bytes.
+    pub fn derive(&self, label: &[u8]) -> Zeroizing<[u8; 32]> {
+        use hmac::Mac;
+        let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(self.material.0.as_ref())
+            .expect("HMAC takes any key length");
+        mac.update(label);
+        Zeroizing::new(mac.finalize().into_bytes().into())
     }
 
     pub fn wrap(&self, key_id: &str, key: &KeyMaterial) -> Result<Vec<u8>, KeyError> {

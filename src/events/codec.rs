@@ -183,6 +183,17 @@ impl Codec {
         Ok(out)
     }
 
+    /// The kind of a single-object encoded record, from its header alone (None if it is not one of
+    /// ours).
+    pub fn kind_of(&self, bytes: &[u8]) -> Option<EventKind> {
+        if bytes.len() < HEADER_LEN || bytes[..2] != MAGIC {
+            return None;
+        }
+        let mut fp = [0u8; 8];
+        fp.copy_from_slice(&bytes[2..HEADER_LEN]);
+        self.by_fingerprint.get(&fp).map(|&i| self.entries[i].kind)
+    }
+
     /// Decodes to the writer's kind, resolved to the current schema of that kind.
     pub fn decode_value(&self, bytes: &[u8]) -> Result<(EventKind, Value), CodecError> {
         if bytes.len() < HEADER_LEN {

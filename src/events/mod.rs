@@ -93,12 +93,19 @@ events! {
     FormTemplateDefined => "form_template_defined.avsc", v 1, Templates;
     DataKeyCreated => "data_key_created.avsc", v 1, Keys;
     DataKeyDestroyed => "data_key_destroyed.avsc", v 1, Keys;
-    DeadLetter => "dead_letter.avsc", v 1, DeadLetters;
+    DeadLetter => "dead_letter.avsc", v 2, DeadLetters;
 }
 
 /// Older schema versions still readable: data written with them decodes into today's types.
-pub const HISTORY: &[(EventKind, i32, &str, &str)] =
-    &[(EventKind::FormSent, 1, "history/form_sent.v1.avsc", include_str!("../../schemas/history/form_sent.v1.avsc"))];
+pub const HISTORY: &[(EventKind, i32, &str, &str)] = &[
+    (EventKind::FormSent, 1, "history/form_sent.v1.avsc", include_str!("../../schemas/history/form_sent.v1.avsc")),
+    (
+        EventKind::DeadLetter,
+        1,
+        "history/dead_letter.v1.avsc",
+        include_str!("../../schemas/history/dead_letter.v1.avsc"),
+    ),
+];
 
 impl EventHeader {
     /// A header for a new event of `kind`. `event_id` must be unique per logical event; pass a

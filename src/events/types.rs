@@ -200,4 +200,7 @@ pub struct DeadLetter {
     pub reason: String,
     pub consumer_group: String,
     pub redrive_count: i32,
+    /// The original record's `secureforms-mac` header, if it had one.
+    #[serde(default)]
+    pub source_mac: Option<String>,
 }

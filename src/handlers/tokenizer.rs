@@ -76,6 +76,12 @@ pub fn remove_submission(tx: &mut Tx<'_>, id: &uuid::Uuid, reason: &str) -> Resu
     {
         tx.remove(trees::BY_TIME, time_key(&record.site_id, record.submitted_at, id));
         tx.remove(trees::BY_CONVERSATION, conversation_key(&record.site_id, &record.conversation_id, id));
+        let mut form_key = record.site_id.as_bytes().to_vec();
+        form_key.push(0);
+        form_key.extend_from_slice(record.form_id.as_bytes());
+        if tx.get(trees::BY_FORM, &form_key)?.is_some_and(|v| v == id.as_bytes()) {
+            tx.remove(trees::BY_FORM, form_key);
+        }
     }
     tx.remove(trees::SUBMISSIONS, key.to_vec());
     tx.insert(trees::PURGED, key.to_vec(), reason.as_bytes().to_vec());
@@ -108,6 +114,18 @@ impl Handler for Tokenizer {
                     tracing::debug!(submission_id = %id, "submission already in the vault; duplicate ignored");
                     return Ok(vec![]);
                 }
+                let mut form_key = s.header.site_id.as_bytes().to_vec();
+                form_key.push(0);
+                form_key.extend_from_slice(s.form_id.as_bytes());
+                if let Some(first) = tx.get(trees::BY_FORM, &form_key)?
+                    && first != id.as_bytes()
+                {
+                    let first = uuid::Uuid::from_slice(&first).map(|u| u.to_string()).unwrap_or_default();
+                    return Err(ApplyError::Unprocessable(format!(
+                        "a second submission ({id}) for form {} of site {}; the form's submission is {first}: one form, one submission",
+                        s.form_id, s.header.site_id
+                    )));
+                }
                 if let Some(why) = self.purged_reason(tx, &id, s, now_ms)? {
                     tracing::debug!(submission_id = %id, why, "submission already purged; not stored");
                     if why != "tombstone" {
@@ -117,6 +135,8 @@ impl Handler for Tokenizer {
                     return Ok(vec![]);
                 }
                 let record = VaultRecord::from_event(s);
+                // A purge removes this again (no trace of a purged form stays in the vault).
+                tx.insert(trees::BY_FORM, form_key, id.as_bytes().to_vec());
                 tx.insert(trees::SUBMISSIONS, key.to_vec(), record.encode());
                 tx.insert(trees::BY_TIME, time_key(&record.site_id, record.submitted_at, &id), Vec::new());
                 tx.insert(

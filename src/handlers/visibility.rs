@@ -96,6 +96,11 @@ impl Handler for VisibilityProjection {
                 if tx.get(trees::PURGED, id.as_bytes())?.is_some() {
                     return Ok(vec![]);
                 }
+                // First write wins: who sent a submission is never changed by a later event.
+                if tx.get(trees::SUBMISSIONS, id.as_bytes())?.is_some() {
+                    tracing::debug!(submission_id = %id, "owner already recorded; a later FormSubmitted changes nothing");
+                    return Ok(vec![]);
+                }
                 let owner = SubmissionOwner {
                     site_id: h.site_id.clone(),
                     conversation_id: h.conversation_id.clone(),

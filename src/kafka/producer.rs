@@ -5,9 +5,11 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use super::{KafkaError, KafkaSettings};
+use crate::crypto::mac::{self, EventSigner};
 use crate::events::{Codec, Event};
 use crate::topics::Topic;
 
@@ -20,6 +22,8 @@ pub struct EventProducer {
     inner: Arc<RwLock<FutureProducer>>,
     settings: KafkaSettings,
     metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+    /// Signs the events only this service produces (see [`crate::crypto::mac`]).
+    signer: Option<Arc<EventSigner>>,
 }
 
 /// How long librdkafka keeps retrying one record before giving up on it.
@@ -28,7 +32,12 @@ const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
 impl EventProducer {
     pub fn new(settings: &KafkaSettings) -> Result<EventProducer, KafkaError> {
         let inner = create(settings)?;
-        Ok(EventProducer { inner: Arc::new(RwLock::new(inner)), settings: settings.clone(), metrics: None })
+        Ok(EventProducer {
+            inner: Arc::new(RwLock::new(inner)),
+            settings: settings.clone(),
+            metrics: None,
+            signer: None,
+        })
     }
 
     fn current(&self) -> FutureProducer {
@@ -62,6 +71,13 @@ impl EventProducer {
         self
     }
 
+    /// Signs what this producer sends of the kinds only the service produces. Only a producer of
+    /// the service itself (or a CLI command acting as it) gets one.
+    pub fn with_signer(mut self, signer: Arc<EventSigner>) -> EventProducer {
+        self.signer = Some(signer);
+        self
+    }
+
     pub fn settings(&self) -> &KafkaSettings {
         &self.settings
     }
@@ -73,14 +89,36 @@ impl EventProducer {
         self.send_raw(event.kind().topic(), event.record_key().as_bytes(), &payload).await
     }
 
-    /// Produces already-encoded bytes (outbox entries, re-driven dead letters).
+    /// Produces already-encoded bytes of an event this service made (its outboxes), signed when
+    /// this producer signs and the event is of a kind only the service produces.
     pub async fn send_raw(&self, topic: Topic, key: &[u8], payload: &[u8]) -> Result<(i32, i64), KafkaError> {
         let name = self.settings.names.name(topic);
-        self.send_to(&name, key, payload).await
+        let tag = match &self.signer {
+            Some(signer) if Codec::get().kind_of(payload).is_some_and(|k| k.service_only()) => {
+                Some(signer.sign(key, payload))
+            }
+            _ => None,
+        };
+        self.send_with_mac(&name, key, payload, tag.as_deref()).await
     }
 
+    /// Produces bytes as they are, never signed (raw chat-bus records, tools).
     pub async fn send_to(&self, topic: &str, key: &[u8], payload: &[u8]) -> Result<(i32, i64), KafkaError> {
-        let record = FutureRecord::to(topic).key(key).payload(payload);
+        self.send_with_mac(topic, key, payload, None).await
+    }
+
+    /// Produces bytes with the given MAC header (a re-driven dead letter keeps the one it came with).
+    pub async fn send_with_mac(
+        &self,
+        topic: &str,
+        key: &[u8],
+        payload: &[u8],
+        tag: Option<&str>,
+    ) -> Result<(i32, i64), KafkaError> {
+        let mut record = FutureRecord::to(topic).key(key).payload(payload);
+        if let Some(tag) = tag {
+            record = record.headers(OwnedHeaders::new().insert(Header { key: mac::HEADER, value: Some(tag) }));
+        }
         let producer = self.current();
         let delivery = producer.send(record, DELIVERY_TIMEOUT).await;
         match delivery {

@@ -219,11 +219,15 @@ pub struct RunContext {
     /// A shadow replica (an operations copy of the state) applies everything and emits nothing: its
     /// outputs were, or will be, emitted by the nodes that own the consumer groups.
     pub shadow: bool,
+    /// Checks the MAC of events only the service produces; one without a valid MAC becomes a dead
+    /// letter (`unauthenticated`). None accepts them unsigned: only for a deployment migrating
+    /// topics written before MACs (`accept_unsigned_events`) and for tools.
+    pub verify_with: Option<std::sync::Arc<crate::crypto::mac::EventSigner>>,
 }
 
 impl RunContext {
-    pub fn new(clock: Clock) -> RunContext {
-        RunContext { clock, metrics: std::sync::Arc::new(crate::metrics::Metrics::new()), shadow: false }
+    pub fn new(clock: Clock, verify_with: Option<std::sync::Arc<crate::crypto::mac::EventSigner>>) -> RunContext {
+        RunContext { clock, metrics: std::sync::Arc::new(crate::metrics::Metrics::new()), shadow: false, verify_with }
     }
 }
 
@@ -237,7 +241,7 @@ pub async fn run<H: Handler>(
     ctx: RunContext,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), KafkaError> {
-    let RunContext { clock, metrics, shadow } = ctx;
+    let RunContext { clock, metrics, shadow, verify_with } = ctx;
     let group = settings.group_id(handler.name());
     // Outputs of batches committed before a crash go out before anything new is read.
     drain_outbox(&store, &producer, &group).await?;
@@ -298,8 +302,18 @@ pub async fn run<H: Handler>(
             learn_emitted_offsets(&consumer, &batch, &mut emitted);
         }
         let name = handler.name();
-        let committed =
-            process_batch(&settings, &store, &mut handler, &group, &batch, &emitted, clock(), &metrics).await?;
+        let committed = process_batch(
+            &settings,
+            &store,
+            &mut handler,
+            &group,
+            &batch,
+            &emitted,
+            clock(),
+            &metrics,
+            verify_with.as_deref(),
+        )
+        .await?;
         failpoint(name, "after-commit");
         produce_outbox(&store, &producer, &committed, &mut shutdown).await?;
         failpoint(name, "after-produce");
@@ -445,6 +459,7 @@ async fn process_batch<H: Handler>(
     emitted: &HashMap<(String, i32), i64>,
     now_ms: i64,
     metrics: &crate::metrics::Metrics,
+    verify_with: Option<&crate::crypto::mac::EventSigner>,
 ) -> Result<Vec<(Vec<u8>, OutboxEntry)>, KafkaError> {
     let mut tx = store.begin();
     let mut outbox = Vec::new();
@@ -469,7 +484,7 @@ async fn process_batch<H: Handler>(
             Some(topic) => {
                 let replay = emitted.get(&(m.topic().to_string(), m.partition())).is_some_and(|&e| m.offset() < e);
                 let meta = RecordMeta { topic, partition: m.partition(), offset: m.offset(), replay };
-                (apply_one(handler, &mut tx, m, &meta, group, now_ms)?, replay)
+                (apply_one(handler, &mut tx, m, &meta, group, now_ms, verify_with)?, replay)
             }
         };
         for e in &outputs {
@@ -502,6 +517,7 @@ fn apply_one<H: Handler>(
     meta: &RecordMeta,
     group: &str,
     now_ms: i64,
+    verify_with: Option<&crate::crypto::mac::EventSigner>,
 ) -> Result<Vec<Event>, KafkaError> {
     let Some(payload) = m.payload() else {
         if meta.topic.spec().cleanup_policy == "compact" {
@@ -516,6 +532,28 @@ fn apply_one<H: Handler>(
             return Ok(vec![dead_letter(m, group, error.kind(), error.to_string())]);
         }
     };
+    if let Some(signer) = verify_with
+        && event.kind().service_only()
+        && !signer.verify(m.key().unwrap_or_default(), payload, record_mac(m))
+    {
+        tracing::warn!(
+            event_type = event.kind().name(),
+            topic = m.topic(),
+            partition = m.partition(),
+            offset = m.offset(),
+            "an event only this service produces arrived without its valid MAC and was sent to the dead-letter topic; someone else can write to this topic: check the topic ACLs"
+        );
+        return Ok(vec![dead_letter(
+            m,
+            group,
+            "unauthenticated",
+            format!(
+                "{} without a valid {} header: not produced by this service (forged or altered), or written by a node with another master key: check that every node has the same SECUREFORMS_MASTER_KEY",
+                event.kind().name(),
+                crate::crypto::mac::HEADER
+            ),
+        )]);
+    }
     match handler.apply(tx, &event, meta, now_ms) {
         Ok(outputs) => Ok(outputs),
         Err(ApplyError::Unprocessable(reason)) => {
@@ -526,8 +564,15 @@ fn apply_one<H: Handler>(
     }
 }
 
+/// The MAC header a record carries, if any.
+fn record_mac(m: &OwnedMessage) -> Option<&[u8]> {
+    use rdkafka::message::Headers;
+    m.headers()?.iter().find(|h| h.key == crate::crypto::mac::HEADER).and_then(|h| h.value)
+}
+
 /// The dead-letter record for a message. Its id is derived from where the message sits, so the same
-/// failure dead-letters once however often it is re-read.
+/// failure dead-letters once however often it is re-read. It keeps the record's MAC header, so a
+/// re-drive sends back exactly what came (never a new MAC).
 fn dead_letter(m: &OwnedMessage, group: &str, kind: &str, reason: String) -> Event {
     let site =
         m.payload().and_then(|p| Codec::get().decode(p).ok()).map(|e| e.header().site_id.clone()).unwrap_or_default();
@@ -556,6 +601,7 @@ fn dead_letter(m: &OwnedMessage, group: &str, kind: &str, reason: String) -> Eve
         reason,
         consumer_group: group.to_string(),
         redrive_count: 0,
+        source_mac: record_mac(m).map(|t| String::from_utf8_lossy(t).to_string()),
     })
 }
 

@@ -23,4 +23,8 @@ pub mod trees {
     /// submission UUID -> reason (`retention` or `erasure`): purged submissions, so a FormSubmitted
     /// read again (replay, re-drive) never brings one back.
     pub const PURGED: &str = "vault.purged";
+    /// `site \0 form` -> submission UUID: one submission per form. The first FormSubmitted of a form
+    /// (in topic order, so a replay decides the same) is the submission; a later one is refused.
+    /// Removed with the submission when it is purged.
+    pub const BY_FORM: &str = "vault.by_form";
 }

@@ -182,6 +182,14 @@ pub async fn producer(prefix: &str) -> EventProducer {
     EventProducer::new(&kafka(prefix)).unwrap()
 }
 
+/// A producer that signs what it sends as the service in `data_dir` does (its master key): for tests
+/// that play the service's part and write events only it produces.
+pub async fn signed_producer(prefix: &str, data_dir: &Path) -> EventProducer {
+    let text = std::fs::read_to_string(master_key_file(data_dir)).unwrap();
+    let master = secureforms::crypto::MasterKey::from_base64(&text).unwrap();
+    producer(prefix).await.with_signer(std::sync::Arc::new(secureforms::crypto::mac::EventSigner::new(&master)))
+}
+
 /// Kafka settings for other brokers than the shared test broker.
 pub fn kafka_on(brokers: &str, prefix: &str) -> KafkaSettings {
     KafkaSettings { brokers: brokers.to_string(), ..kafka(prefix) }
