@@ -1,4 +1,5 @@
-//! Secrets that may come from the environment (`SECUREFORMS_MASTER_KEY`, `SECUREFORMS_JWT_SECRET`)
+//! Secrets that may come from the environment (`SECUREFORMS_MASTER_KEY`, `SECUREFORMS_JWT_SECRET`,
+//! `SECUREFORMS_KAFKA_PASSWORD`)
 //! are taken out of it once, at the start of the program and before any thread exists: read into
 //! zeroizing memory and removed from the process environment, so no child process (the embedded
 //! broker, anything spawned later) inherits them and `/proc/<pid>/environ` of a running node shows
@@ -11,10 +12,13 @@ use zeroize::Zeroizing;
 
 pub const MASTER_KEY_VAR: &str = "SECUREFORMS_MASTER_KEY";
 pub const JWT_SECRET_VAR: &str = "SECUREFORMS_JWT_SECRET";
+/// The SASL password of every Kafka client (`sasl.password`), kept out of config files.
+pub const KAFKA_PASSWORD_VAR: &str = "SECUREFORMS_KAFKA_PASSWORD";
 
 struct Taken {
     master_key: Option<Zeroizing<String>>,
     jwt_secret: Option<Zeroizing<String>>,
+    kafka_password: Option<Zeroizing<String>>,
 }
 
 static TAKEN: OnceLock<Taken> = OnceLock::new();
@@ -38,7 +42,11 @@ pub fn take_from_environment() {
         }
         value
     };
-    let _ = TAKEN.set(Taken { master_key: take(MASTER_KEY_VAR), jwt_secret: take(JWT_SECRET_VAR) });
+    let _ = TAKEN.set(Taken {
+        master_key: take(MASTER_KEY_VAR),
+        jwt_secret: take(JWT_SECRET_VAR),
+        kafka_password: take(KAFKA_PASSWORD_VAR),
+    });
 }
 
 fn get(name: &str, taken: impl Fn(&Taken) -> &Option<Zeroizing<String>>) -> Option<Zeroizing<String>> {
@@ -56,6 +64,11 @@ pub fn master_key() -> Option<Zeroizing<String>> {
 /// The HS256 agent-token secret given in the environment, if any.
 pub fn jwt_secret() -> Option<Zeroizing<String>> {
     get(JWT_SECRET_VAR, |t| &t.jwt_secret)
+}
+
+/// The Kafka SASL password given in the environment, if any.
+pub fn kafka_password() -> Option<Zeroizing<String>> {
+    get(KAFKA_PASSWORD_VAR, |t| &t.kafka_password)
 }
 
 /// Refuses a secret file that its group or others may read or write: a key file must be the

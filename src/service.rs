@@ -82,7 +82,14 @@ pub fn kafka_settings(settings: &Settings, brokers: String, client: &str) -> Kaf
         group_prefix: settings.group_prefix.clone(),
         client_id: format!("secureforms-{}-{client}", settings.node_id),
         max_batch: settings.max_batch,
-        properties: settings.kafka_properties.clone(),
+        properties: {
+            let mut p = settings.kafka_properties.clone();
+            // The SASL password from SECUREFORMS_KAFKA_PASSWORD, unless the config file sets one.
+            if let Some(pw) = crate::secrets::kafka_password() {
+                p.entry("sasl.password".into()).or_insert_with(|| pw.to_string());
+            }
+            p
+        },
     }
 }
 
@@ -180,6 +187,8 @@ pub struct Node {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The handlers this node runs.
     pub handlers: Vec<HandlerInfo>,
+    /// Signs and checks the events only the service produces (derived from the master key).
+    pub signer: Arc<crate::crypto::mac::EventSigner>,
 }
 
 /// A running service: its shared parts and its tasks (handlers, sweeper, HTTP server).
@@ -276,7 +285,13 @@ impl Service {
         // Learned once, so the clients can be tuned for the broker (see runtime::fetch_wait_ms).
         kafka.kind = Some(Admin::new(&kafka)?.broker_kind().await?);
         let metrics = Arc::new(crate::metrics::Metrics::new());
-        let producer = EventProducer::new(&kafka)?.with_metrics(metrics.clone());
+        let signer = Arc::new(crate::crypto::mac::EventSigner::new(&master));
+        if settings.accept_unsigned_events {
+            tracing::warn!(
+                "accept_unsigned_events is on: events only this service produces are applied without their MAC, so anyone who can write to the topics can forge them; turn it off once the topics written before MACs are past"
+            );
+        }
+        let producer = EventProducer::new(&kafka)?.with_metrics(metrics.clone()).with_signer(signer.clone());
         let stores = ALL_HANDLERS
             .iter()
             .chain(["audit"].iter())
@@ -333,6 +348,7 @@ impl Service {
             clock,
             metrics,
             handlers: running,
+            signer,
         });
         let mut service = Service {
             node: node.clone(),
@@ -461,7 +477,13 @@ impl Service {
     fn spawn<H: Handler>(&mut self, handler: H, store: &Store, stop: &watch::Receiver<bool>) {
         let name = handler.name();
         let n = &self.node;
-        let ctx = runtime::RunContext { clock: n.clock.clone(), metrics: n.metrics.clone(), shadow: self.shadow };
+        let verify_with = (!n.settings.accept_unsigned_events).then(|| n.signer.clone());
+        let ctx = runtime::RunContext {
+            clock: n.clock.clone(),
+            metrics: n.metrics.clone(),
+            shadow: self.shadow,
+            verify_with,
+        };
         let (k, s, p, r) = (n.kafka.clone(), store.clone(), n.producer.clone(), stop.clone());
         self.tasks.spawn(async move { (name, runtime::run(k, s, p, handler, ctx, r).await) });
     }

@@ -17,7 +17,8 @@ use crate::topics::TopicNames;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaError {
-    #[error("kafka client error: {0}; check the brokers ({1}) are reachable")]
+    /// The client's error and what to check.
+    #[error("kafka client error: {0}; {1}")]
     Client(#[source] rdkafka::error::KafkaError, String),
     #[error("could not deliver to {topic}: {source}")]
     Delivery {
@@ -65,7 +66,7 @@ impl std::str::FromStr for BrokerKind {
 }
 
 /// Where the cluster is and how our topics are named.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct KafkaSettings {
     pub brokers: String,
     /// The broker implementation, when known (configuration or the embedded default); `None` asks
@@ -101,12 +102,48 @@ impl KafkaSettings {
         c
     }
 
+    /// The client properties with the values of secret ones (passwords, private keys) hidden.
+    pub fn redacted_properties(&self) -> std::collections::BTreeMap<String, String> {
+        self.properties
+            .iter()
+            .map(|(k, v)| {
+                let secret = ["password", "secret", "ssl.key.pem", "private"].iter().any(|s| k.contains(s));
+                (k.clone(), if secret { "<redacted>".to_string() } else { v.clone() })
+            })
+            .collect()
+    }
+
     pub fn group_id(&self, handler: &str) -> String {
         format!("{}-{}", self.group_prefix, handler)
     }
 
     pub fn client_error(&self, e: rdkafka::error::KafkaError) -> KafkaError {
-        KafkaError::Client(e, self.brokers.clone())
+        let protocol = self.properties.get("security.protocol").filter(|p| !p.eq_ignore_ascii_case("plaintext"));
+        KafkaError::Client(e, format!("check the brokers ({}) are reachable{}", self.brokers, auth_hint(protocol)))
+    }
+}
+
+impl std::fmt::Debug for KafkaSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSettings")
+            .field("brokers", &self.brokers)
+            .field("kind", &self.kind)
+            .field("group_prefix", &self.group_prefix)
+            .field("client_id", &self.client_id)
+            .field("max_batch", &self.max_batch)
+            .field("properties", &self.redacted_properties())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What to check besides reachability when the clients use TLS or SASL: librdkafka reports a refused
+/// login or an untrusted certificate as a transport failure.
+fn auth_hint(protocol: Option<&String>) -> String {
+    match protocol {
+        Some(p) => format!(
+            " and that the {p} settings are right: sasl.username and its password (SECUREFORMS_KAFKA_PASSWORD), sasl.mechanisms, and ssl.ca.location for the brokers' certificate"
+        ),
+        None => String::new(),
     }
 }
 

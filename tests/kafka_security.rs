@@ -1,0 +1,235 @@
+//! Apache Kafka as production runs it: one listener, SASL_SSL only (SCRAM-SHA-512 over TLS with a
+//! certificate from a CA of this test's own). The service reaches it through `[kafka_properties]`
+//! with the SASL password from `SECUREFORMS_KAFKA_PASSWORD` (or the properties), runs the flow end to
+//! end, and the CLI does the same; a client with a wrong password or without TLS gets nothing, and
+//! the password appears in no log. Runs once, in the Apache Kafka phase of the test run.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use secureforms::kafka::runtime::system_clock;
+use secureforms::service::Service;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+struct SecureKafka {
+    child: std::process::Child,
+    addr: String,
+    ca: PathBuf,
+    log: PathBuf,
+}
+
+impl Drop for SecureKafka {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A CA, and a broker certificate it signed for 127.0.0.1 and localhost (PEM files in `dir`).
+fn certificates(dir: &Path) -> (PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "secureforms test CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+    params.distinguished_name.push(rcgen::DnType::CommonName, "localhost");
+    let cert = params.signed_by(&key, &ca).unwrap();
+    let ca_pem = dir.join("ca.pem");
+    std::fs::write(&ca_pem, ca.as_ref().pem()).unwrap();
+    // Kafka's PEM keystore: the private key (PKCS#8), then the chain.
+    let keystore = dir.join("broker-keystore.pem");
+    write_private(&keystore, format!("{}{}{}", key.serialize_pem(), cert.pem(), ca.as_ref().pem()).as_bytes());
+    (ca_pem, keystore)
+}
+
+fn start_secure_kafka(dir: &Path, service_password: &str) -> SecureKafka {
+    let home = secureforms::broker::kafka_home(None);
+    assert!(home.is_dir(), "Apache Kafka's jars are missing: run scripts/install-kafka.sh");
+    let (ca, keystore) = certificates(dir);
+    let (port, cport) = (free_port(), free_port());
+    let log = dir.join("kafka.log");
+    let props = dir.join("server.properties");
+    let config = format!(
+        "process.roles=broker,controller\nnode.id=1\n\
+         controller.quorum.bootstrap.servers=127.0.0.1:{cport}\n\
+         listeners=SASL_SSL://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}\n\
+         advertised.listeners=SASL_SSL://127.0.0.1:{port}\n\
+         controller.listener.names=CONTROLLER\n\
+         inter.broker.listener.name=SASL_SSL\n\
+         listener.security.protocol.map=CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL\n\
+         sasl.enabled.mechanisms=SCRAM-SHA-512\n\
+         sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512\n\
+         listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username=\"admin\" password=\"admin-secret-for-the-test\";\n\
+         ssl.keystore.type=PEM\nssl.keystore.location={}\n\
+         ssl.truststore.type=PEM\nssl.truststore.location={}\n\
+         log.dirs={}\nauto.create.topics.enable=false\n\
+         offsets.topic.replication.factor=1\noffsets.topic.num.partitions=6\n\
+         transaction.state.log.replication.factor=1\ntransaction.state.log.min.isr=1\n\
+         share.coordinator.state.topic.replication.factor=1\nshare.coordinator.state.topic.min.isr=1\n\
+         group.initial.rebalance.delay.ms=0\nlog.index.size.max.bytes=131072\n",
+        keystore.display(),
+        ca.display(),
+        dir.join("data").display()
+    );
+    std::fs::write(&props, config).unwrap();
+    std::fs::write(
+        dir.join("log4j2.properties"),
+        format!(
+            "status = warn\nappender.file.type = File\nappender.file.name = file\nappender.file.fileName = {}\n\
+             appender.file.layout.type = PatternLayout\nappender.file.layout.pattern = [%d] %p %m (%c)%n\n\
+             rootLogger.level = INFO\nrootLogger.appenderRef.file.ref = file\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    let classpath = format!("{}/*", home.display());
+    let log4j = format!("-Dlog4j2.configurationFile={}", dir.join("log4j2.properties").display());
+    let format = Command::new("java")
+        .args([log4j.as_str(), "-cp", &classpath, "kafka.tools.StorageTool", "format", "--standalone"])
+        .args(["--cluster-id", "c2VjdXJlZm9ybXMtdGVzdA", "--config"])
+        .arg(&props)
+        .args(["--add-scram", "SCRAM-SHA-512=[name=admin,password=admin-secret-for-the-test]"])
+        .args(["--add-scram", &format!("SCRAM-SHA-512=[name=secureforms,password={service_password}]")])
+        .output()
+        .unwrap();
+    assert!(format.status.success(), "format failed: {}", String::from_utf8_lossy(&format.stderr));
+    let child = Command::new("java")
+        .args(["-Xms256m", "-Xmx512m", log4j.as_str(), "-cp", &classpath, "kafka.Kafka"])
+        .arg(&props)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    SecureKafka { child, addr: format!("127.0.0.1:{port}"), ca, log }
+}
+
+/// Client properties for the secured listener.
+fn secured(ca: &Path, user: &str, password: Option<&str>) -> Vec<(String, String)> {
+    let mut p = vec![
+        ("security.protocol".to_string(), "SASL_SSL".to_string()),
+        ("sasl.mechanisms".into(), "SCRAM-SHA-512".into()),
+        ("sasl.username".into(), user.into()),
+        ("ssl.ca.location".into(), ca.display().to_string()),
+    ];
+    if let Some(pw) = password {
+        p.push(("sasl.password".into(), pw.into()));
+    }
+    p
+}
+
+/// Whether a client with these properties gets the cluster's metadata.
+fn metadata_answers(addr: &str, props: &[(String, String)], timeout: Duration) -> Result<(), String> {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", addr).set("group.id", "probe");
+    for (k, v) in props {
+        c.set(k, v);
+    }
+    let consumer: BaseConsumer = c.create().map_err(|e| e.to_string())?;
+    consumer.fetch_metadata(None, timeout).map(|_| ()).map_err(|e| e.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_and_the_cli_work_over_sasl_ssl_and_nobody_gets_in_without_the_password() {
+    if !needs_kafka("it starts an Apache Kafka of its own, once per test run") {
+        return;
+    }
+    let logs = logs();
+    let dir = tempfile::tempdir().unwrap();
+    let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
+    let kafka = start_secure_kafka(dir.path(), &password);
+    let ok = secured(&kafka.ca, "secureforms", Some(&password));
+    let deadline = Instant::now() + WAIT;
+    while let Err(e) = metadata_answers(&kafka.addr, &ok, Duration::from_secs(5)) {
+        if Instant::now() > deadline {
+            let log = std::fs::read_to_string(&kafka.log).unwrap_or_default();
+            panic!(
+                "the secured broker never answered ({e}); its log ends:\n{}",
+                &log[log.len().saturating_sub(4000)..]
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // Nobody else gets in: a wrong password, no TLS, no SASL.
+    let wrong = secured(&kafka.ca, "secureforms", Some("not-the-password"));
+    assert!(metadata_answers(&kafka.addr, &wrong, Duration::from_secs(10)).is_err(), "wrong password");
+    let plain = vec![("security.protocol".to_string(), "PLAINTEXT".to_string())];
+    assert!(metadata_answers(&kafka.addr, &plain, Duration::from_secs(5)).is_err(), "plaintext");
+
+    // The service, in process: the flow end to end.
+    let prefix = unique_prefix("secure");
+    let node_dir = dir.path().join("node");
+    std::fs::create_dir_all(&node_dir).unwrap();
+    let mut s = settings(&prefix, &node_dir);
+    s.brokers = Some(kafka.addr.clone());
+    s.broker_kind = Some(secureforms::kafka::BrokerKind::Kafka);
+    s.kafka_properties = ok.iter().cloned().collect();
+    let mut service =
+        Service::start(s.clone(), kafka.addr.clone(), system_clock()).await.expect("starts over SASL_SSL");
+    service.wait_ready(WAIT).await.expect("ready");
+    let mut chat = secureforms::kafka::KafkaSettings { brokers: kafka.addr.clone(), ..kafka_on(&kafka.addr, &prefix) };
+    chat.properties = ok.iter().cloned().collect();
+    secureforms::kafka::EventProducer::new(&chat)
+        .unwrap()
+        .send(&form_sent("acme", "conv-tls", "form-tls", "agent-1", "agent", "card-payment"))
+        .await
+        .unwrap();
+    let key = secureforms::handlers::issuer::form_key("acme", "form-tls");
+    let deadline = Instant::now() + WAIT;
+    while !service.gateway.tree(secureforms::handlers::gateway::FORMS_TREE).unwrap().contains_key(&key).unwrap() {
+        assert!(Instant::now() < deadline, "the form was issued over SASL_SSL");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let id = submit_card(&service, "conv-tls", "form-tls", &luhn_pan(42)).await;
+    let deadline = Instant::now() + WAIT;
+    while service.detokenizer.record(&id).unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the submission reached the vault over SASL_SSL");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    service.stop().await;
+
+    // The CLI, with the properties in its config file and the password in the environment.
+    let config = dir.path().join("cli.toml");
+    let mut toml = String::from("[kafka_properties]\n");
+    for (k, v) in secured(&kafka.ca, "secureforms", None) {
+        toml.push_str(&format!("{k:?} = {v:?}\n"));
+    }
+    std::fs::write(&config, toml).unwrap();
+    let cli = |pw: &str, args: &[&str]| {
+        Command::new(bin())
+            .args(args)
+            .args(["--brokers", &kafka.addr, "--topic-prefix", &prefix, "--broker-kind", "kafka", "--config"])
+            .arg(&config)
+            .env("SECUREFORMS_KAFKA_PASSWORD", pw)
+            .env_remove("SECUREFORMS_CONFIG")
+            .output()
+            .unwrap()
+    };
+    let o = cli(&password, &["tail", "form-links", "--max", "1", "--idle-exit", "30"]);
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success() && out.contains("FormIssued"), "{out}{}", String::from_utf8_lossy(&o.stderr));
+    let o = cli("not-the-password", &["topics", "list"]);
+    assert!(!o.status.success(), "a wrong password gets nothing");
+    let err = String::from_utf8_lossy(&o.stderr).to_lowercase();
+    assert!(err.contains("auth") || err.contains("sasl"), "says it is about authentication: {err}");
+
+    // The password is in no log.
+    let logs = logs.lock().unwrap().clone();
+    assert!(logs.len() > 1000, "logs were captured");
+    assert!(find(&logs, password.as_bytes()).is_none(), "the SASL password was logged");
+    assert!(!String::from_utf8_lossy(&o.stderr).contains(&password));
+}
