@@ -306,7 +306,8 @@ impl Service {
         let ring = Arc::new(KeyRing::new(master));
         let keys_loaded = load_ring(&ring, &stores["keys"])?;
         let off_record = Arc::new(OffRecordStore::new());
-        let (audit, audit_writer) = crate::audit::AuditLog::open(stores["audit"].clone())?;
+        let chain = crate::audit::AuditChain::new(ring.master(), &settings.node_id);
+        let (audit, audit_writer) = crate::audit::AuditLog::open(stores["audit"].clone(), Some(chain))?;
         let detokenizer = Arc::new(
             Detokenizer::new(
                 stores["tokenizer"].clone(),

@@ -521,3 +521,49 @@ async fn forged_events_are_dead_lettered_and_the_sender_alone_still_retrieves() 
     let (status, body) = e.retrieve(&next, Some(&agent("alice", "s-a")), &next_key).await;
     assert_eq!(status, 200, "{body}");
 }
+
+/// Every FormRetrieved carries its node's chain link; `secureforms audit verify` passes on the
+/// topic as the service wrote it and fails, naming the record, once an edited copy is on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_chain_verifies_end_to_end_and_an_edit_is_reported() {
+    let e = env().await;
+    let (sub, key, _) = submitted_form(&e, "acme", "conv-audit", "form-audit", "alice").await;
+    assert_eq!(e.retrieve(&sub, Some(&agent("bob", "s-b")), &key).await.0, 403);
+    assert_eq!(e.retrieve(&sub, Some(&agent("alice", "s-a")), &key).await.0, 200);
+    assert_eq!(e.retrieve(&sub, Some(&agent("alice", "s-a")), &key).await.0, 403);
+    let mut events = TopicReader::new(&e.prefix, Topic::AgentEvents).await;
+    let retrieved = |r: &[rdkafka::message::OwnedMessage]| -> Vec<secureforms::events::FormRetrieved> {
+        r.iter()
+            .filter_map(|m| match m.payload().map(|p| Codec::get().decode(p)) {
+                Some(Ok(Event::FormRetrieved(f))) => Some(f),
+                _ => None,
+            })
+            .collect()
+    };
+    assert!(events.read_until(WAIT, |r| retrieved(r).len() >= 3).await);
+    let chain: Vec<_> = retrieved(&events.records);
+    let seqs: Vec<i64> = chain.iter().map(|r| r.chain.as_ref().expect("every record is linked").seq).collect();
+    assert_eq!(seqs, vec![1, 2, 3], "one chain, in the order recorded");
+
+    let verify = || {
+        std::process::Command::new(bin())
+            .args(["audit", "verify", "--brokers", &brokers(), "--topic-prefix", &e.prefix, "--master-key-file"])
+            .arg(master_key_file(e._dir.path()))
+            .env_remove("SECUREFORMS_CONFIG")
+            .output()
+            .unwrap()
+    };
+    let o = verify();
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success() && out.contains("3 records, seq 1 to 3") && out.contains("intact"), "{out}");
+
+    // Someone with write access rewrites a refusal as a grant.
+    let mut edited = chain[0].clone();
+    edited.outcome = "granted".into();
+    edited.reason = String::new();
+    producer(&e.prefix).await.send(&Event::FormRetrieved(edited)).await.unwrap();
+    let o = verify();
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(out.contains("seq 1") && out.contains("altered"), "{out}");
+}

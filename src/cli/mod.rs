@@ -2,6 +2,7 @@
 //! settings and calls the library. Errors end the process with a non-zero exit and a message that
 //! says what to fix.
 
+mod audit;
 mod bench;
 mod chatbus;
 mod dlq;
@@ -96,6 +97,8 @@ pub enum Command {
     Erase(ops::EraseArgs),
     Replay(ops::ReplayArgs),
     Compliance(ops::ComplianceArgs),
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 impl GlobalArgs {
@@ -142,5 +145,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Erase(a) => ops::erase(&cli.global, a).await,
         Command::Replay(a) => ops::replay(&cli.global, a).await,
         Command::Compliance(a) => ops::compliance(&cli.global, a).await,
+        Command::Audit(c) => audit::run(&cli.global, c).await,
     }
 }

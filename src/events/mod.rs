@@ -89,7 +89,7 @@ events! {
     FormSubmitted => "form_submitted.avsc", v 1, Submissions;
     SubmissionPurged => "submission_purged.avsc", v 1, Submissions;
     FormReady => "form_ready.avsc", v 1, AgentEvents;
-    FormRetrieved => "form_retrieved.avsc", v 1, AgentEvents;
+    FormRetrieved => "form_retrieved.avsc", v 2, AgentEvents;
     FormTemplateDefined => "form_template_defined.avsc", v 1, Templates;
     DataKeyCreated => "data_key_created.avsc", v 1, Keys;
     DataKeyDestroyed => "data_key_destroyed.avsc", v 1, Keys;
@@ -104,6 +104,12 @@ pub const HISTORY: &[(EventKind, i32, &str, &str)] = &[
         1,
         "history/dead_letter.v1.avsc",
         include_str!("../../schemas/history/dead_letter.v1.avsc"),
+    ),
+    (
+        EventKind::FormRetrieved,
+        1,
+        "history/form_retrieved.v1.avsc",
+        include_str!("../../schemas/history/form_retrieved.v1.avsc"),
     ),
 ];
 

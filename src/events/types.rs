@@ -108,6 +108,18 @@ pub struct FormRetrieved {
     pub session_id: Option<String>,
     pub outcome: String,
     pub reason: String,
+    /// The recording node's chain link (see `audit::AuditChain`); None before schema version 2.
+    #[serde(default)]
+    pub chain: Option<AuditLink>,
+}
+
+/// One link of a node's tamper-evident chain of FormRetrieved records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditLink {
+    pub node_id: String,
+    pub seq: i64,
+    pub prev: String,
+    pub mac: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -196,6 +196,8 @@ async fn audit_spending(
         session_id: session.map(str::to_string),
         outcome: outcome.to_string(),
         reason: reason.to_string(),
+        // Linked into this node's chain when it is recorded.
+        chain: None,
     });
     tracing::info!(submission_id = submission, agent_id = agent, outcome, reason, "retrieval attempt");
     state.node.metrics.retrieval(outcome == "granted", if reason.is_empty() { "ok" } else { reason });
