@@ -200,9 +200,56 @@ pub fn answer_ad<'a>(
     ]
 }
 
+/// Who an answer was given to: the conversation and the agent who sent the form.
+#[derive(Clone, Copy)]
+pub struct Recipient<'a> {
+    pub conversation: &'a str,
+    pub agent: &'a str,
+}
+
+/// Associated data for one sealed answer, version 2: also bound to the conversation and the agent
+/// who sent the form, so a record that names another conversation or agent cannot be opened.
+/// Answers sealed before version 2 open with [`answer_ad`]; a version-2 ciphertext never does.
+pub fn answer_ad_bound<'a>(
+    site: &'a str,
+    form: &'a str,
+    submission: &'a str,
+    field: &'a str,
+    key_id: &'a str,
+    to: Recipient<'a>,
+) -> [&'a [u8]; 8] {
+    [
+        b"secureforms-answer-v2",
+        site.as_bytes(),
+        form.as_bytes(),
+        submission.as_bytes(),
+        field.as_bytes(),
+        key_id.as_bytes(),
+        to.conversation.as_bytes(),
+        to.agent.as_bytes(),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_is_bound_to_its_conversation_and_sender() {
+        let k = KeyMaterial::random();
+        let to = |conversation, agent| Recipient { conversation, agent };
+        let ad = answer_ad_bound("acme", "f1", "s1", "pan", "acme.2026-11.g1", to("c1", "alice"));
+        let ct = k.seal(&ad, b"4111111111111111").unwrap();
+        assert!(k.open(&ad, &ct).is_ok());
+        for other in [
+            answer_ad_bound("acme", "f1", "s1", "pan", "acme.2026-11.g1", to("c1", "mallory")),
+            answer_ad_bound("acme", "f1", "s1", "pan", "acme.2026-11.g1", to("c2", "alice")),
+        ] {
+            assert!(matches!(k.open(&other, &ct), Err(KeyError::Open)), "redirected");
+        }
+        let v1 = answer_ad("acme", "f1", "s1", "pan", "acme.2026-11.g1");
+        assert!(matches!(k.open(&v1, &ct), Err(KeyError::Open)), "a version-2 answer never opens as version 1");
+    }
 
     #[test]
     fn data_key_ids_parse_back() {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use dashmap::DashSet;
 use serde::{Deserialize, Serialize};
 
-use crate::crypto::{KeyError, KeyRing, answer_ad};
+use crate::crypto::{KeyError, KeyRing, Recipient, answer_ad, answer_ad_bound};
 use crate::domain::otk::{OtkSecret, Purpose};
 use crate::store::{Store, StoreError};
 use crate::vault::offrecord::{OffRecord, OffRecordStore, Secret};
@@ -196,8 +196,16 @@ impl Detokenizer {
         };
         let mut answers = BTreeMap::new();
         for (field, ct) in &record.answers {
-            let ad = answer_ad(&record.site_id, &record.form_id, submission, field, &record.key_id);
-            let plain = data_key.material.open(&ad, ct).map_err(DetokenizeError::Key)?;
+            // Version 2 binds the conversation and the sender; answers sealed before it open as v1.
+            let to = Recipient { conversation: &record.conversation_id, agent: &record.agent_id };
+            let bound = answer_ad_bound(&record.site_id, &record.form_id, submission, field, &record.key_id, to);
+            let plain = match data_key.material.open(&bound, ct) {
+                Ok(p) => p,
+                Err(_) => {
+                    let v1 = answer_ad(&record.site_id, &record.form_id, submission, field, &record.key_id);
+                    data_key.material.open(&v1, ct).map_err(DetokenizeError::Key)?
+                }
+            };
             let text = String::from_utf8(plain.to_vec())
                 .map_err(|_| DetokenizeError::Corrupt(submission.to_string(), "answer is not UTF-8".into()))?;
             answers.insert(field.clone(), Secret::new(text));

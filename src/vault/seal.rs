@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use crate::crypto::keyring::DataKey;
-use crate::crypto::{KeyError, answer_ad};
+use crate::crypto::{KeyError, Recipient, answer_ad_bound};
 use crate::domain::template::Template;
 use crate::events::{EventHeader, EventKind, FormSubmitted, SealedAnswer};
 use crate::vault::offrecord::Secret;
@@ -61,7 +61,8 @@ pub fn seal_submission(
         if q.is_off_record() {
             off_record.insert(q.id.clone(), value);
         } else {
-            let ad = answer_ad(ctx.site_id, ctx.form_id, &submission, &q.id, &key.id);
+            let to = Recipient { conversation: ctx.conversation_id, agent: ctx.agent_id };
+            let ad = answer_ad_bound(ctx.site_id, ctx.form_id, &submission, &q.id, &key.id, to);
             sealed.push(SealedAnswer {
                 field_id: q.id.clone(),
                 ciphertext: key.material.seal(&ad, value.expose().as_bytes())?,
