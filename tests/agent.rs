@@ -261,9 +261,17 @@ async fn the_access_matrix_with_one_audit_event_per_attempt() {
     expected.push(("granted", ""));
     check(&mut expected, e.retrieve(&sub, Some(&agent("alice", "s-a")), &key).await, 403, "key_spent", "denied");
 
-    // A fresh key for the sender works once.
-    let (status, fresh) =
-        e.post(&format!("/api/v1/submissions/{sub}/retrieve-key"), Some(&agent("alice", "s-a")), json!({})).await;
+    // A fresh key is not for the token alone: the caller must hold a key issued for the submission.
+    let fresh_path = format!("/api/v1/submissions/{sub}/retrieve-key");
+    let (status, body) = e.post(&fresh_path, Some(&agent("alice", "s-a")), json!({})).await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("bad_body")), "{body}");
+    let (status, body) =
+        e.post(&fresh_path, Some(&agent("alice", "s-a")), json!({ "previous_key": "AAAAAAAAAAAAAAAAAAAAAA" })).await;
+    assert_eq!((status, body["error"].as_str()), (403, Some("invalid_key")), "a guessed key: {body}");
+    let (status, body) = e.post(&fresh_path, Some(&agent("alice", "s-a")), json!({ "previous_key": beta_key })).await;
+    assert_eq!((status, body["error"].as_str()), (403, Some("invalid_key")), "another submission's key: {body}");
+    // A fresh key for the sender, who holds the (spent) key from FormReady, works once.
+    let (status, fresh) = e.post(&fresh_path, Some(&agent("alice", "s-a")), json!({ "previous_key": key })).await;
     assert_eq!(status, 201, "{fresh}");
     let fresh_key = fresh["retrieve_key"].as_str().unwrap().to_string();
     let deadline = std::time::Instant::now() + WAIT;
@@ -281,9 +289,8 @@ async fn the_access_matrix_with_one_audit_event_per_attempt() {
         assert!(std::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (status, _) =
-        e.post(&format!("/api/v1/submissions/{sub}/retrieve-key"), Some(&agent("bob", "s-bob")), json!({})).await;
-    assert_eq!(status, 403, "only the sender gets fresh keys");
+    let (status, _) = e.post(&fresh_path, Some(&agent("bob", "s-bob")), json!({ "previous_key": key })).await;
+    assert_eq!(status, 403, "only the sender gets fresh keys, even with a key");
 
     // Transfer and reassignment: the new holders are denied.
     e.chat(Event::ConversationTransferred(ConversationTransferred {

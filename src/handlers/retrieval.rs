@@ -43,6 +43,9 @@ impl Handler for RetrievalProjection {
                     site_id: r.header.site_id.clone(),
                     conversation_id: r.header.conversation_id.clone(),
                 };
+                let mut issued = submission_key(&id).to_vec();
+                issued.extend_from_slice(state.key_hash.as_bytes());
+                tx.insert(trees::ISSUED, issued, Vec::new());
                 tx.insert_json(trees::KEYS, submission_key(&id).to_vec(), &state);
                 Ok(vec![])
             }

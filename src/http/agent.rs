@@ -373,15 +373,27 @@ pub async fn retrieve(
     }
 }
 
-/// A fresh one-time retrieve key for the sender, while the conversation is live. Delivered in the
-/// response and as a new FormReady.
+/// What a caller presents to be given a fresh retrieve key: proof that it holds what the agent
+/// workspace received, not only the agent's token.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FreshKeyRequest {
+    /// A retrieve key issued for this submission (from FormReady or an earlier fresh key; spent or
+    /// expired is fine).
+    pub previous_key: String,
+}
+
+/// A fresh one-time retrieve key for the sender, while the conversation is live, for a caller that
+/// holds a key issued for this submission before. Delivered in the response and as a new FormReady.
 #[utoipa::path(post, path = "/api/v1/submissions/{id}/retrieve-key", tag = "agent", security(("agent_jwt" = [])),
     params(("id" = uuid::Uuid, Path, description = "Submission UUID")),
+    request_body = FreshKeyRequest,
     responses(
         (status = 201, description = "The new key", body = FreshKey),
-        (status = 400, description = "bad_submission_id: the id is not a UUID", body = ApiError),
+        (status = 400, description = "bad_submission_id: the id is not a UUID; bad_body", body = ApiError),
         (status = 401, description = "Token refused", body = ApiError),
-        (status = 403, description = "Not the sender, no permission, other site or conversation closed", body = ApiError),
+        (status = 403, description = "Not the sender, no permission, other site or conversation closed; invalid_key: previous_key was never issued for this submission", body = ApiError),
+        (status = 415, description = "Not application/json", body = ApiError),
         (status = 404, description = "unknown_submission", body = ApiError),
         (status = 429, description = "rate_limited: too many requests from this client or for this agent; see Retry-After", body = ApiError),
         (status = 503, description = "not_ready or unavailable: the node is catching up or cannot record the audit; retry after Retry-After", body = ApiError),
@@ -391,6 +403,7 @@ pub async fn fresh_key(
     ConnectInfo(addr): ConnectInfo<std::net::SocketAddr>,
     Path(id): Path<String>,
     headers: HeaderMap,
+    body: Bytes,
 ) -> Response {
     let claims = match admit(&state, &addr, &headers) {
         Ok(c) => c,
@@ -414,6 +427,24 @@ pub async fn fresh_key(
         return api_error(status, d.code(), d.message());
     }
     let owner = known.expect("checked");
+    let request: FreshKeyRequest = match parse_json(&headers, &body) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    match state.node.detokenizer.was_issued(&owner.site_id, &sid, &request.previous_key) {
+        Ok(true) => {}
+        Ok(false) => {
+            return api_error(
+                StatusCode::FORBIDDEN,
+                "invalid_key",
+                "previous_key is not a retrieve key issued for this submission; a fresh key is given to the holder of one",
+            );
+        }
+        Err(error) => {
+            tracing::error!(%error, "cannot read the issued retrieve keys; check the data directory's disk");
+            return api_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "try again in a moment");
+        }
+    }
     let t = now(&state);
     let ttl = state.node.settings.sites.get(&owner.site_id).map(|s| s.retrieve_key_ttl_secs).unwrap_or(60);
     let record = state.node.detokenizer.record(&sid).ok().flatten();

@@ -21,7 +21,7 @@ use utoipa::OpenApi;
         healthz,
         readyz,
     ),
-    components(schemas(super::agent::RetrieveRequest, super::agent::RetrieveResponse, super::agent::OffRecordView, super::agent::ApiError, super::agent::FreshKey, super::agent::History, super::agent::HistoryItem)),
+    components(schemas(super::agent::RetrieveRequest, super::agent::FreshKeyRequest, super::agent::RetrieveResponse, super::agent::OffRecordView, super::agent::ApiError, super::agent::FreshKey, super::agent::History, super::agent::HistoryItem)),
     modifiers(&BearerAuth, &VisitorBodies),
     tags((name = "visitor", description = "The secure form page opened from the link in the chat"), (name = "agent", description = "Retrieval for the agent workspace and history for managers"))
 )]

@@ -84,6 +84,9 @@ pub mod retrieval_trees {
     pub const SPENT: &str = "retrieval.spent";
     /// `site \0 form` -> submit key hash (from FormOpened): to tell a submit key used to retrieve.
     pub const SUBMIT_KEYS: &str = "retrieval.submit_keys";
+    /// `submission UUID (16 bytes) key hash` -> empty: every retrieve key issued for a submission, so
+    /// a fresh key is given only to a caller who holds one of them (not to a token alone).
+    pub const ISSUED: &str = "retrieval.issued";
 }
 
 #[derive(Debug)]
@@ -211,6 +214,20 @@ impl Detokenizer {
             answers.insert(field.clone(), Secret::new(text));
         }
         Ok(answers)
+    }
+
+    /// Whether `presented` is a retrieve key that was issued for this submission (spent, expired or
+    /// current): what a caller must hold to be given a fresh one.
+    pub fn was_issued(
+        &self,
+        site_id: &str,
+        submission_id: &uuid::Uuid,
+        presented: &str,
+    ) -> Result<bool, DetokenizeError> {
+        let Some(key) = OtkSecret::parse(presented) else { return Ok(false) };
+        let mut k = submission_key(submission_id).to_vec();
+        k.extend_from_slice(key.hash(Purpose::Retrieve, site_id, &submission_id.to_string()).as_bytes());
+        Ok(self.retrieval.tree(retrieval_trees::ISSUED)?.contains_key(k).map_err(StoreError::from)?)
     }
 
     /// How many submissions have a retrieve key in the projection.
