@@ -329,6 +329,11 @@ impl EmbeddedBroker {
         &self.addr
     }
 
+    /// Whether the broker process has ended.
+    fn exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Kills the broker at once (SIGKILL), as a crash would; for fault-injection tests.
     pub async fn kill(mut self) {
         let _ = std::fs::remove_file(&self.addr_file);
@@ -419,6 +424,87 @@ mod tests {
             "group.initial.rebalance.delay.ms=0",
         ] {
             assert!(p.lines().any(|l| l == line), "missing {line:?} in\n{p}");
+        }
+    }
+}
+
+/// How often the supervisor asks the embedded broker for its metadata, and after how many failed
+/// answers in a row it restarts it.
+const SUPERVISE_EVERY: Duration = Duration::from_secs(5);
+const RESTART_AFTER_FAILURES: u32 = 3;
+
+/// The embedded broker under watch: restarted on the same port and data when its process ends, or
+/// when it stops answering metadata requests while alive (seen on tansu 0.6.0: after a restart with
+/// consumer groups rejoining, its storage task died and it refused every request until restarted).
+/// The service rides out the restart like any broker outage.
+pub struct SupervisedBroker {
+    addr: String,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Option<EmbeddedBroker>>,
+}
+
+impl SupervisedBroker {
+    pub fn start(broker: EmbeddedBroker, settings: &Settings) -> SupervisedBroker {
+        let addr = broker.addr().to_string();
+        let mut settings = settings.clone();
+        settings.embedded_broker_port = addr.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut broker = Some(broker);
+            let mut failures = 0u32;
+            let mut tick = tokio::time::interval(SUPERVISE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = stopped.wait_for(|s| *s) => return broker,
+                    _ = tick.tick() => {}
+                }
+                let restart = match broker.as_mut() {
+                    None => Some("it is not running"),
+                    Some(b) => {
+                        if b.exited() {
+                            Some("its process ended")
+                        } else if probe_metadata(b.addr()).await.is_ok() {
+                            failures = 0;
+                            None
+                        } else {
+                            failures += 1;
+                            (failures >= RESTART_AFTER_FAILURES).then_some("it stopped answering metadata requests")
+                        }
+                    }
+                };
+                let Some(why) = restart else { continue };
+                tracing::warn!(
+                    reason = why,
+                    port = settings.embedded_broker_port,
+                    "restarting the embedded broker on the same port and data (see its log in the data directory if this repeats)"
+                );
+                if let Some(b) = broker.take() {
+                    b.kill().await;
+                }
+                failures = 0;
+                match EmbeddedBroker::start_for(&settings).await {
+                    Ok(b) => {
+                        tracing::info!(addr = %b.addr(), "embedded broker restarted");
+                        broker = Some(b);
+                    }
+                    Err(error) => tracing::error!(%error, "the embedded broker did not restart; trying again shortly"),
+                }
+            }
+        });
+        SupervisedBroker { addr, stop, task }
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Stops watching, then stops the broker.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        if let Ok(Some(b)) = self.task.await {
+            b.stop().await;
         }
     }
 }

@@ -579,7 +579,7 @@ pub async fn serve(settings: Settings, clock: Clock, shutdown: impl Future<Outpu
     let listeners = crate::http::listener::Listeners::bind(&settings).await?;
     let embedded = match &settings.brokers {
         Some(b) if !b.trim().is_empty() => None,
-        _ => Some(EmbeddedBroker::start_for(&settings).await?),
+        _ => Some(crate::broker::SupervisedBroker::start(EmbeddedBroker::start_for(&settings).await?, &settings)),
     };
     let brokers =
         embedded.as_ref().map(|b| b.addr().to_string()).or_else(|| settings.brokers.clone()).unwrap_or_default();

@@ -254,6 +254,66 @@ fn tail_lines(data_dir: &Path, topic: &str, n: usize) -> Vec<serde_json::Value> 
     String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
+/// The pid of the live (not zombie) embedded broker process listening on `addr`.
+fn broker_pid(addr: &str) -> Option<i32> {
+    let listener = format!("tcp://{addr}");
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        (cmdline.contains("tansu") && cmdline.contains(&listener)).then_some(pid)
+    })
+}
+
+#[test]
+fn the_embedded_broker_is_restarted_when_it_dies_and_serve_carries_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let serve = serve_embedded(dir.path());
+    let addr = std::fs::read_to_string(dir.path().join("broker.addr")).unwrap().trim().to_string();
+    let pid = broker_pid(&addr).expect("the embedded broker runs");
+    // SAFETY: signalling a process this test found by its command line.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while broker_pid(&addr).is_none_or(|p| p == pid) {
+        assert!(Instant::now() < deadline, "serve did not restart the embedded broker");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // serve carries on, without a restart of its own: a form sent now is issued.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let o = run(&[
+            "chatbus",
+            "send-form",
+            "--data-dir",
+            d,
+            "--site",
+            "acme",
+            "--conversation",
+            "c-1",
+            "--agent",
+            "a-7",
+            "--template",
+            "card-payment",
+            "--form-id",
+            "f-after",
+        ]);
+        if o.status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the restarted broker never took a record: {}", text(&o));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let first = tail_lines(dir.path(), "form-links", 1);
+    assert_eq!(
+        (first[0]["type"].as_str(), first[0]["event"]["form_id"].as_str()),
+        (Some("FormIssued"), Some("f-after"))
+    );
+    stop(serve);
+}
+
 #[test]
 fn the_embedded_default_runs_the_flow_and_keeps_its_data_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
