@@ -401,33 +401,6 @@ fn kafka_log4j(log: &Path) -> String {
     )
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_pinned_kafka_version_is_the_one_the_install_script_fetches() {
-        let pom = include_str!("../scripts/kafka/pom.xml");
-        assert!(
-            pom.contains(&format!("<kafka.version>{KAFKA_VERSION}</kafka.version>")),
-            "scripts/kafka/pom.xml pins another version than broker::KAFKA_VERSION"
-        );
-    }
-
-    #[test]
-    fn one_node_kafka_settings_name_both_listeners_and_single_replica_internal_topics() {
-        let p = kafka_server_properties(Path::new("/d"), 9092, 9093);
-        for line in [
-            "listeners=PLAINTEXT://127.0.0.1:9092,CONTROLLER://127.0.0.1:9093",
-            "offsets.topic.replication.factor=1",
-            "log.dirs=/d",
-            "group.initial.rebalance.delay.ms=0",
-        ] {
-            assert!(p.lines().any(|l| l == line), "missing {line:?} in\n{p}");
-        }
-    }
-}
-
 /// How often the supervisor asks the embedded broker for its metadata, and after how many failed
 /// answers in a row it restarts it.
 const SUPERVISE_EVERY: Duration = Duration::from_secs(5);
@@ -505,6 +478,33 @@ impl SupervisedBroker {
         let _ = self.stop.send(true);
         if let Ok(Some(b)) = self.task.await {
             b.stop().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pinned_kafka_version_is_the_one_the_install_script_fetches() {
+        let pom = include_str!("../scripts/kafka/pom.xml");
+        assert!(
+            pom.contains(&format!("<kafka.version>{KAFKA_VERSION}</kafka.version>")),
+            "scripts/kafka/pom.xml pins another version than broker::KAFKA_VERSION"
+        );
+    }
+
+    #[test]
+    fn one_node_kafka_settings_name_both_listeners_and_single_replica_internal_topics() {
+        let p = kafka_server_properties(Path::new("/d"), 9092, 9093);
+        for line in [
+            "listeners=PLAINTEXT://127.0.0.1:9092,CONTROLLER://127.0.0.1:9093",
+            "offsets.topic.replication.factor=1",
+            "log.dirs=/d",
+            "group.initial.rebalance.delay.ms=0",
+        ] {
+            assert!(p.lines().any(|l| l == line), "missing {line:?} in\n{p}");
         }
     }
 }
