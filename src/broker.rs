@@ -207,7 +207,13 @@ impl EmbeddedBroker {
 
         if !dir.join("data/meta.properties").exists() {
             use base64::Engine;
-            let cluster_id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(uuid::Uuid::new_v4().as_bytes());
+            // As Kafka's own Uuid.randomUuid: never one that starts with '-', which the tool's
+            // argument parser would take for an option (1 in 64 random ids).
+            let cluster_id = std::iter::repeat_with(|| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(uuid::Uuid::new_v4().as_bytes())
+            })
+            .find(|id| !id.starts_with('-'))
+            .expect("an endless supply of ids");
             let format_log = dir.join("format.log");
             let out = std::fs::File::create(&format_log).map_err(dir_err)?;
             let mut cmd = Command::new("java");

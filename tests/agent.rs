@@ -99,6 +99,10 @@ impl Env {
 }
 
 async fn env() -> Env {
+    env_with(|_| {}).await
+}
+
+async fn env_with(adjust: impl FnOnce(&mut secureforms::config::Settings)) -> Env {
     let prefix = unique_prefix("agent");
     let dir = tempfile::tempdir().unwrap();
     let secret_file = dir.path().join("jwt.secret");
@@ -108,6 +112,7 @@ async fn env() -> Env {
     s.agent_auth.jwt_secret_file = Some(secret_file);
     let beta = s.sites["acme"].clone();
     s.sites.insert("beta".into(), beta);
+    adjust(&mut s);
     let service = Service::start(s, brokers(), system_clock()).await.unwrap();
     service.wait_ready(WAIT).await.expect("ready");
     let base = format!("http://{}", service.http_addr.unwrap());
@@ -430,7 +435,9 @@ async fn a_spent_key_stays_spent_across_a_restart_and_the_audit_reaches_kafka() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_agent_hammering_the_api_is_rate_limited_without_stopping_the_others() {
-    let e = env().await;
+    // A burst of 60 that refills one token a minute: the outcome cannot depend on how fast this
+    // machine answers the 90 requests.
+    let e = env_with(|s| s.rate_limits.api_per_agent = secureforms::config::Rate { per_minute: 1, burst: 60 }).await;
     let (sub, key, _) = submitted_form(&e, "acme", "conv-rl", "form-rl", "alice").await;
     // Mallory, authenticated, tries keys as fast as she can: every refusal would be an audit write.
     let bad = "AAAAAAAAAAAAAAAAAAAAAA";
