@@ -279,6 +279,21 @@ async fn the_access_matrix_with_one_audit_event_per_attempt() {
     let (status, fresh) = e.post(&fresh_path, Some(&agent("alice", "s-a")), json!({ "previous_key": key })).await;
     assert_eq!(status, 201, "{fresh}");
     let fresh_key = fresh["retrieve_key"].as_str().unwrap().to_string();
+    // The fresh key is bound to the session that asked for it: the same agent in another session
+    // is refused (once the projection has the key), and the key is not spent by that.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (status, body) = e.retrieve(&sub, Some(&agent("alice", "s-other")), &fresh_key).await;
+        if body["error"] == "invalid_key" {
+            expected.push(("denied", "invalid_key"));
+            assert!(std::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        assert_eq!((status, body["error"].as_str()), (403, Some("wrong_session")), "{body}");
+        expected.push(("denied", "wrong_session"));
+        break;
+    }
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         let (status, body) = e.retrieve(&sub, Some(&agent("alice", "s-a")), &fresh_key).await;

@@ -88,7 +88,7 @@ events! {
     KeyRefused => "key_refused.avsc", v 1, Submissions;
     FormSubmitted => "form_submitted.avsc", v 1, Submissions;
     SubmissionPurged => "submission_purged.avsc", v 1, Submissions;
-    FormReady => "form_ready.avsc", v 1, AgentEvents;
+    FormReady => "form_ready.avsc", v 2, AgentEvents;
     FormRetrieved => "form_retrieved.avsc", v 2, AgentEvents;
     FormTemplateDefined => "form_template_defined.avsc", v 1, Templates;
     DataKeyCreated => "data_key_created.avsc", v 1, Keys;
@@ -111,6 +111,7 @@ pub const HISTORY: &[(EventKind, i32, &str, &str)] = &[
         "history/form_retrieved.v1.avsc",
         include_str!("../../schemas/history/form_retrieved.v1.avsc"),
     ),
+    (EventKind::FormReady, 1, "history/form_ready.v1.avsc", include_str!("../../schemas/history/form_ready.v1.avsc")),
 ];
 
 impl EventHeader {

@@ -97,6 +97,9 @@ pub struct FormReady {
     pub retrieve_key: String,
     pub retrieve_expires_at: i64,
     pub off_record_field_ids: Vec<String>,
+    /// The agent session a fresh key was issued to; None for the tokenizer's key.
+    #[serde(default)]
+    pub session_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -42,6 +42,7 @@ impl Handler for RetrievalProjection {
                     form_id: r.form_id.clone(),
                     site_id: r.header.site_id.clone(),
                     conversation_id: r.header.conversation_id.clone(),
+                    session_id: r.session_id.clone(),
                 };
                 let mut issued = submission_key(&id).to_vec();
                 issued.extend_from_slice(state.key_hash.as_bytes());

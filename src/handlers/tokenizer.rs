@@ -167,6 +167,8 @@ impl Handler for Tokenizer {
                     retrieve_key: retrieve_key.expose().to_string(),
                     retrieve_expires_at: now_ms + (ttl as i64) * 1000,
                     off_record_field_ids: s.off_record_field_ids.clone(),
+                    // The agent's session is not known here; fresh keys are bound to theirs.
+                    session_id: None,
                 };
                 tracing::debug!(submission_id = %id, form_id = %s.form_id, site_id = %h.site_id, answers = s.answers.len(), "submission stored in the vault");
                 Ok(vec![Event::FormReady(ready)])

@@ -262,7 +262,7 @@ fn parse_json<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &Bytes)
         (status = 200, description = "The answers, and the off-the-record ones if still in memory", body = RetrieveResponse),
         (status = 400, description = "Bad submission id or body", body = ApiError),
         (status = 401, description = "token_missing, token_invalid, token_expired, session_ended, auth_not_configured", body = ApiError),
-        (status = 403, description = "wrong_site, permission_denied, not_sender, conversation_closed, invalid_key, wrong_purpose, key_expired, key_spent, purged", body = ApiError),
+        (status = 403, description = "wrong_site, permission_denied, not_sender, conversation_closed, invalid_key, wrong_purpose, key_expired, key_spent, wrong_session, purged", body = ApiError),
         (status = 404, description = "unknown_submission", body = ApiError),
         (status = 413, description = "body_too_large: the body is over 64 KiB", body = ApiError),
         (status = 415, description = "Not application/json", body = ApiError),
@@ -312,7 +312,8 @@ pub async fn retrieve(
         return api_error(status, d.code(), d.message());
     }
     let owner = known.expect("checked by may_retrieve");
-    match state.node.detokenizer.detokenize(&claims.site, sid, &request.key, now(&state)) {
+    match state.node.detokenizer.detokenize_in_session(&claims.site, sid, &request.key, Some(&claims.sid), now(&state))
+    {
         Ok(got) => {
             if !audit_spending(
                 &state,
@@ -464,6 +465,8 @@ pub async fn fresh_key(
         retrieve_key: key.expose().to_string(),
         retrieve_expires_at: t + (ttl as i64) * 1000,
         off_record_field_ids: record.map(|r| r.off_record_field_ids).unwrap_or_default(),
+        // Usable only from the session that asked for it.
+        session_id: Some(claims.sid.clone()),
     };
     // Through the same ordered log as the audit events: the projection must see an earlier
     // retrieval's FormRetrieved before this key, or it would mark the new key spent.

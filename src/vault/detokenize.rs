@@ -31,6 +31,10 @@ pub enum Refusal {
     KeySpent,
     #[error("the submission was purged")]
     Purged,
+    #[error(
+        "the retrieve key was issued to another session of the agent; use it from that session or ask for a fresh one"
+    )]
+    WrongSession,
 }
 
 impl Refusal {
@@ -43,6 +47,7 @@ impl Refusal {
             Refusal::KeyExpired => "key_expired",
             Refusal::KeySpent => "key_spent",
             Refusal::Purged => "purged",
+            Refusal::WrongSession => "wrong_session",
         }
     }
 }
@@ -74,6 +79,9 @@ pub struct RetrieveKeyState {
     pub form_id: String,
     pub site_id: String,
     pub conversation_id: String,
+    /// The agent session the key is bound to, if any (fresh keys).
+    #[serde(default)]
+    pub session_id: Option<String>,
 }
 
 /// Trees of the retrieval projection (`<data_dir>/state/retrieval`).
@@ -120,12 +128,26 @@ impl Detokenizer {
         self
     }
 
-    /// Checks the key and, if it is good, spends it and opens the answers.
+    /// Checks the key and, if it is good, spends it and opens the answers (no session binding;
+    /// tools and tests).
     pub fn detokenize(
         &self,
         site_id: &str,
         submission_id: uuid::Uuid,
         presented_key: &str,
+        now_ms: i64,
+    ) -> Result<Retrieved, DetokenizeError> {
+        self.detokenize_in_session(site_id, submission_id, presented_key, None, now_ms)
+    }
+
+    /// As [`Self::detokenize`], for a requester in agent session `session`: a key bound to another
+    /// session is refused (`wrong_session`) before it is spent.
+    pub fn detokenize_in_session(
+        &self,
+        site_id: &str,
+        submission_id: uuid::Uuid,
+        presented_key: &str,
+        session: Option<&str>,
         now_ms: i64,
     ) -> Result<Retrieved, DetokenizeError> {
         let record = self.existing(&submission_id)?;
@@ -154,6 +176,11 @@ impl Detokenizer {
         };
         if now_ms >= state.expires_at {
             return Err(Refusal::KeyExpired.into());
+        }
+        if let (Some(bound), Some(asking)) = (&state.session_id, session)
+            && bound != asking
+        {
+            return Err(Refusal::WrongSession.into());
         }
         let spent_tree = self.retrieval.tree(retrieval_trees::SPENT)?;
         let spent_here_before = self.audit.as_ref().is_some_and(|a| a.is_spent(&state.key_hash));
