@@ -282,6 +282,10 @@ impl Service {
         let master = master_key(&settings)?;
         let mut kafka = kafka_settings(&settings, brokers, if options.shadow { "ops" } else { "service" });
         apply_topics(&kafka, settings.replication_factor).await?;
+        // A node never runs on topics that place one conversation on different partition numbers.
+        if let Some(wrong) = Admin::new(&kafka)?.co_partitioning().await? {
+            return Err(KafkaError::Topic { topic: kafka.names.prefix().to_string(), message: wrong }.into());
+        }
         // Learned once, so the clients can be tuned for the broker (see runtime::fetch_wait_ms).
         kafka.kind = Some(Admin::new(&kafka)?.broker_kind().await?);
         let metrics = Arc::new(crate::metrics::Metrics::new());

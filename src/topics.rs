@@ -208,9 +208,44 @@ pub fn plan(names: &TopicNames, observed: &BTreeMap<String, ObservedTopic>, kind
         .collect()
 }
 
+/// Whether the conversation-keyed topics the broker has share one partition count. They must: a
+/// conversation's events are placed by murmur2 of its id modulo the partition count, and the node
+/// that owns partition p of one topic must find that conversation's other events in partition p of
+/// the others. Returns what is wrong, if anything.
+pub fn co_partitioning(names: &TopicNames, observed: &BTreeMap<String, ObservedTopic>) -> Option<String> {
+    let counts: Vec<(String, i32)> = Topic::ALL
+        .iter()
+        // Dead letters carry the conversation as their key but are no conversation state.
+        .filter(|&&t| t.spec().key == "conversation_id" && t != Topic::DeadLetters)
+        .filter_map(|&t| observed.get(&names.name(t)).map(|o| (names.name(t), o.partitions)))
+        .collect();
+    let first = counts.first()?.1;
+    if counts.iter().all(|(_, p)| *p == first) {
+        return None;
+    }
+    let listed = counts.iter().map(|(n, p)| format!("{n} {p}")).collect::<Vec<_>>().join(", ");
+    Some(format!(
+        "the conversation-keyed topics have different partition counts ({listed}): one conversation's events would land on different partition numbers; give them all the same count (add partitions on the broker, and the same number in topics/)"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_declared_conversation_topics_are_co_partitioned_and_a_broker_that_is_not_is_named() {
+        let names = TopicNames::new("t.");
+        let mut observed = observed_as_declared(&names, BrokerKind::Kafka);
+        assert_eq!(co_partitioning(&names, &observed), None, "topics/ declares one count");
+        observed.get_mut("t.submissions").unwrap().partitions = 12;
+        let wrong = co_partitioning(&names, &observed).expect("reported");
+        assert!(wrong.contains("t.submissions 12") && wrong.contains("t.chat-events 6"), "{wrong}");
+        // The keys and templates topics are not keyed by conversation.
+        let mut observed = observed_as_declared(&names, BrokerKind::Kafka);
+        observed.get_mut("t.keys").unwrap().partitions = 1;
+        assert_eq!(co_partitioning(&names, &observed), None);
+    }
 
     fn observed_as_declared(names: &TopicNames, kind: BrokerKind) -> BTreeMap<String, ObservedTopic> {
         Topic::ALL

@@ -298,4 +298,26 @@ async fn topics_apply_creates_what_is_missing_is_idempotent_and_reports_drift() 
     assert!(drift[0].1.iter().any(|d| d.contains("partitions: declared 6, broker has 2")), "{drift:?}");
     let up_to_date = second.iter().filter(|a| matches!(a, TopicAction::UpToDate { .. })).count();
     assert_eq!(up_to_date, Topic::ALL.len() - 1, "created topics carry their declared configs: {second:?}");
+
+    // chat-events with 2 partitions and the other conversation topics with 6 would put one
+    // conversation on different partition numbers: the CLI says so and fails, and a node refuses.
+    let o = std::process::Command::new(bin())
+        .args(["topics", "apply", "--brokers", &brokers(), "--topic-prefix", &prefix])
+        .args(["--broker-kind", broker_kind().name()])
+        .env_remove("SECUREFORMS_CONFIG")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("different partition counts") && err.contains(&format!("{prefix}chat-events 2")), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let refused = secureforms::service::Service::start(
+        settings(&prefix, dir.path()),
+        brokers(),
+        secureforms::kafka::runtime::system_clock(),
+    )
+    .await
+    .err()
+    .expect("a node refuses to start on topics that are not co-partitioned");
+    assert!(refused.to_string().contains("different partition counts"), "{refused}");
 }

@@ -42,6 +42,9 @@ pub async fn run(global: &GlobalArgs, cmd: TopicsCommand) -> anyhow::Result<()> 
                     "{drift} topic(s) differ from topics/: change the broker or the file on purpose; apply never alters existing topics"
                 );
             }
+            if let Some(wrong) = Admin::new(&kafka)?.co_partitioning().await? {
+                anyhow::bail!("{wrong}; secureforms serve refuses to start until they match");
+            }
             Ok(())
         }
         TopicsCommand::List => {

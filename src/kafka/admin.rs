@@ -91,6 +91,13 @@ impl Admin {
 
     /// Creates missing topics and reports drift. Idempotent; a topic another node created meanwhile
     /// counts as present.
+    /// What is wrong with the co-partitioning of the conversation-keyed topics, if anything (see
+    /// [`crate::topics::co_partitioning`]).
+    pub async fn co_partitioning(&self) -> Result<Option<String>, KafkaError> {
+        let names = &self.settings.names;
+        Ok(crate::topics::co_partitioning(names, &self.observe(names).await?))
+    }
+
     pub async fn apply(&self, replication_factor: i32) -> Result<Vec<TopicAction>, KafkaError> {
         let names = &self.settings.names;
         let kind = self.broker_kind().await?;
