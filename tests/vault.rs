@@ -91,10 +91,13 @@ async fn canaries_appear_nowhere_but_come_back_to_the_agent() {
     let seed = uuid::Uuid::new_v4().as_u128() as u64;
     let pan = luhn_pan(seed);
     let ssn = format!("{:03}-{:02}-{:04}", seed % 900 + 100, seed % 89 + 10, seed % 9000 + 1000);
-    let cvv = format!("{:04}", seed % 10_000);
+    // Canary digits start with 0: integers in logs (lengths, ids, counts) never print a leading zero,
+    // and zero-padded fields (times, dates) sit next to ':', '-' or '.', which the scan does not
+    // accept as a boundary, so only a leaked answer can match.
+    let cvv = format!("0{:03}", seed % 1_000);
     let memo = format!("canary-offrecord-{}", uuid::Uuid::new_v4().simple());
     // A PIN is never stored, even where the template says it may be (PCI DSS 3.3.1.3).
-    let pin = format!("{:06}", (seed / 7) % 1_000_000);
+    let pin = format!("0{:05}", (seed / 7) % 100_000);
     let id = service
         .submit(Submission {
             site_id: "acme",
