@@ -100,12 +100,13 @@ impl Listener {
         let addr = listener.local_addr().map_err(|e| HttpError::Serve(e.to_string()))?;
         let app: Arc<RwLock<Option<Router>>> = Arc::new(RwLock::new(None));
         let slot = app.clone();
+        let https = tls.is_some();
         let outer = Router::new().fallback(move |request: Request| {
             let installed = slot.read().unwrap_or_else(|e| e.into_inner()).clone();
             async move {
                 match installed {
                     Some(router) => router.oneshot(request).await.unwrap_or_else(|never| match never {}),
-                    None => starting(role, &request),
+                    None => starting(role, https, &request),
                 }
             }
         });
@@ -120,7 +121,6 @@ impl Listener {
             Duration::from_secs(settings.http_header_read_timeout_secs),
             Duration::from_secs(settings.http_idle_timeout_secs),
         );
-        let https = tls.is_some();
         tracing::info!(role = ?role, %addr, https, "listening; answering 503 with Retry-After until the node has started");
         let task = tokio::spawn(serve(listener, tls, outer, handle, timeouts));
         Ok(Listener { role, addr, https, app, shutdown, task: tokio::sync::Mutex::new(Some(task)) })
@@ -211,7 +211,7 @@ async fn tls_config(settings: &Settings) -> Result<Option<axum_server::tls_rustl
 
 /// What a listener answers before the node has started: alive, not ready, and 503 with
 /// Retry-After for everything else, in the format of the route.
-fn starting(role: Role, request: &Request) -> Response {
+fn starting(role: Role, https: bool, request: &Request) -> Response {
     let path = request.uri().path();
     let mut response = match path {
         "/healthz" => return (StatusCode::OK, "ok").into_response(),
@@ -234,15 +234,8 @@ fn starting(role: Role, request: &Request) -> Response {
     if unavailable {
         h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
     }
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(
-            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
-        ),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    // The node's site settings are not known yet: nothing may frame these answers.
+    super::set_security_headers(h, "'none'", https);
     response
 }
 

@@ -219,7 +219,13 @@ fn framework_error(api: bool, status: axum::http::StatusCode, code: &str, messag
 async fn security_headers(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let ancestors = frame_ancestors(&state, request.uri().path());
     let mut response = next.run(request).await;
-    let h = response.headers_mut();
+    set_security_headers(response.headers_mut(), &ancestors, state.https);
+    response
+}
+
+/// The security headers of every answer: the page's CSP with its frame ancestors, no caching, no
+/// referrer, no sniffing, its own browsing context, and HSTS over HTTPS.
+pub(crate) fn set_security_headers(h: &mut axum::http::HeaderMap, ancestors: &str, https: bool) {
     let csp = format!(
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors {ancestors}"
     );
@@ -230,8 +236,7 @@ async fn security_headers(State(state): State<Arc<AppState>>, request: Request, 
     h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     h.insert("cross-origin-opener-policy", HeaderValue::from_static("same-origin"));
-    if state.https {
+    if https {
         h.insert(header::STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=31536000; includeSubDomains"));
     }
-    response
 }
