@@ -391,6 +391,7 @@ async fn retrieve_latency(
                 agent_profile: "agent".into(),
                 template_id: "card-payment".into(),
                 visitor_ref: None,
+                agent_session_id: None,
             })
         })
         .collect();

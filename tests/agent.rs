@@ -121,7 +121,23 @@ async fn env_with(adjust: impl FnOnce(&mut secureforms::config::Settings)) -> En
 
 /// Plays chat bus and visitor: returns (submission id, retrieve key, the page's submit key).
 async fn submitted_form(e: &Env, site: &str, conv: &str, form: &str, sender: &str) -> (String, String, String) {
-    e.chat(form_sent(site, conv, form, sender, "agent", "card-payment")).await;
+    submitted_form_in(e, site, conv, form, sender, None).await
+}
+
+/// As [`submitted_form`], the chat bus naming the agent session the form is sent from.
+async fn submitted_form_in(
+    e: &Env,
+    site: &str,
+    conv: &str,
+    form: &str,
+    sender: &str,
+    session: Option<&str>,
+) -> (String, String, String) {
+    let mut sent = form_sent(site, conv, form, sender, "agent", "card-payment");
+    if let Event::FormSent(f) = &mut sent {
+        f.agent_session_id = session.map(str::to_string);
+    }
+    e.chat(sent).await;
     let mut links = TopicReader::new(&e.prefix, Topic::FormLinks).await;
     assert!(links.read_until(WAIT, |r| r.iter().any(|m| matches!(m.payload().map(|p| Codec::get().decode(p)), Some(Ok(Event::FormIssued(i))) if i.form_id == form))).await);
     let link = links
@@ -595,4 +611,54 @@ async fn the_audit_chain_verifies_end_to_end_and_an_edit_is_reported() {
     let out = String::from_utf8_lossy(&o.stdout).to_string();
     assert_eq!(o.status.code(), Some(1), "{out}");
     assert!(out.contains("seq 1") && out.contains("altered"), "{out}");
+}
+
+/// A FormReady key belongs to the agent session the form was sent from (FormSent v3): a token of
+/// another open session of the same agent, holding the key read off the topic, gets neither the
+/// answers nor a fresh key. Once that session has ended, the agent's new session gets a fresh key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_form_ready_key_belongs_to_the_session_the_form_was_sent_from() {
+    let e = env().await;
+    let (sub, key, _) = submitted_form_in(&e, "acme", "conv-sess", "form-sess", "alice", Some("s-desk")).await;
+    let fresh_path = format!("/api/v1/submissions/{sub}/retrieve-key");
+    let (status, body) = e.retrieve(&sub, Some(&agent("alice", "s-other")), &key).await;
+    assert_eq!((status, body["error"].as_str()), (403, Some("wrong_session")), "{body}");
+    let (status, body) = e.post(&fresh_path, Some(&agent("alice", "s-other")), json!({ "previous_key": key })).await;
+    assert_eq!((status, body["error"].as_str()), (403, Some("wrong_session")), "{body}");
+    // The refusals spent nothing: the desk session retrieves with the same key.
+    let (status, body) = e.retrieve(&sub, Some(&agent("alice", "s-desk")), &key).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["answers"]["pan"], "4111111111111111");
+
+    // The desk session ends (logout); from then on the agent's new session may move on.
+    e.chat(Event::AgentSessionEnded(AgentSessionEnded {
+        header: header(EventKind::AgentSessionEnded, "acme", "conv-sess"),
+        agent_id: "alice".into(),
+        session_id: "s-desk".into(),
+        reason: "logout".into(),
+    }))
+    .await;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (status, body) = e.retrieve(&sub, Some(&agent("alice", "s-desk")), &key).await;
+        if (status, body["error"].as_str()) == (401, Some("session_ended")) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the session end never arrived: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, body) = e.post(&fresh_path, Some(&agent("alice", "s-new")), json!({ "previous_key": key })).await;
+    assert_eq!(status, 201, "{body}");
+    let fresh = body["retrieve_key"].as_str().unwrap().to_string();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (status, body) = e.retrieve(&sub, Some(&agent("alice", "s-new")), &fresh).await;
+        if status == 200 {
+            assert_eq!(body["answers"]["pan"], "4111111111111111");
+            break;
+        }
+        assert_eq!(body["error"], "invalid_key", "until the projection has the fresh key: {body}");
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

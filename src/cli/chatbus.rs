@@ -28,6 +28,9 @@ pub enum ChatbusCommand {
         /// Form instance id (a new UUID when omitted).
         #[arg(long)]
         form_id: Option<String>,
+        /// The agent's session (the token's `sid`): the FormReady key is then usable only from it.
+        #[arg(long)]
+        agent_session: Option<String>,
     },
     /// Produce a ConversationTransferred (kind transfer or reassign).
     #[command(
@@ -76,7 +79,7 @@ pub async fn run(global: &GlobalArgs, cmd: ChatbusCommand) -> anyhow::Result<()>
     let kafka = kafka_settings(&settings, resolve_brokers(&settings)?, "chatbus");
     let producer = EventProducer::new(&kafka)?;
     let event = match cmd {
-        ChatbusCommand::SendForm { site, conversation, agent, template, profile, form_id } => {
+        ChatbusCommand::SendForm { site, conversation, agent, template, profile, form_id, agent_session } => {
             let form_id = form_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
             Event::FormSent(FormSent {
                 header: header(EventKind::FormSent, &site, &conversation, &form_id),
@@ -85,6 +88,7 @@ pub async fn run(global: &GlobalArgs, cmd: ChatbusCommand) -> anyhow::Result<()>
                 agent_profile: profile,
                 template_id: template,
                 visitor_ref: None,
+                agent_session_id: agent_session,
             })
         }
         ChatbusCommand::Transfer { site, conversation, from, to, kind } => {

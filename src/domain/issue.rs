@@ -180,6 +180,7 @@ mod tests {
             agent_profile: profile.into(),
             template_id: template.into(),
             visitor_ref: None,
+            agent_session_id: None,
         }
     }
 

@@ -78,7 +78,7 @@ macro_rules! events {
 }
 
 events! {
-    FormSent => "form_sent.avsc", v 2, ChatEvents;
+    FormSent => "form_sent.avsc", v 3, ChatEvents;
     ConversationTransferred => "conversation_transferred.avsc", v 1, ChatEvents;
     ConversationClosed => "conversation_closed.avsc", v 1, ChatEvents;
     AgentSessionEnded => "agent_session_ended.avsc", v 1, ChatEvents;
@@ -99,6 +99,7 @@ events! {
 /// Older schema versions still readable: data written with them decodes into today's types.
 pub const HISTORY: &[(EventKind, i32, &str, &str)] = &[
     (EventKind::FormSent, 1, "history/form_sent.v1.avsc", include_str!("../../schemas/history/form_sent.v1.avsc")),
+    (EventKind::FormSent, 2, "history/form_sent.v2.avsc", include_str!("../../schemas/history/form_sent.v2.avsc")),
     (
         EventKind::DeadLetter,
         1,

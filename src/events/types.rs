@@ -24,6 +24,8 @@ pub struct FormSent {
     pub agent_profile: String,
     pub template_id: String,
     pub visitor_ref: Option<String>,
+    /// The sending agent's session (v3): the FormReady key is bound to it.
+    pub agent_session_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

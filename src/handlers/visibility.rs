@@ -5,7 +5,7 @@
 use crate::events::Event;
 use crate::handlers::issuer::form_key;
 use crate::kafka::{ApplyError, Handler, RecordMeta};
-use crate::store::Tx;
+use crate::store::{Store, StoreError, Tx};
 use crate::topics::Topic;
 
 pub mod trees {
@@ -23,6 +23,8 @@ pub mod trees {
     /// submission UUID -> empty: purged submissions, so a FormSubmitted applied after its receipt
     /// (receipts and submissions sit on different partitions) does not bring it back.
     pub const PURGED: &str = "vis.purged";
+    /// `site \0 form` -> the agent session the form was sent from (FormSent v3), first write wins.
+    pub const FORM_SESSIONS: &str = "vis.form_sessions";
 }
 
 /// `site \0 visitor_ref \0`: a visitor's range in [`trees::VISITOR_REFS`].
@@ -36,6 +38,52 @@ pub use crate::domain::access::{Conversation, SubmissionOwner};
 
 pub fn conversation_key(site: &str, conversation: &str) -> Vec<u8> {
     form_key(site, conversation)
+}
+
+/// The projection's read side: typed answers from its trees. A store that cannot be read is an
+/// error (the caller answers 503), never "unknown" or "not ended".
+#[derive(Clone)]
+pub struct VisibilityView {
+    store: Store,
+}
+
+impl VisibilityView {
+    pub fn new(store: Store) -> VisibilityView {
+        VisibilityView { store }
+    }
+
+    fn json<T: serde::de::DeserializeOwned>(&self, tree: &str, key: &[u8]) -> Result<Option<T>, StoreError> {
+        match self.store.tree(tree)?.get(key)? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt { tree: tree.to_string(), detail: e.to_string() }),
+        }
+    }
+
+    /// Who sent a submission, in which conversation.
+    pub fn owner(&self, submission: &uuid::Uuid) -> Result<Option<SubmissionOwner>, StoreError> {
+        self.json(trees::SUBMISSIONS, submission.as_bytes())
+    }
+
+    /// A conversation's state (live, current agent).
+    pub fn conversation(&self, site: &str, conversation: &str) -> Result<Option<Conversation>, StoreError> {
+        self.json(trees::CONVERSATIONS, &conversation_key(site, conversation))
+    }
+
+    /// Whether the chat bus ended an agent session.
+    pub fn session_ended(&self, site: &str, session: &str) -> Result<bool, StoreError> {
+        Ok(self.store.tree(trees::ENDED_SESSIONS)?.contains_key(form_key(site, session))?)
+    }
+
+    /// The agent session a form was sent from, when the chat bus said (FormSent v3).
+    pub fn sent_from_session(&self, site: &str, form: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .store
+            .tree(trees::FORM_SESSIONS)?
+            .get(form_key(site, form))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
 }
 
 #[derive(Default)]
@@ -68,6 +116,13 @@ impl Handler for VisibilityProjection {
                     c.current_agent = Some(e.agent_id.clone());
                 }
                 tx.insert_json(trees::CONVERSATIONS, ckey, &c);
+                if let Some(session) = e.agent_session_id.as_deref().filter(|s| !s.is_empty()) {
+                    let k = form_key(&h.site_id, &e.form_id);
+                    // First write wins: a later FormSent cannot move the form to another session.
+                    if tx.get(trees::FORM_SESSIONS, &k)?.is_none() {
+                        tx.insert(trees::FORM_SESSIONS, k, session.as_bytes().to_vec());
+                    }
+                }
                 if let Some(visitor) = e.visitor_ref.as_deref().filter(|v| !v.is_empty()) {
                     let mut k = visitor_prefix(&h.site_id, visitor);
                     k.extend_from_slice(h.conversation_id.as_bytes());
@@ -120,6 +175,7 @@ impl Handler for VisibilityProjection {
                 for raw in &p.submission_ids {
                     let Ok(id) = uuid::Uuid::parse_str(raw) else { continue };
                     if let Some(owner) = tx.get_json::<SubmissionOwner>(trees::SUBMISSIONS, id.as_bytes())? {
+                        tx.remove(trees::FORM_SESSIONS, form_key(&owner.site_id, &owner.form_id));
                         let mut k = conversation_key(&owner.site_id, &owner.conversation_id);
                         k.push(0);
                         k.extend_from_slice(id.as_bytes());

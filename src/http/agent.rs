@@ -20,7 +20,8 @@ use crate::domain::access::{
 };
 use crate::domain::otk::OtkSecret;
 use crate::events::{Event, EventHeader, EventKind, FormReady, FormRetrieved};
-use crate::handlers::visibility::{conversation_key, trees};
+use crate::handlers::visibility::{VisibilityView, conversation_key, trees};
+use crate::store::StoreError;
 use crate::vault::detokenize::DetokenizeError;
 use crate::vault::offrecord::OffRecord;
 
@@ -85,10 +86,12 @@ fn too_many() -> Response {
     r
 }
 
-/// Why a request was not let in: over a rate limit, or its token was refused.
+/// Why a request was not let in: over a rate limit, its token was refused, or the node could not
+/// read whether its session ended (503, never a pass).
 enum Refused {
     Limited,
     Auth(AuthFailure),
+    Unavailable,
 }
 
 impl IntoResponse for Refused {
@@ -96,8 +99,28 @@ impl IntoResponse for Refused {
         match self {
             Refused::Limited => too_many(),
             Refused::Auth(f) => api_error(StatusCode::UNAUTHORIZED, f.code(), f.message()),
+            Refused::Unavailable => unavailable(),
         }
     }
+}
+
+/// 503 for a state store that cannot be read: infrastructure trouble, never a refusal or a grant.
+fn unavailable() -> Response {
+    api_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "this node cannot read its state store; retry after the Retry-After seconds",
+    )
+}
+
+/// Logs a state store failure (what to check) and answers 503.
+fn store_failed(error: &dyn std::fmt::Display) -> Response {
+    tracing::error!(%error, "cannot read the node's state store; check the data directory's disk");
+    unavailable()
+}
+
+fn visibility(state: &AppState) -> VisibilityView {
+    VisibilityView::new(state.node.visibility.clone())
 }
 
 /// The gate every agent API request passes: the per-client limit (before authentication: a refused
@@ -106,7 +129,7 @@ fn admit(state: &AppState, addr: &std::net::SocketAddr, headers: &HeaderMap) -> 
     if client_limited(state, addr) {
         return Err(Refused::Limited);
     }
-    let claims = authenticate(state, headers).map_err(Refused::Auth)?;
+    let claims = authenticate(state, headers)?;
     if agent_limited(state, &claims) {
         return Err(Refused::Limited);
     }
@@ -135,30 +158,29 @@ fn now(state: &AppState) -> i64 {
     (state.node.clock)()
 }
 
-/// Verifies the token and that its session is still open.
-fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<AgentClaims, AuthFailure> {
-    let claims = state.auth.verify(headers, now(state))?;
-    let ended = state
-        .node
-        .visibility
-        .tree(trees::ENDED_SESSIONS)
-        .ok()
-        .and_then(|t| t.contains_key(conversation_key(&claims.site, &claims.sid)).ok())
-        .unwrap_or(false);
-    if ended {
-        return Err(AuthFailure::SessionEnded);
+/// Verifies the token and that its session is still open. A session store that cannot be read is
+/// 503: never taken as "still open".
+fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<AgentClaims, Refused> {
+    let claims = state.auth.verify(headers, now(state)).map_err(Refused::Auth)?;
+    match visibility(state).session_ended(&claims.site, &claims.sid) {
+        Ok(false) => Ok(claims),
+        Ok(true) => Err(Refused::Auth(AuthFailure::SessionEnded)),
+        Err(error) => {
+            tracing::error!(%error, "cannot read the ended sessions; check the data directory's disk");
+            Err(Refused::Unavailable)
+        }
     }
-    Ok(claims)
 }
 
-fn owner(state: &AppState, id: &uuid::Uuid) -> Option<SubmissionOwner> {
-    let t = state.node.visibility.tree(trees::SUBMISSIONS).ok()?;
-    t.get(id.as_bytes()).ok().flatten().and_then(|v| serde_json::from_slice(&v).ok())
-}
-
-fn conversation(state: &AppState, site: &str, conv: &str) -> Option<Conversation> {
-    let t = state.node.visibility.tree(trees::CONVERSATIONS).ok()?;
-    t.get(conversation_key(site, conv)).ok().flatten().and_then(|v| serde_json::from_slice(&v).ok())
+/// Who sent a submission and the state of its conversation.
+fn owner_and_conversation(
+    state: &AppState,
+    id: &uuid::Uuid,
+) -> Result<(Option<SubmissionOwner>, Option<Conversation>), StoreError> {
+    let view = visibility(state);
+    let Some(owner) = view.owner(id)? else { return Ok((None, None)) };
+    let conv = view.conversation(&owner.site_id, &owner.conversation_id)?;
+    Ok((Some(owner), conv))
 }
 
 /// Records the audit event durably (relayed to Kafka by the audit log). Returns false when it could
@@ -280,7 +302,8 @@ pub async fn retrieve(
         Ok(c) => c,
         Err(refused) => {
             if let Refused::Auth(f) = &refused {
-                let known = uuid::Uuid::parse_str(&id).ok().and_then(|sid| owner(&state, &sid));
+                let known =
+                    uuid::Uuid::parse_str(&id).ok().and_then(|sid| visibility(&state).owner(&sid).ok().flatten());
                 audit(&state, known.as_ref(), &id, "", None, "denied", f.code()).await;
             }
             return refused.into_response();
@@ -292,7 +315,10 @@ pub async fn retrieve(
     if !super::wait_ready(&state).await {
         return not_ready();
     }
-    let known = owner(&state, &sid);
+    let (known, conv) = match owner_and_conversation(&state, &sid) {
+        Ok(found) => found,
+        Err(error) => return store_failed(&error),
+    };
     let request: RetrieveRequest = match parse_json(&headers, &body) {
         Ok(r) => r,
         Err(r) => {
@@ -300,7 +326,6 @@ pub async fn retrieve(
             return r;
         }
     };
-    let conv = known.as_ref().and_then(|o| conversation(&state, &o.site_id, &o.conversation_id));
     let who = Requester { agent_id: &claims.sub, site_id: &claims.site, permissions: &claims.permissions };
     if let Err(d) = may_retrieve(&who, known.as_ref(), conv.as_ref()) {
         audit(&state, known.as_ref(), &id, &claims.sub, Some(&claims.sid), "denied", d.code()).await;
@@ -312,8 +337,18 @@ pub async fn retrieve(
         return api_error(status, d.code(), d.message());
     }
     let owner = known.expect("checked by may_retrieve");
-    match state.node.detokenizer.detokenize_in_session(&claims.site, sid, &request.key, Some(&claims.sid), now(&state))
-    {
+    let sent_from = match visibility(&state).sent_from_session(&owner.site_id, &owner.form_id) {
+        Ok(s) => s,
+        Err(error) => return store_failed(&error),
+    };
+    match state.node.detokenizer.detokenize_in_session(
+        &claims.site,
+        sid,
+        &request.key,
+        Some(&claims.sid),
+        sent_from.as_deref(),
+        now(&state),
+    ) {
         Ok(got) => {
             if !audit_spending(
                 &state,
@@ -366,6 +401,10 @@ pub async fn retrieve(
             };
             api_error(status, r.code(), &r.to_string())
         }
+        Err(DetokenizeError::Store(error)) => {
+            audit(&state, Some(&owner), &id, &claims.sub, Some(&claims.sid), "denied", "unavailable").await;
+            store_failed(&error)
+        }
         Err(error) => {
             audit(&state, Some(&owner), &id, &claims.sub, Some(&claims.sid), "denied", "internal_error").await;
             tracing::error!(%error, submission_id = %id, "detokenizing failed; check the master key and the key ring");
@@ -393,7 +432,7 @@ pub struct FreshKeyRequest {
         (status = 201, description = "The new key", body = FreshKey),
         (status = 400, description = "bad_submission_id: the id is not a UUID; bad_body", body = ApiError),
         (status = 401, description = "Token refused", body = ApiError),
-        (status = 403, description = "Not the sender, no permission, other site or conversation closed; invalid_key: previous_key was never issued for this submission", body = ApiError),
+        (status = 403, description = "Not the sender, no permission, other site or conversation closed; invalid_key: previous_key was never issued for this submission; wrong_session: the key belongs to another open session of the agent", body = ApiError),
         (status = 415, description = "Not application/json", body = ApiError),
         (status = 404, description = "unknown_submission", body = ApiError),
         (status = 429, description = "rate_limited: too many requests from this client or for this agent; see Retry-After", body = ApiError),
@@ -416,8 +455,10 @@ pub async fn fresh_key(
     if !super::wait_ready(&state).await {
         return not_ready();
     }
-    let known = owner(&state, &sid);
-    let conv = known.as_ref().and_then(|o| conversation(&state, &o.site_id, &o.conversation_id));
+    let (known, conv) = match owner_and_conversation(&state, &sid) {
+        Ok(found) => found,
+        Err(error) => return store_failed(&error),
+    };
     let who = Requester { agent_id: &claims.sub, site_id: &claims.site, permissions: &claims.permissions };
     if let Err(d) = may_retrieve(&who, known.as_ref(), conv.as_ref()) {
         let status = if d == crate::domain::access::Denial::UnknownSubmission {
@@ -441,14 +482,38 @@ pub async fn fresh_key(
                 "previous_key is not a retrieve key issued for this submission; a fresh key is given to the holder of one",
             );
         }
-        Err(error) => {
-            tracing::error!(%error, "cannot read the issued retrieve keys; check the data directory's disk");
-            return api_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "try again in a moment");
+        Err(error) => return store_failed(&error),
+    }
+    // A key bound to another session that is still open stays with it: a token of another session
+    // plus a key read off the topic get nothing. Once that session ended, the agent moves on.
+    let view = visibility(&state);
+    let bound = match state.node.detokenizer.key_session(&sid) {
+        Ok(Some(s)) => Some(s),
+        Ok(None) => match view.sent_from_session(&owner.site_id, &owner.form_id) {
+            Ok(s) => s,
+            Err(error) => return store_failed(&error),
+        },
+        Err(error) => return store_failed(&error),
+    };
+    if let Some(bound) = bound.filter(|b| *b != claims.sid) {
+        match view.session_ended(&owner.site_id, &bound) {
+            Ok(true) => {}
+            Ok(false) => {
+                return api_error(
+                    StatusCode::FORBIDDEN,
+                    "wrong_session",
+                    "this submission's key belongs to another of your sessions that is still open; ask from that session",
+                );
+            }
+            Err(error) => return store_failed(&error),
         }
     }
     let t = now(&state);
     let ttl = state.node.settings.sites.get(&owner.site_id).map(|s| s.retrieve_key_ttl_secs).unwrap_or(60);
-    let record = state.node.detokenizer.record(&sid).ok().flatten();
+    let record = match state.node.detokenizer.record(&sid) {
+        Ok(r) => r,
+        Err(error) => return store_failed(&error),
+    };
     let key = OtkSecret::generate(&mut rand::rngs::StdRng::from_os_rng());
     let ready = FormReady {
         header: EventHeader::new(
@@ -515,13 +580,22 @@ pub async fn history(
     let with_answers = may_view_responses_in_history(&claims.permissions);
     let mut prefix = conversation_key(&claims.site, &conv);
     prefix.push(0);
-    let Ok(index) = state.node.visibility.tree(trees::BY_CONVERSATION) else {
-        return api_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "try again in a moment");
+    let index = match state.node.visibility.tree(trees::BY_CONVERSATION) {
+        Ok(t) => t,
+        Err(error) => return store_failed(&error),
     };
     let mut items = Vec::new();
-    for row in index.scan_prefix(&prefix).flatten() {
+    for row in index.scan_prefix(&prefix) {
+        let row = match row {
+            Ok(row) => row,
+            Err(error) => return store_failed(&error),
+        };
         let Ok(sid) = uuid::Uuid::from_slice(&row.0[prefix.len()..]) else { continue };
-        let Some(o) = owner(&state, &sid) else { continue };
+        let o = match visibility(&state).owner(&sid) {
+            Ok(Some(o)) => o,
+            Ok(None) => continue,
+            Err(error) => return store_failed(&error),
+        };
         let mut item = HistoryItem {
             submission_id: sid.to_string(),
             form_id: o.form_id.clone(),

@@ -137,17 +137,20 @@ impl Detokenizer {
         presented_key: &str,
         now_ms: i64,
     ) -> Result<Retrieved, DetokenizeError> {
-        self.detokenize_in_session(site_id, submission_id, presented_key, None, now_ms)
+        self.detokenize_in_session(site_id, submission_id, presented_key, None, None, now_ms)
     }
 
     /// As [`Self::detokenize`], for a requester in agent session `session`: a key bound to another
-    /// session is refused (`wrong_session`) before it is spent.
+    /// session is refused (`wrong_session`) before it is spent. A fresh key is bound to the session
+    /// that asked for it; a FormReady key to `sent_from`, the session the form was sent from (when
+    /// the chat bus said, FormSent v3).
     pub fn detokenize_in_session(
         &self,
         site_id: &str,
         submission_id: uuid::Uuid,
         presented_key: &str,
         session: Option<&str>,
+        sent_from: Option<&str>,
         now_ms: i64,
     ) -> Result<Retrieved, DetokenizeError> {
         let record = self.existing(&submission_id)?;
@@ -161,7 +164,9 @@ impl Detokenizer {
             .tree(retrieval_trees::KEYS)?
             .get(submission_key(&submission_id))
             .map_err(StoreError::from)?
-            .and_then(|v| serde_json::from_slice(&v).ok());
+            .map(|v| serde_json::from_slice(&v))
+            .transpose()
+            .map_err(|e| DetokenizeError::Corrupt(submission.clone(), e.to_string()))?;
         let Some(state) = state.filter(|s| key.verify(&s.key_hash, Purpose::Retrieve, site_id, &submission)) else {
             let mut form_key = site_id.as_bytes().to_vec();
             form_key.push(0);
@@ -177,7 +182,7 @@ impl Detokenizer {
         if now_ms >= state.expires_at {
             return Err(Refusal::KeyExpired.into());
         }
-        if let (Some(bound), Some(asking)) = (&state.session_id, session)
+        if let (Some(bound), Some(asking)) = (state.session_id.as_deref().or(sent_from), session)
             && bound != asking
         {
             return Err(Refusal::WrongSession.into());
@@ -255,6 +260,17 @@ impl Detokenizer {
         let mut k = submission_key(submission_id).to_vec();
         k.extend_from_slice(key.hash(Purpose::Retrieve, site_id, &submission_id.to_string()).as_bytes());
         Ok(self.retrieval.tree(retrieval_trees::ISSUED)?.contains_key(k).map_err(StoreError::from)?)
+    }
+
+    /// The session the submission's newest retrieve key is bound to, if any (fresh keys are).
+    pub fn key_session(&self, submission_id: &uuid::Uuid) -> Result<Option<String>, DetokenizeError> {
+        let raw =
+            self.retrieval.tree(retrieval_trees::KEYS)?.get(submission_key(submission_id)).map_err(StoreError::from)?;
+        let state = raw
+            .map(|v| serde_json::from_slice::<RetrieveKeyState>(&v))
+            .transpose()
+            .map_err(|e| DetokenizeError::Corrupt(submission_id.to_string(), e.to_string()))?;
+        Ok(state.and_then(|s| s.session_id))
     }
 
     /// How many submissions have a retrieve key in the projection.

@@ -175,6 +175,7 @@ pub fn form_sent(site: &str, conversation: &str, form: &str, agent: &str, profil
         agent_profile: profile.into(),
         template_id: template.into(),
         visitor_ref: None,
+        agent_session_id: None,
     })
 }
 
