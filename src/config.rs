@@ -66,6 +66,15 @@ pub struct Settings {
     pub log_format: String,
     /// File holding the master key (base64). `SECUREFORMS_MASTER_KEY` takes precedence.
     pub master_key_file: Option<PathBuf>,
+    /// Master keys this deployment used before the current one, while `secureforms keys rewrap`
+    /// moves the data keys they wrap to the current one (ADR 19). Remove each, and destroy its file,
+    /// once `secureforms keys list` shows no live key under it.
+    #[serde(default)]
+    pub previous_master_key_files: Vec<PathBuf>,
+    /// File holding the integrity key (base64, from `secureforms keys export-integrity`): the root
+    /// of the event MACs and the audit chain. Unset, it is derived from the master key; it must be
+    /// set before the master key is rotated, so events already written stay verifiable (ADR 19).
+    pub integrity_key_file: Option<PathBuf>,
     /// librdkafka properties for every Kafka client the service and the CLI create, applied over the
     /// service's own: TLS and SASL (`security.protocol`, `sasl.mechanisms`, `ssl.ca.location`, ...)
     /// and tuning (`linger.ms`, `fetch.wait.max.ms`). In a file: a `[kafka_properties]` table.
@@ -109,6 +118,24 @@ pub struct Settings {
     pub sites: BTreeMap<String, SiteConfig>,
 }
 
+/// librdkafka properties from the environment, over the file's `[kafka_properties]` (containers):
+/// `name=value` pairs separated by commas or new lines.
+pub const KAFKA_PROPERTIES_VAR: &str = "SECUREFORMS_KAFKA_PROPERTIES";
+
+/// Parses [`KAFKA_PROPERTIES_VAR`]'s `name=value,name=value`.
+pub fn parse_kafka_properties(list: &str) -> Result<BTreeMap<String, String>, ConfigError> {
+    list.split([',', '\n'])
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|pair| match pair.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+            _ => Err(ConfigError::Invalid(format!(
+                "{KAFKA_PROPERTIES_VAR}: {pair:?} is not name=value; write e.g. security.protocol=SASL_SSL,sasl.mechanisms=SCRAM-SHA-512"
+            ))),
+        })
+        .collect()
+}
+
 /// The keys of [`Settings`] that may come from `SECUREFORMS_<KEY>` variables.
 const SETTING_KEYS: &[&str] = &[
     "brokers",
@@ -125,6 +152,7 @@ const SETTING_KEYS: &[&str] = &[
     "embedded_broker_port",
     "log_format",
     "master_key_file",
+    "integrity_key_file",
     "max_batch",
     "http_listen",
     "tls_cert",
@@ -156,6 +184,8 @@ impl Default for Settings {
             embedded_broker_port: 0,
             log_format: "text".into(),
             master_key_file: None,
+            previous_master_key_files: Vec::new(),
+            integrity_key_file: None,
             max_batch: 500,
             kafka_properties: BTreeMap::new(),
             http_listen: Some("127.0.0.1:8080".into()),
@@ -350,7 +380,10 @@ impl Settings {
         // ...) belong to other parts of the program.
         let env = Env::prefixed("SECUREFORMS_").filter(|k| SETTING_KEYS.iter().any(|s| k == *s));
         fig = fig.merge(env).merge(Serialized::defaults(overrides));
-        let settings: Settings = fig.extract().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let mut settings: Settings = fig.extract().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if let Ok(list) = std::env::var(KAFKA_PROPERTIES_VAR) {
+            settings.kafka_properties.extend(parse_kafka_properties(&list)?);
+        }
         settings.validate()?;
         Ok(settings)
     }
@@ -384,6 +417,11 @@ impl Settings {
                     "http_listen {listen} is reachable beyond this machine, so agent_auth.audience is required: set it to the `aud` your chat platform puts in tokens for secureforms"
                 )));
             }
+        }
+        if !self.previous_master_key_files.is_empty() && self.integrity_key_file.is_none() {
+            return Err(ConfigError::Invalid(
+                "previous_master_key_files is set but integrity_key_file is not: before rotating the master key, run `secureforms keys export-integrity` with the old master key, save it to a private file and set integrity_key_file, or the MACs of the events already written no longer verify".into(),
+            ));
         }
         self.rate_limits.validate()?;
         if !(1..=3600).contains(&self.http_idle_timeout_secs) {
@@ -531,5 +569,18 @@ mod tests {
     fn a_missing_file_says_so() {
         let e = Settings::load(Some(Path::new("/nonexistent/sf.toml")), &serde_json::json!({})).unwrap_err();
         assert!(matches!(e, ConfigError::MissingFile { .. }));
+    }
+
+    #[test]
+    fn kafka_properties_from_the_environment_are_name_value_pairs() {
+        let p = parse_kafka_properties(
+            "security.protocol=SASL_SSL, sasl.mechanisms=SCRAM-SHA-512\nssl.ca.location=/c/ca.pem,",
+        )
+        .unwrap();
+        assert_eq!(p.len(), 3);
+        assert_eq!(p["sasl.mechanisms"], "SCRAM-SHA-512");
+        assert_eq!(p["ssl.ca.location"], "/c/ca.pem");
+        let e = parse_kafka_properties("security.protocol").unwrap_err().to_string();
+        assert!(e.contains("is not name=value"), "{e}");
     }
 }

@@ -36,55 +36,13 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// A CA, and a broker certificate it signed for 127.0.0.1 and localhost (PEM files in `dir`).
-fn certificates(dir: &Path) -> (PathBuf, PathBuf) {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "secureforms test CA");
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
-    params.distinguished_name.push(rcgen::DnType::CommonName, "localhost");
-    let cert = params.signed_by(&key, &ca).unwrap();
-    let ca_pem = dir.join("ca.pem");
-    std::fs::write(&ca_pem, ca.as_ref().pem()).unwrap();
-    // Kafka's PEM keystore: the private key (PKCS#8), then the chain.
-    let keystore = dir.join("broker-keystore.pem");
-    write_private(&keystore, format!("{}{}{}", key.serialize_pem(), cert.pem(), ca.as_ref().pem()).as_bytes());
-    (ca_pem, keystore)
-}
-
+/// The broker as docker/compose.yaml runs it (docker/kafka-sasl-ssl.sh: its own CA, SCRAM users
+/// formatted in), from the jars scripts/install-kafka.sh fetched.
 fn start_secure_kafka(dir: &Path, service_password: &str) -> SecureKafka {
     let home = secureforms::broker::kafka_home(None);
     assert!(home.is_dir(), "Apache Kafka's jars are missing: run scripts/install-kafka.sh");
-    let (ca, keystore) = certificates(dir);
     let (port, cport) = (free_port(), free_port());
     let log = dir.join("kafka.log");
-    let props = dir.join("server.properties");
-    let config = format!(
-        "process.roles=broker,controller\nnode.id=1\n\
-         controller.quorum.bootstrap.servers=127.0.0.1:{cport}\n\
-         listeners=SASL_SSL://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}\n\
-         advertised.listeners=SASL_SSL://127.0.0.1:{port}\n\
-         controller.listener.names=CONTROLLER\n\
-         inter.broker.listener.name=SASL_SSL\n\
-         listener.security.protocol.map=CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL\n\
-         sasl.enabled.mechanisms=SCRAM-SHA-512\n\
-         sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512\n\
-         listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username=\"admin\" password=\"admin-secret-for-the-test\";\n\
-         ssl.keystore.type=PEM\nssl.keystore.location={}\n\
-         ssl.truststore.type=PEM\nssl.truststore.location={}\n\
-         log.dirs={}\nauto.create.topics.enable=false\n\
-         offsets.topic.replication.factor=1\noffsets.topic.num.partitions=6\n\
-         transaction.state.log.replication.factor=1\ntransaction.state.log.min.isr=1\n\
-         share.coordinator.state.topic.replication.factor=1\nshare.coordinator.state.topic.min.isr=1\n\
-         group.initial.rebalance.delay.ms=0\nlog.index.size.max.bytes=131072\n",
-        keystore.display(),
-        ca.display(),
-        dir.join("data").display()
-    );
-    std::fs::write(&props, config).unwrap();
     std::fs::write(
         dir.join("log4j2.properties"),
         format!(
@@ -95,26 +53,27 @@ fn start_secure_kafka(dir: &Path, service_password: &str) -> SecureKafka {
         ),
     )
     .unwrap();
-    let classpath = format!("{}/*", home.display());
-    let log4j = format!("-Dlog4j2.configurationFile={}", dir.join("log4j2.properties").display());
-    let format = Command::new("java")
-        .args([log4j.as_str(), "-cp", &classpath, "kafka.tools.StorageTool", "format", "--standalone"])
-        .args(["--cluster-id", "c2VjdXJlZm9ybXMtdGVzdA", "--config"])
-        .arg(&props)
-        .args(["--add-scram", "SCRAM-SHA-512=[name=admin,password=admin-secret-for-the-test]"])
-        .args(["--add-scram", &format!("SCRAM-SHA-512=[name=secureforms,password={service_password}]")])
-        .output()
-        .unwrap();
-    assert!(format.status.success(), "format failed: {}", String::from_utf8_lossy(&format.stderr));
-    let child = Command::new("java")
-        .args(["-Xms256m", "-Xmx512m", log4j.as_str(), "-cp", &classpath, "kafka.Kafka"])
-        .arg(&props)
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/kafka-sasl-ssl.sh");
+    let console = std::fs::File::create(dir.join("kafka-console.log")).unwrap();
+    let child = Command::new("bash")
+        .arg(&script)
+        .env("KAFKA_LIBS", &home)
+        .env("KAFKA_DATA", dir.join("data"))
+        .env("KAFKA_CERTS", dir.join("certs"))
+        .env("KAFKA_CONF", dir.join("conf"))
+        .env("KAFKA_HOST", "localhost")
+        .env("KAFKA_BIND", "127.0.0.1")
+        .env("KAFKA_PORT", port.to_string())
+        .env("KAFKA_CONTROLLER_PORT", cport.to_string())
+        .env("KAFKA_LOG4J", dir.join("log4j2.properties"))
+        .env("KAFKA_ADMIN_PASSWORD", "admin-secret-for-the-test")
+        .env("KAFKA_SECUREFORMS_PASSWORD", service_password)
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stdout(console.try_clone().unwrap())
+        .stderr(console)
         .spawn()
         .unwrap();
-    SecureKafka { child, addr: format!("127.0.0.1:{port}"), ca, log }
+    SecureKafka { child, addr: format!("localhost:{port}"), ca: dir.join("certs/ca.pem"), log }
 }
 
 /// Client properties for the secured listener.
@@ -155,7 +114,8 @@ async fn the_service_and_the_cli_work_over_sasl_ssl_and_nobody_gets_in_without_t
     let deadline = Instant::now() + WAIT;
     while let Err(e) = metadata_answers(&kafka.addr, &ok, Duration::from_secs(5)) {
         if Instant::now() > deadline {
-            let log = std::fs::read_to_string(&kafka.log).unwrap_or_default();
+            let log = std::fs::read_to_string(&kafka.log).unwrap_or_default()
+                + &std::fs::read_to_string(kafka.log.with_file_name("kafka-console.log")).unwrap_or_default();
             panic!(
                 "the secured broker never answered ({e}); its log ends:\n{}",
                 &log[log.len().saturating_sub(4000)..]
