@@ -47,8 +47,8 @@ struct Head {
 }
 
 impl AuditChain {
-    pub fn new(master: &crate::crypto::MasterKey, node_id: &str) -> AuditChain {
-        AuditChain { key: master.derive(CHAIN_KEY_LABEL), node_id: node_id.to_string() }
+    pub fn new(integrity: &crate::crypto::IntegrityKey, node_id: &str) -> AuditChain {
+        AuditChain { key: integrity.derive(CHAIN_KEY_LABEL), node_id: node_id.to_string() }
     }
 
     fn mac(&self, node_id: &str, seq: i64, prev: &str, record: &FormRetrieved) -> Result<String, AuditError> {
@@ -321,7 +321,7 @@ mod tests {
 
     fn chain() -> AuditChain {
         let master = crate::crypto::MasterKey::from_base64(&crate::crypto::MasterKey::generate_base64()).unwrap();
-        AuditChain::new(&master, "node-a")
+        AuditChain::new(&crate::crypto::IntegrityKey::from_master(&master), "node-a")
     }
 
     fn records(chain: &AuditChain, n: usize) -> Vec<FormRetrieved> {
@@ -383,10 +383,8 @@ mod tests {
         let p = verify(&c, reset).problems;
         assert!(p.iter().any(|m| m.contains("two different records")), "{p:?}");
 
-        let other = AuditChain::new(
-            &crate::crypto::MasterKey::from_base64(&crate::crypto::MasterKey::generate_base64()).unwrap(),
-            "node-a",
-        );
+        let stranger = crate::crypto::MasterKey::from_base64(&crate::crypto::MasterKey::generate_base64()).unwrap();
+        let other = AuditChain::new(&crate::crypto::IntegrityKey::from_master(&stranger), "node-a");
         assert!(!other.holds(&rs[0]), "a link made with another master key does not hold");
         let mut unchained = rs[0].clone();
         unchained.chain = None;

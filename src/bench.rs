@@ -90,6 +90,7 @@ fn submissions(n: usize) -> Vec<(uuid::Uuid, Event)> {
         site: "bench".into(),
         period: period_of(now),
         generation: 1,
+        master_key_id: String::new(),
         material,
     };
     let template: crate::domain::template::Template = toml::from_str(
@@ -676,5 +677,5 @@ fn write_private(path: &std::path::Path, contents: &[u8]) -> std::io::Result<()>
 fn bench_signer() -> std::sync::Arc<crate::crypto::mac::EventSigner> {
     let master = crate::crypto::MasterKey::from_base64(&crate::crypto::MasterKey::generate_base64())
         .expect("a generated master key parses");
-    std::sync::Arc::new(crate::crypto::mac::EventSigner::new(&master))
+    std::sync::Arc::new(crate::crypto::mac::EventSigner::new(&crate::crypto::IntegrityKey::from_master(&master)))
 }

@@ -115,6 +115,26 @@ pub fn master_key(settings: &Settings) -> Result<MasterKey, KeyError> {
     MasterKey::load(env.as_ref().map(|v| v.as_str()), settings.master_key_file.as_deref())
 }
 
+/// The master keys used before the current one (`previous_master_key_files`), while their data keys
+/// are re-wrapped.
+pub fn previous_master_keys(settings: &Settings) -> Result<Vec<MasterKey>, KeyError> {
+    settings.previous_master_key_files.iter().map(|f| MasterKey::load(None, Some(f))).collect()
+}
+
+/// The key ring's masters: the current one and the previous ones.
+pub fn key_ring(settings: &Settings) -> Result<KeyRing, KeyError> {
+    Ok(KeyRing::with_previous(master_key(settings)?, previous_master_keys(settings)?))
+}
+
+/// The root of the event MACs and the audit chain: `integrity_key_file`, else derived from the
+/// master key (ADR 19).
+pub fn integrity_key(settings: &Settings, master: &MasterKey) -> Result<crate::crypto::IntegrityKey, KeyError> {
+    match &settings.integrity_key_file {
+        Some(f) => crate::crypto::IntegrityKey::load(f),
+        None => Ok(crate::crypto::IntegrityKey::from_master(master)),
+    }
+}
+
 /// Publishes each configured template once per version, so templates are events and replayable.
 pub async fn publish_templates(
     settings: &Settings,
@@ -279,7 +299,8 @@ impl Service {
         options: StartOptions,
         listeners: Option<crate::http::listener::Listeners>,
     ) -> Result<Service, ServiceError> {
-        let master = master_key(&settings)?;
+        let ring = Arc::new(key_ring(&settings)?);
+        let integrity = integrity_key(&settings, ring.master())?;
         let mut kafka = kafka_settings(&settings, brokers, if options.shadow { "ops" } else { "service" });
         apply_topics(&kafka, settings.replication_factor).await?;
         // A node never runs on topics that place one conversation on different partition numbers.
@@ -289,7 +310,7 @@ impl Service {
         // Learned once, so the clients can be tuned for the broker (see runtime::fetch_wait_ms).
         kafka.kind = Some(Admin::new(&kafka)?.broker_kind().await?);
         let metrics = Arc::new(crate::metrics::Metrics::new());
-        let signer = Arc::new(crate::crypto::mac::EventSigner::new(&master));
+        let signer = Arc::new(crate::crypto::mac::EventSigner::new(&integrity));
         if settings.accept_unsigned_events {
             tracing::warn!(
                 "accept_unsigned_events is on: events only this service produces are applied without their MAC, so anyone who can write to the topics can forge them; turn it off once the topics written before MACs are past"
@@ -307,10 +328,9 @@ impl Service {
             0
         };
 
-        let ring = Arc::new(KeyRing::new(master));
         let keys_loaded = load_ring(&ring, &stores["keys"])?;
         let off_record = Arc::new(OffRecordStore::new());
-        let chain = crate::audit::AuditChain::new(ring.master(), &settings.node_id);
+        let chain = crate::audit::AuditChain::new(&integrity, &settings.node_id);
         let (audit, audit_writer) = crate::audit::AuditLog::open(stores["audit"].clone(), Some(chain))?;
         let detokenizer = Arc::new(
             Detokenizer::new(
@@ -576,8 +596,9 @@ pub async fn serve(settings: Settings, clock: Clock, shutdown: impl Future<Outpu
             "no sites are configured, so every FormSent will be rejected; pass --config with a [sites.<id>] table (see config/secureforms.example.toml)"
         );
     }
-    // Fail on a missing master key before starting anything.
-    master_key(&settings)?;
+    // Fail on a missing or unreadable key before starting anything.
+    let ring = key_ring(&settings)?;
+    integrity_key(&settings, ring.master())?;
     // Listening from the start: while the brokers do not answer, /healthz is 200, /readyz 503 and
     // every other request 503 with Retry-After.
     let listeners = crate::http::listener::Listeners::bind(&settings).await?;

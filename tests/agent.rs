@@ -536,7 +536,9 @@ async fn forged_events_are_dead_lettered_and_the_sender_alone_still_retrieves() 
     other.header.event_id = uuid::Uuid::new_v4().to_string();
     producer(&e.prefix)
         .await
-        .with_signer(std::sync::Arc::new(secureforms::crypto::mac::EventSigner::new(&stranger)))
+        .with_signer(std::sync::Arc::new(secureforms::crypto::mac::EventSigner::new(
+            &secureforms::crypto::IntegrityKey::from_master(&stranger),
+        )))
         .send(&Event::FormSubmitted(other))
         .await
         .unwrap();

@@ -46,7 +46,9 @@ async fn a_dead_letter_re_driven_after_a_config_fix_is_applied_exactly_once() {
         master_key_id: right_key.id().into(),
     });
     // Written by a node that has the right master key (so it carries that key's MAC).
-    let signer = std::sync::Arc::new(secureforms::crypto::mac::EventSigner::new(&right_key));
+    let signer = std::sync::Arc::new(secureforms::crypto::mac::EventSigner::new(
+        &secureforms::crypto::IntegrityKey::from_master(&right_key),
+    ));
     producer(&prefix).await.with_signer(signer).send(&created).await.unwrap();
 
     let mut service = Service::start(settings.clone(), brokers(), system_clock()).await.unwrap();

@@ -529,3 +529,170 @@ fn the_canary_scanner_finds_each_encoding_and_respects_digit_boundaries() {
     assert!(find(format!("[{}]", printed("8590")).as_bytes(), &list).is_some(), "a whole list");
     assert_eq!(hits(b"nothing to see", &forms), 0);
 }
+
+/// Master-key rotation (ADR 19), the way an operator does it: pin the integrity key, run on a new
+/// master key with the old one as previous, `keys rewrap`, then retire the old one. A node rebuilt
+/// from the topics with the new master key alone reads every live submission and verifies every
+/// event written before the rotation, while a data key destroyed before it stays gone even though
+/// its wrapped record is still on the topic (tansu keeps it; so would a backup): nothing the system
+/// keeps can be opened without the retired master key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_master_key_rotation_a_destroyed_data_key_stays_gone_and_live_data_stays_readable() {
+    use secureforms::crypto::{IntegrityKey, KeyError, KeyMaterial, KeyRing, MasterKey};
+    use secureforms::events::{DataKeyCreated, DataKeyDestroyed, EventHeader, EventKind};
+
+    let prefix = unique_prefix("rotation");
+    let dir = tempfile::tempdir().unwrap();
+    let old_settings = settings(&prefix, dir.path());
+    let old_file = master_key_file(dir.path());
+    let old_master = MasterKey::from_base64(&std::fs::read_to_string(&old_file).unwrap()).unwrap();
+    let pan = luhn_pan(7_301);
+    let mut service = start(&old_settings, system_clock()).await;
+    let id = submit_card(&service, "conv-rot", "form-rot", &pan).await;
+    // An old month's key, then its destruction, as retention writes them.
+    let gone_id = "acme.2024-01.g1";
+    let gone_created = DataKeyCreated {
+        header: EventHeader::new(EventKind::DataKeyCreated, uuid::Uuid::new_v4(), now_ms(), "acme", "", gone_id),
+        key_id: gone_id.into(),
+        period: "2024-01".into(),
+        generation: 1,
+        master_key_id: old_master.id().into(),
+        wrapped_key: old_master.wrap(gone_id, &KeyMaterial::random()).unwrap(),
+    };
+    let bus = signed_producer(&prefix, dir.path()).await;
+    bus.send(&Event::DataKeyCreated(gone_created.clone())).await.unwrap();
+    bus.send(&Event::DataKeyDestroyed(DataKeyDestroyed {
+        header: EventHeader::new(EventKind::DataKeyDestroyed, uuid::Uuid::new_v4(), now_ms(), "acme", "", gone_id),
+        key_id: gone_id.into(),
+        reason: "retention".into(),
+    }))
+    .await
+    .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while !matches!(service.ring.get(gone_id), Err(KeyError::Destroyed(_))) {
+        assert!(Instant::now() < deadline, "the old key was never destroyed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    service.stop().await;
+    drop(service);
+
+    // 1. Pin the integrity key, exported with the master key in use.
+    let cli = |config: &Path, args: &[&str]| {
+        let o = std::process::Command::new(bin())
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .env_remove("SECUREFORMS_CONFIG")
+            .env_remove("SECUREFORMS_BROKERS")
+            .env_remove("SECUREFORMS_MASTER_KEY")
+            .output()
+            .expect("run secureforms");
+        let out = String::from_utf8_lossy(&o.stdout).to_string();
+        assert!(o.status.success(), "secureforms {args:?}: {out}{}", String::from_utf8_lossy(&o.stderr));
+        out
+    };
+    let config = |name: &str, master: &Path, previous: &[&Path], integrity: Option<&Path>| {
+        let mut text = format!(
+            "brokers = {:?}\ntopic_prefix = {prefix:?}\ngroup_prefix = {:?}\ndata_dir = {:?}\nmaster_key_file = {:?}\nprevious_master_key_files = {:?}\n",
+            brokers(),
+            prefix.trim_end_matches('.'),
+            dir.path().join("cli"),
+            master,
+            previous,
+        );
+        if let Some(f) = integrity {
+            text.push_str(&format!("integrity_key_file = {f:?}\n"));
+        }
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let exported = cli(&config("old.toml", &old_file, &[], None), &["keys", "export-integrity"]);
+    let integrity_file = dir.path().join("integrity.key");
+    write_private(&integrity_file, exported.trim().as_bytes());
+    assert_eq!(
+        IntegrityKey::load(&integrity_file).unwrap().to_base64().as_str(),
+        IntegrityKey::from_master(&old_master).to_base64().as_str()
+    );
+
+    // 2. The new master key, the old one as previous: the node reads everything as before.
+    let new_file = dir.path().join("master-new.key");
+    write_private(&new_file, MasterKey::generate_base64().as_bytes());
+    let new_master = MasterKey::from_base64(&std::fs::read_to_string(&new_file).unwrap()).unwrap();
+    let mut rotating = old_settings.clone();
+    rotating.master_key_file = Some(new_file.clone());
+    rotating.previous_master_key_files = vec![old_file.clone()];
+    rotating.integrity_key_file = Some(integrity_file.clone());
+    let mut service = start(&rotating, system_clock()).await;
+    assert_eq!(service.detokenizer.open_for_history("acme", id).unwrap()["pan"].expose(), pan);
+
+    // 3. Re-wrap: the live key moves to the new master key, on the topic and in the node's store.
+    let both = config("rotating.toml", &new_file, &[&old_file], Some(&integrity_file));
+    let out = cli(&both, &["keys", "rewrap"]);
+    assert!(out.contains("1 data key(s) re-wrapped"), "{out}");
+    let live_id = service.ring.list().into_iter().find(|k| k.state == "active").unwrap().id;
+    let deadline = Instant::now() + WAIT;
+    while service.ring.get(&live_id).unwrap().master_key_id != new_master.id() {
+        assert!(Instant::now() < deadline, "the node never took the re-wrapped key");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let listed: serde_json::Value = serde_json::from_str(&cli(&both, &["keys", "list", "--json"])).unwrap();
+    let row = |k: &str| listed.as_array().unwrap().iter().find(|r| r["id"] == k).cloned().unwrap();
+    assert_eq!(row(&live_id)["master_key_id"], new_master.id());
+    assert_eq!(row(gone_id)["state"], "destroyed");
+    service.stop().await;
+    drop(service);
+    let keys_store = Store::open(&store_dir(&rotating, "keys")).unwrap();
+    let kept = keys_store.tree(secureforms::handlers::keys::CREATED_TREE).unwrap().get(live_id.as_bytes()).unwrap();
+    let Ok(Event::DataKeyCreated(kept)) = Codec::get().decode(&kept.unwrap()) else { panic!("not a DataKeyCreated") };
+    assert_eq!(kept.master_key_id, new_master.id(), "the node keeps only the newest wrapping");
+    drop(keys_store);
+
+    // 4. The old master key is retired. A node with the new one alone, rebuilt from the topics.
+    std::fs::remove_file(&old_file).unwrap();
+    let fresh = tempfile::tempdir().unwrap();
+    let mut after = settings(&prefix, fresh.path());
+    after.master_key_file = Some(new_file.clone());
+    after.integrity_key_file = Some(integrity_file.clone());
+    let mut service = start(&after, system_clock()).await;
+    let deadline = Instant::now() + WAIT;
+    while !in_vault(&service, &id) {
+        assert!(Instant::now() < deadline, "the rebuilt node never applied the submission (MAC or key refused?)");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let deadline = Instant::now() + WAIT;
+    let answers = loop {
+        match service.detokenizer.open_for_history("acme", id) {
+            Ok(a) => break a,
+            Err(e) => assert!(Instant::now() < deadline, "the live data key never came back: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(answers["pan"].expose(), pan);
+    assert!(service.ring.get(gone_id).is_err());
+    service.stop().await;
+    drop(service);
+
+    // Every wrapped record of the destroyed key still on the topic is useless without the old key.
+    let mut keys = TopicReader::new(&prefix, Topic::Keys).await;
+    assert!(
+        keys.read_until(WAIT, |r| r.len() >= 4).await,
+        "the keys topic holds both creations, the destruction and the re-wrap"
+    );
+    let copies: Vec<DataKeyCreated> = keys
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::DataKeyCreated(k) if k.key_id == gone_id => Some(k),
+            _ => None,
+        })
+        .collect();
+    if broker_kind() == secureforms::kafka::BrokerKind::Tansu {
+        assert_eq!(copies, vec![gone_created.clone()], "tansu does not compact: the record is still there");
+    }
+    let survivor = KeyRing::new(new_master.clone());
+    for k in copies.iter().chain(std::iter::once(&gone_created)) {
+        assert!(matches!(survivor.created(k), Err(KeyError::UnknownMaster { .. })));
+        assert!(new_master.unwrap_key(gone_id, &k.wrapped_key).is_err());
+    }
+}

@@ -6,7 +6,7 @@ use anyhow::Context;
 use super::GlobalArgs;
 use crate::audit::{AuditChain, verify};
 use crate::events::{Codec, Event};
-use crate::service::{kafka_settings, master_key, resolve_brokers};
+use crate::service::{integrity_key, kafka_settings, master_key, resolve_brokers};
 use crate::topics::Topic;
 
 /// The audit trail.
@@ -26,8 +26,8 @@ pub enum AuditCommand {
 pub async fn run(global: &GlobalArgs, cmd: AuditCommand) -> anyhow::Result<()> {
     let AuditCommand::Verify { json } = cmd;
     let settings = global.settings()?;
-    let master = master_key(&settings).context("the chain's key is derived from the master key")?;
-    let chain = AuditChain::new(&master, &settings.node_id);
+    let master = master_key(&settings).context("the chain's key comes from the master key or integrity_key_file")?;
+    let chain = AuditChain::new(&integrity_key(&settings, &master)?, &settings.node_id);
     let kafka = kafka_settings(&settings, resolve_brokers(&settings)?, "audit");
     let records = tokio::task::block_in_place(|| crate::kafka::reader::read_to_end(&kafka, Topic::AgentEvents))?;
     let retrieved = records.iter().filter_map(|m| {

@@ -93,7 +93,7 @@ async fn with_brokers<T>(settings: &Settings, f: impl AsyncFnOnce(String) -> any
 /// Starts an operations replica, waits until it has caught up, runs `f`, stops.
 async fn with_ops_node<T>(global: &GlobalArgs, f: impl AsyncFnOnce(&Node) -> anyhow::Result<T>) -> anyhow::Result<T> {
     let settings = global.settings()?;
-    crate::service::master_key(&settings)?;
+    crate::service::key_ring(&settings)?;
     with_brokers(&settings, async |brokers| {
         let mut service =
             Service::start_with(ops_settings(&settings), brokers, system_clock(), StartOptions::ops()).await?;
@@ -165,7 +165,7 @@ pub async fn erase(global: &GlobalArgs, a: EraseArgs) -> anyhow::Result<()> {
 
 pub async fn replay(global: &GlobalArgs, a: ReplayArgs) -> anyhow::Result<()> {
     let settings = global.settings()?;
-    crate::service::master_key(&settings)?;
+    crate::service::key_ring(&settings)?;
     let handlers = replay::parse_projection(&a.projection)?;
     let show_progress = std::io::stderr().is_terminal();
     let s = with_brokers(&settings, async |brokers| {

@@ -1,8 +1,9 @@
 //! Which events this service wrote. Anyone who can write to a topic can put a well-formed event on
 //! it, so the events only this service produces (everything but the chat bus's own events and dead
 //! letters, see [`EventKind::service_only`]) carry an HMAC-SHA256 of their record key and value in
-//! the Kafka record header [`HEADER`]. The MAC key is derived from the master key, so every node and
-//! the operations replica can check it and nobody without the master key can make one. Handlers
+//! the Kafka record header [`HEADER`]. The MAC key is derived from the integrity key (itself derived
+//! from the master key unless pinned, ADR 19), so every node and the operations replica can check it
+//! and nobody without it can make one. Handlers
 //! refuse an event of such a kind without a valid MAC: it becomes a dead letter
 //! (`unauthenticated`), never state. The Avro payload is unchanged, so independent Avro clients
 //! read the events as before.
@@ -14,7 +15,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
-use super::MasterKey;
+use super::IntegrityKey;
 use crate::events::EventKind;
 
 /// The Kafka record header that carries the MAC (lower-case hex).
@@ -34,8 +35,8 @@ impl std::fmt::Debug for EventSigner {
 }
 
 impl EventSigner {
-    pub fn new(master: &MasterKey) -> EventSigner {
-        EventSigner { key: master.derive(KEY_LABEL) }
+    pub fn new(integrity: &IntegrityKey) -> EventSigner {
+        EventSigner { key: integrity.derive(KEY_LABEL) }
     }
 
     fn mac(&self, record_key: &[u8], payload: &[u8]) -> Hmac<Sha256> {
@@ -73,7 +74,8 @@ mod tests {
     use super::*;
 
     fn signer() -> EventSigner {
-        EventSigner::new(&MasterKey::from_base64(&MasterKey::generate_base64()).unwrap())
+        let master = crate::crypto::MasterKey::from_base64(&crate::crypto::MasterKey::generate_base64()).unwrap();
+        EventSigner::new(&IntegrityKey::from_master(&master))
     }
 
     #[test]

@@ -43,6 +43,20 @@ pub enum KeyError {
     MasterFilePermissions(#[from] crate::secrets::PermissionsError),
     #[error("data key {0} cannot be unwrapped with master key {1}: wrong master key or a tampered record")]
     Unwrap(String, String),
+    #[error(
+        "data key {key_id} is wrapped by master key {master_key_id}, which this node does not have; if the key is still in use, list that master key in previous_master_key_files and run `secureforms keys rewrap`"
+    )]
+    UnknownMaster { key_id: String, master_key_id: String },
+    #[error(
+        "the integrity key is malformed ({0}); it must be 32 bytes in standard base64, as `secureforms keys export-integrity` prints it"
+    )]
+    MalformedIntegrity(String),
+    #[error("cannot read the integrity key file {path}: {source}")]
+    IntegrityFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("data key {0} is not known to this node")]
     UnknownKey(String),
     #[error("data key {0} was destroyed; data sealed with it is gone")]
@@ -81,6 +95,12 @@ impl KeyMaterial {
     }
 
     /// AES-SIV seal; `ad` components are bound to the ciphertext.
+    /// Whether two keys are the same material (constant time).
+    pub fn same_as(&self, other: &KeyMaterial) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.as_ref().ct_eq(other.0.as_ref()).into()
+    }
+
     pub fn seal(&self, ad: &[&[u8]], plaintext: &[u8]) -> Result<Vec<u8>, KeyError> {
         self.cipher().encrypt(ad, plaintext).map_err(|e| KeyError::Seal(e.to_string()))
     }
@@ -141,7 +161,7 @@ impl MasterKey {
 
     /// A 32-byte key for another purpose, derived from this master key (HMAC-SHA256 keyed with the
     /// master key over `label`), so one secret serves every purpose without reusing its bytes.
-    pub fn derive(&self, label: &[u8]) -> Zeroizing<[u8; 32]> {
+    fn derive(&self, label: &[u8]) -> Zeroizing<[u8; 32]> {
         use hmac::Mac;
         let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(self.material.0.as_ref())
             .expect("HMAC takes any key length");
@@ -159,6 +179,64 @@ impl MasterKey {
             .open(&[WRAP_TAG, key_id.as_bytes()], wrapped)
             .map_err(|_| KeyError::Unwrap(key_id.into(), self.id.clone()))?;
         KeyMaterial::from_slice(&plain).ok_or_else(|| KeyError::Unwrap(key_id.into(), self.id.clone()))
+    }
+}
+
+/// The root of the service's integrity keys: the event MAC (ADR 17) and the audit chain (ADR 18).
+/// It is kept apart from the master key's one duty, wrapping data keys, so that a master key can be
+/// rotated and then destroyed (which makes every data key it wrapped, and every copy of those
+/// wrapped keys anywhere, useless) while the events already on the topics stay verifiable. By
+/// default it is derived from the master key (one-way: it reveals nothing of it); once a deployment
+/// rotates its master key, `integrity_key_file` pins it (ADR 19).
+#[derive(Clone)]
+pub struct IntegrityKey(Zeroizing<[u8; 32]>);
+
+impl fmt::Debug for IntegrityKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("IntegrityKey(..)")
+    }
+}
+
+impl IntegrityKey {
+    /// The integrity root a master key gives when no integrity key file is configured.
+    pub fn from_master(master: &MasterKey) -> IntegrityKey {
+        IntegrityKey(master.derive(b"secureforms-integrity-root-v1"))
+    }
+
+    /// Parses base64 text (surrounding whitespace ignored).
+    pub fn from_base64(text: &str) -> Result<IntegrityKey, KeyError> {
+        let bytes = Zeroizing::new(
+            STANDARD.decode(text.trim()).map_err(|e| KeyError::MalformedIntegrity(format!("not base64: {e}")))?,
+        );
+        let root: [u8; 32] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| KeyError::MalformedIntegrity(format!("{} bytes instead of 32", bytes.len())))?;
+        Ok(IntegrityKey(Zeroizing::new(root)))
+    }
+
+    /// From a private file (group or others may not read it).
+    pub fn load(path: &Path) -> Result<IntegrityKey, KeyError> {
+        crate::secrets::check_private_file(path)?;
+        let text = Zeroizing::new(
+            std::fs::read_to_string(path)
+                .map_err(|source| KeyError::IntegrityFile { path: path.display().to_string(), source })?,
+        );
+        IntegrityKey::from_base64(&text)
+    }
+
+    /// Base64, for `secureforms keys export-integrity`.
+    pub fn to_base64(&self) -> Zeroizing<String> {
+        Zeroizing::new(STANDARD.encode(self.0.as_ref()))
+    }
+
+    /// A 32-byte key for one purpose (HMAC-SHA256 keyed with the root over `label`).
+    pub fn derive(&self, label: &[u8]) -> Zeroizing<[u8; 32]> {
+        use hmac::Mac;
+        let mut mac =
+            <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(self.0.as_ref()).expect("HMAC takes any key length");
+        mac.update(label);
+        Zeroizing::new(mac.finalize().into_bytes().into())
     }
 }
 

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::crypto::keyring::DataKey;
+use crate::crypto::keyring::{Created, DataKey};
 use crate::crypto::{KeyError, KeyMaterial, KeyRing, data_key_id};
 use crate::events::{Codec, DataKeyCreated, Event, EventHeader, EventKind};
 use crate::kafka::{ApplyError, EventProducer, Handler, KafkaError, RecordMeta};
@@ -43,6 +43,9 @@ pub fn load_ring(ring: &KeyRing, store: &Store) -> Result<usize, StoreError> {
         if let Ok(Event::DataKeyCreated(e)) = Codec::get().decode(&v) {
             match ring.created(&e) {
                 Ok(_) => n += 1,
+                Err(error @ KeyError::UnknownMaster { .. }) => {
+                    tracing::warn!(%error, key_id = %e.key_id, "stored data key is wrapped by a master key this node does not have");
+                }
                 Err(error) => {
                     tracing::error!(%error, key_id = %e.key_id, "stored data key cannot be unwrapped; check SECUREFORMS_MASTER_KEY is the master key this deployment uses")
                 }
@@ -70,13 +73,25 @@ impl Handler for KeysHandler {
     ) -> Result<Vec<Event>, ApplyError> {
         match event {
             Event::DataKeyCreated(e) => match self.ring.created(e) {
-                Ok(true) => {
+                Ok(done @ (Created::New | Created::Rewrapped)) => {
+                    // The node keeps the newest wrapping only: once the old master key is retired,
+                    // no copy here can be opened with it.
                     let bytes = Codec::get().encode(event).map_err(|err| ApplyError::Unprocessable(err.to_string()))?;
                     tx.insert(CREATED_TREE, e.key_id.as_bytes().to_vec(), bytes);
-                    tracing::info!(key_id = %e.key_id, "data key added to the key ring");
+                    if done == Created::New {
+                        tracing::info!(key_id = %e.key_id, "data key added to the key ring");
+                    } else {
+                        tracing::info!(key_id = %e.key_id, master_key_id = %e.master_key_id, "data key re-wrapped by the current master key");
+                    }
                     Ok(vec![])
                 }
-                Ok(false) => Ok(vec![]),
+                Ok(Created::Known) => Ok(vec![]),
+                // A record of a retired master key (history on a topic that keeps everything) is not
+                // an error: a live key comes back through its re-wrapped record.
+                Err(error @ KeyError::UnknownMaster { .. }) => {
+                    tracing::warn!(%error, "data key record skipped");
+                    Ok(vec![])
+                }
                 Err(KeyError::Unwrap(id, master)) => Err(ApplyError::Unprocessable(format!(
                     "data key {id} is wrapped by master key {} but this node has {master}; run every node with the same SECUREFORMS_MASTER_KEY",
                     e.master_key_id
@@ -124,6 +139,14 @@ pub fn key_metadata<'a>(events: impl IntoIterator<Item = &'a Event>) -> Vec<KeyM
     for event in events {
         match event {
             Event::DataKeyCreated(e) => {
+                // A later record of a known key under another master key is a re-wrap: it names the
+                // master key now in use. Under the same master it is a racing second key: ignored.
+                if let Some(known) = keys.get_mut(&e.key_id) {
+                    if known.destroyed_reason.is_none() && known.master_key_id != e.master_key_id {
+                        known.master_key_id = e.master_key_id.clone();
+                    }
+                    continue;
+                }
                 keys.entry(e.key_id.clone()).or_insert_with(|| KeyMeta {
                     key_id: e.key_id.clone(),
                     site_id: e.header.site_id.clone(),
@@ -257,11 +280,12 @@ mod tests {
     }
 
     #[test]
-    fn metadata_keeps_the_first_creation_and_marks_destruction_even_without_it() {
+    fn metadata_keeps_the_first_creation_follows_re_wraps_and_marks_destruction_even_without_it() {
         let events = vec![
             created("acme.2025-01.g1", "acme", "2025-01", 1, "mk-a"),
-            created("acme.2025-01.g1", "acme", "2025-01", 1, "mk-b"),
+            created("acme.2025-01.g1", "acme", "2025-01", 1, "mk-a"),
             created("acme.2025-02.g1", "acme", "2025-02", 1, "mk-a"),
+            created("acme.2025-02.g1", "acme", "2025-02", 1, "mk-b"),
             destroyed("acme.2025-01.g1"),
             destroyed("old.site.2024-12.g2"),
         ];
@@ -272,6 +296,7 @@ mod tests {
             ("acme.2025-01.g1", "mk-a", Some("retention"))
         );
         assert!(!m[1].is_destroyed());
+        assert_eq!((m[1].master_key_id.as_str(), m[1].created_at), ("mk-b", Some(1_000)), "re-wrapped by mk-b");
         assert_eq!(
             (m[2].site_id.as_str(), m[2].period.as_str(), m[2].generation, m[2].created_at),
             ("old.site", "2024-12", 2, None)

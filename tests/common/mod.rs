@@ -188,7 +188,9 @@ pub async fn producer(prefix: &str) -> EventProducer {
 pub async fn signed_producer(prefix: &str, data_dir: &Path) -> EventProducer {
     let text = std::fs::read_to_string(master_key_file(data_dir)).unwrap();
     let master = secureforms::crypto::MasterKey::from_base64(&text).unwrap();
-    producer(prefix).await.with_signer(std::sync::Arc::new(secureforms::crypto::mac::EventSigner::new(&master)))
+    producer(prefix).await.with_signer(std::sync::Arc::new(secureforms::crypto::mac::EventSigner::new(
+        &secureforms::crypto::IntegrityKey::from_master(&master),
+    )))
 }
 
 /// Kafka settings for other brokers than the shared test broker.
