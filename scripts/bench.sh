@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds secureforms in release mode, starts a fresh broker on loopback, and runs `secureforms bench`
-# against it: the same report on either broker.
+# Builds the pipeline benchmark (benches/pipeline.rs) in release mode, starts a fresh broker on
+# loopback, and runs it against it: the same report on either broker.
 #
 # Usage: scripts/bench.sh [--broker kafka|tansu] [bench args...]   (default: kafka, the production
 # broker). Extra arguments go to the bench (e.g. --records 20000 --json).
@@ -18,9 +18,9 @@ case "$kind" in
   tansu) scripts/install-broker.sh ;;
   *) echo "bench.sh: --broker takes kafka or tansu, not '$kind'" >&2; exit 2 ;;
 esac
-cargo build --locked --release
+cargo bench --locked --bench pipeline --no-run
 work=$(mktemp -d)
 trap 'stop_broker; rm -rf "$work"' EXIT
 start_broker "$kind" "$work/broker"
 echo "bench broker: $kind on $BROKER"
-"$CARGO_TARGET_DIR/release/secureforms" bench --brokers "$BROKER" --broker-kind "$kind" "$@"
+cargo bench --locked --bench pipeline -- --brokers "$BROKER" --broker-kind "$kind" "$@"

@@ -28,9 +28,9 @@
 //! docs/ARCHITECTURE.md shows how the parts run as tasks and where backpressure lives.
 
 pub mod audit;
-pub mod bench;
 pub mod broker;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod domain;
@@ -42,6 +42,7 @@ pub mod http;
 pub mod kafka;
 pub mod logging;
 pub mod metrics;
+pub mod node;
 pub mod ops;
 pub mod secrets;
 pub mod service;

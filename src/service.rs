@@ -17,7 +17,6 @@ use tokio::task::JoinSet;
 use crate::broker::{self, BrokerError, EmbeddedBroker};
 use crate::config::Settings;
 use crate::crypto::{KeyError, KeyRing, MasterKey};
-use crate::domain::template::Template;
 use crate::events::{Event, EventHeader, EventKind, FormTemplateDefined};
 use crate::handlers::gateway::GatewayProjection;
 use crate::handlers::issuer::Issuer;
@@ -28,11 +27,20 @@ use crate::handlers::visibility::VisibilityProjection;
 use crate::kafka::admin::Admin;
 use crate::kafka::runtime::{self, Clock};
 use crate::kafka::{EventProducer, Handler, KafkaError, KafkaSettings};
+use crate::node::{HandlerInfo, Node};
 use crate::store::{Store, StoreError};
 use crate::topics::{TopicAction, TopicNames};
 use crate::vault::detokenize::Detokenizer;
-use crate::vault::offrecord::{OffRecordStore, Secret};
-use crate::vault::seal::{SealError, SubmissionContext, seal_submission};
+use crate::vault::offrecord::OffRecordStore;
+
+/// Why one of a node's tasks stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    #[error(transparent)]
+    Http(#[from] crate::http::HttpError),
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -47,9 +55,7 @@ pub enum ServiceError {
     #[error("handler {0} stopped unexpectedly: {1}")]
     HandlerStopped(&'static str, String),
     #[error(transparent)]
-    Seal(#[from] SealError),
-    #[error("site {0:?} is not configured")]
-    UnknownSite(String),
+    Submit(#[from] crate::node::SubmitError),
     #[error(transparent)]
     Http(#[from] crate::http::HttpError),
     #[error("the handlers did not catch up with the topics within {0} s; check the brokers and the logs")]
@@ -61,16 +67,6 @@ impl ServiceError {
     pub fn is_brokers_unavailable(&self) -> bool {
         matches!(self, ServiceError::Kafka(KafkaError::Client(..) | KafkaError::Delivery { .. }))
     }
-}
-
-/// A visitor's submission as the gateway hands it over: already validated, not yet sealed.
-pub struct Submission<'a> {
-    pub site_id: &'a str,
-    pub conversation_id: &'a str,
-    pub form_id: &'a str,
-    pub agent_id: &'a str,
-    pub template: &'a Template,
-    pub answers: BTreeMap<String, Secret>,
 }
 
 /// Kafka settings for a set of bootstrap servers.
@@ -187,30 +183,6 @@ pub async fn apply_topics(kafka: &KafkaSettings, replication_factor: i32) -> Res
     Ok(actions)
 }
 
-/// The parts of a running node that request handlers share.
-pub struct Node {
-    pub settings: Settings,
-    pub kafka: KafkaSettings,
-    pub producer: EventProducer,
-    pub ring: Arc<KeyRing>,
-    pub off_record: Arc<OffRecordStore>,
-    pub detokenizer: Arc<Detokenizer>,
-    /// The tokenizer's store (the vault), for inspection.
-    pub vault: Store,
-    /// The gateway projection's store (form key state).
-    pub gateway: Store,
-    /// The visibility projection's store (senders, live conversations, ended sessions).
-    pub visibility: Store,
-    /// Audit events recorded on this node, relayed to Kafka.
-    pub audit: Arc<crate::audit::AuditLog>,
-    pub clock: Clock,
-    pub metrics: Arc<crate::metrics::Metrics>,
-    /// The handlers this node runs.
-    pub handlers: Vec<HandlerInfo>,
-    /// Signs and checks the events only the service produces (derived from the master key).
-    pub signer: Arc<crate::crypto::mac::EventSigner>,
-}
-
 /// A running service: its shared parts and its tasks (handlers, sweeper, HTTP server).
 pub struct Service {
     pub node: Arc<Node>,
@@ -219,20 +191,12 @@ pub struct Service {
     /// Where `/metrics`, `/healthz` and `/readyz` are served, when they are.
     pub metrics_addr: Option<std::net::SocketAddr>,
     stop: watch::Sender<bool>,
-    tasks: JoinSet<(&'static str, Result<(), KafkaError>)>,
+    tasks: JoinSet<(&'static str, Result<(), TaskError>)>,
     shadow: bool,
 }
 
 /// Every consumer a full node runs, in the order a replay of everything rebuilds them.
 pub const ALL_HANDLERS: [&str; 6] = ["keys", "issuer", "tokenizer", "retrieval", "gateway", "visibility"];
-
-/// A handler this node runs: its name, its topics and its store (for readiness and lag).
-#[derive(Clone)]
-pub struct HandlerInfo {
-    pub name: &'static str,
-    pub topics: Vec<crate::topics::Topic>,
-    pub store: Store,
-}
 
 /// Which parts of a node to start.
 #[derive(Debug, Clone)]
@@ -403,7 +367,9 @@ impl Service {
         }
         {
             let (node, stop) = (node.clone(), stop_rx.clone());
-            service.tasks.spawn(async move { ("readiness", crate::ops::readiness::run(node, stop).await) });
+            service.tasks.spawn(async move {
+                ("readiness", crate::ops::readiness::run(node, stop).await.map_err(TaskError::from))
+            });
         }
         if options.node_tasks {
             service.spawn_node_tasks(audit_writer, &stop_rx, listeners).await?;
@@ -423,9 +389,10 @@ impl Service {
         let node = self.node.clone();
         {
             let (audit, producer, stop) = (node.audit.clone(), node.producer.clone(), stop_rx.clone());
-            self.tasks.spawn(async move { ("audit relay", audit.relay(producer, stop).await) });
+            self.tasks
+                .spawn(async move { ("audit relay", audit.relay(producer, stop).await.map_err(TaskError::from)) });
             let stop = stop_rx.clone();
-            self.tasks.spawn(async move { ("audit writer", audit_writer.run(stop).await) });
+            self.tasks.spawn(async move { ("audit writer", audit_writer.run(stop).await.map_err(TaskError::from)) });
         }
         {
             // Expired off-the-record answers are dropped (and zeroized) within seconds.
@@ -448,7 +415,9 @@ impl Service {
         }
         if node.settings.purge_interval_secs > 0 {
             let (node, stop) = (node.clone(), stop_rx.clone());
-            self.tasks.spawn(async move { ("purge worker", crate::ops::purge::worker(node, stop).await) });
+            self.tasks.spawn(async move {
+                ("purge worker", crate::ops::purge::worker(node, stop).await.map_err(TaskError::from))
+            });
         }
         // Bound already when `serve` started them before the brokers answered; else bound here.
         let listeners = match listeners {
@@ -459,29 +428,14 @@ impl Service {
             gateway.install(crate::http::router(crate::http::AppState::new(node.clone(), gateway.https())?));
             self.http_addr = Some(gateway.local_addr());
             let stop = stop_rx.clone();
-            self.tasks.spawn(async move {
-                (
-                    "http gateway",
-                    gateway
-                        .run_until(stop)
-                        .await
-                        .map_err(|e| KafkaError::Topic { topic: "http".into(), message: e.to_string() }),
-                )
-            });
+            self.tasks.spawn(async move { ("http gateway", gateway.run_until(stop).await.map_err(TaskError::Http)) });
         }
         if let Some(operations) = listeners.operations {
             operations.install(crate::http::ops_router(node.clone()));
             self.metrics_addr = Some(operations.local_addr());
             let stop = stop_rx.clone();
-            self.tasks.spawn(async move {
-                (
-                    "metrics listener",
-                    operations
-                        .run_until(stop)
-                        .await
-                        .map_err(|e| KafkaError::Topic { topic: "http".into(), message: e.to_string() }),
-                )
-            });
+            self.tasks
+                .spawn(async move { ("metrics listener", operations.run_until(stop).await.map_err(TaskError::Http)) });
         }
         Ok(())
     }
@@ -510,7 +464,7 @@ impl Service {
             verify_with,
         };
         let (k, s, p, r) = (n.kafka.clone(), store.clone(), n.producer.clone(), stop.clone());
-        self.tasks.spawn(async move { (name, runtime::run(k, s, p, handler, ctx, r).await) });
+        self.tasks.spawn(async move { (name, runtime::run(k, s, p, handler, ctx, r).await.map_err(TaskError::from)) });
     }
 
     /// Waits until `shutdown` resolves or a task fails, then stops everything.
@@ -555,37 +509,6 @@ impl Service {
         }
         self.node.producer.flush(std::time::Duration::from_secs(10));
         tracing::info!("service stopped");
-    }
-}
-
-impl Node {
-    /// Seals a submission at the edge and produces it (acks=all) before returning, so the visitor is
-    /// told it worked only once it is durable. Off-the-record answers stay in this node's memory.
-    pub async fn submit(&self, s: Submission<'_>) -> Result<uuid::Uuid, ServiceError> {
-        let site =
-            self.settings.sites.get(s.site_id).ok_or_else(|| ServiceError::UnknownSite(s.site_id.to_string()))?;
-        let now = (self.clock)();
-        let key = crate::handlers::keys::current_key(&self.ring, &self.producer, s.site_id, now).await?;
-        let submission_id = uuid::Uuid::new_v4();
-        let ctx = SubmissionContext {
-            site_id: s.site_id,
-            conversation_id: s.conversation_id,
-            form_id: s.form_id,
-            agent_id: s.agent_id,
-            template: s.template,
-            submission_id,
-            event_id: uuid::Uuid::new_v4(),
-            now_ms: now,
-            node_id: &self.settings.node_id,
-        };
-        let sealed = seal_submission(&key, &ctx, s.answers)?;
-        self.off_record.hold(submission_id, sealed.off_record, now + (site.off_record_ttl_secs as i64) * 1000);
-        if let Err(e) = self.producer.send(&Event::FormSubmitted(sealed.event)).await {
-            self.off_record.forget(&submission_id);
-            return Err(e.into());
-        }
-        tracing::debug!(%submission_id, form_id = %s.form_id, site_id = %s.site_id, key_id = %key.id, "submission sealed and produced");
-        Ok(submission_id)
     }
 }
 

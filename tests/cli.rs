@@ -37,7 +37,6 @@ fn every_command_explains_itself_with_an_example() {
         vec!["keys", "list", "--help"],
         vec!["sites", "check", "--help"],
         vec!["openapi", "--help"],
-        vec!["bench", "--help"],
         vec!["dlq", "list", "--help"],
         vec!["dlq", "redrive", "--help"],
         vec!["purge", "--help"],

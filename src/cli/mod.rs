@@ -3,7 +3,6 @@
 //! says what to fix.
 
 mod audit;
-mod bench;
 mod chatbus;
 mod dlq;
 mod keys;
@@ -87,7 +86,6 @@ pub enum Command {
     Chatbus(chatbus::ChatbusCommand),
     #[command(subcommand)]
     Keys(keys::KeysCommand),
-    Bench(bench::Args),
     #[command(subcommand)]
     Sites(sites::SitesCommand),
     Openapi(openapi::Args),
@@ -137,7 +135,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Schemas(a) => schemas::run(a),
         Command::Chatbus(c) => chatbus::run(&cli.global, c).await,
         Command::Keys(c) => keys::run(&cli.global, c).await,
-        Command::Bench(a) => bench::run(&cli.global, a).await,
         Command::Sites(c) => sites::run(&cli.global, c),
         Command::Openapi(a) => openapi::run(a),
         Command::Dlq(c) => dlq::run(&cli.global, c).await,

@@ -6,9 +6,10 @@ use std::time::Duration;
 use super::GlobalArgs;
 use crate::config::Settings;
 use crate::kafka::runtime::system_clock;
+use crate::node::Node;
 use crate::ops::erase::EraseTarget;
 use crate::ops::{compliance, connect, erase, ops_settings, purge, replay};
-use crate::service::{Node, Service, StartOptions, kafka_settings};
+use crate::service::{Service, StartOptions, kafka_settings};
 
 /// How long an operations replica may take to catch up with the topics.
 const CATCH_UP: Duration = Duration::from_secs(600);

@@ -70,11 +70,13 @@ pub struct Requester<'a> {
     pub permissions: &'a [String],
 }
 
-pub fn may_retrieve(
+/// Whether `who` may retrieve a submission; when so, the submission's owner record (what the caller
+/// acts on next).
+pub fn may_retrieve<'a>(
     who: &Requester<'_>,
-    owner: Option<&SubmissionOwner>,
+    owner: Option<&'a SubmissionOwner>,
     conversation: Option<&Conversation>,
-) -> Result<(), Denial> {
+) -> Result<&'a SubmissionOwner, Denial> {
     let owner = owner.ok_or(Denial::UnknownSubmission)?;
     if owner.site_id != who.site_id {
         return Err(Denial::WrongSite);
@@ -88,7 +90,7 @@ pub fn may_retrieve(
     if !conversation.is_some_and(|c| c.live) {
         return Err(Denial::ConversationClosed);
     }
-    Ok(())
+    Ok(owner)
 }
 
 /// Whether a manager's history view may show responses.
@@ -117,11 +119,14 @@ mod tests {
 
     fn ask(agent: &str, site: &str, perms: &[&str], conv: &Conversation) -> Result<(), Denial> {
         let permissions: Vec<String> = perms.iter().map(|p| p.to_string()).collect();
-        may_retrieve(
+        let owner = owner();
+        let allowed = may_retrieve(
             &Requester { agent_id: agent, site_id: site, permissions: &permissions },
-            Some(&owner()),
+            Some(&owner),
             Some(conv),
-        )
+        )?;
+        assert_eq!(allowed, &owner, "the owner record checked is the one returned");
+        Ok(())
     }
 
     #[test]

@@ -78,15 +78,23 @@ impl KeyRefusal {
     }
 }
 
+/// A form and the key presented for it, checked: what the caller may act on (no `expect` after a
+/// check).
+#[derive(Debug, PartialEq)]
+pub struct Checked<'a> {
+    pub state: &'a FormState,
+    pub key: &'a OtkSecret,
+}
+
 /// Opening with the link's key: allowed until the form is submitted, the key expires, or the form
 /// has been opened `reopen_limit` times.
-pub fn check_open(
-    state: Option<&FormState>,
+pub fn check_open<'a>(
+    state: Option<&'a FormState>,
     site_id: &str,
     form_id: &str,
-    key: Option<&OtkSecret>,
+    key: Option<&'a OtkSecret>,
     now_ms: i64,
-) -> Result<(), KeyRefusal> {
+) -> Result<Checked<'a>, KeyRefusal> {
     let state = state.filter(|s| s.site_id == site_id && s.form_id == form_id).ok_or(KeyRefusal::Invalid)?;
     let key = key.ok_or(KeyRefusal::Invalid)?;
     if !key.verify(&state.open_key_hash, Purpose::Open, site_id, form_id) {
@@ -101,17 +109,17 @@ pub fn check_open(
     if state.open_count >= state.reopen_limit {
         return Err(KeyRefusal::ReopenLimit);
     }
-    Ok(())
+    Ok(Checked { state, key })
 }
 
 /// Submitting with the page's key: only the latest submit key, once, before it expires.
-pub fn check_submit(
-    state: Option<&FormState>,
+pub fn check_submit<'a>(
+    state: Option<&'a FormState>,
     site_id: &str,
     form_id: &str,
-    key: Option<&OtkSecret>,
+    key: Option<&'a OtkSecret>,
     now_ms: i64,
-) -> Result<(), KeyRefusal> {
+) -> Result<Checked<'a>, KeyRefusal> {
     let state = state.filter(|s| s.site_id == site_id && s.form_id == form_id).ok_or(KeyRefusal::Invalid)?;
     let key = key.ok_or(KeyRefusal::Invalid)?;
     let hash = state.submit_key_hash.as_deref().ok_or(KeyRefusal::Invalid)?;
@@ -124,7 +132,7 @@ pub fn check_submit(
     if now_ms >= state.submit_expires_at {
         return Err(KeyRefusal::Expired);
     }
-    Ok(())
+    Ok(Checked { state, key })
 }
 
 #[cfg(test)]
@@ -162,9 +170,9 @@ mod tests {
     #[test]
     fn the_open_key_opens_up_to_the_reopen_limit_then_is_refused() {
         let mut s = issued();
-        assert_eq!(check_open(Some(&s), "acme", "f1", Some(&key('o')), 10), Ok(()));
+        assert!(check_open(Some(&s), "acme", "f1", Some(&key('o')), 10).is_ok());
         open(&mut s, 'a', 10);
-        assert_eq!(check_open(Some(&s), "acme", "f1", Some(&key('o')), 20), Ok(()), "reopen allowed");
+        assert!(check_open(Some(&s), "acme", "f1", Some(&key('o')), 20).is_ok(), "reopen allowed");
         open(&mut s, 'b', 20);
         assert_eq!(check_open(Some(&s), "acme", "f1", Some(&key('o')), 30), Err(KeyRefusal::ReopenLimit));
     }
@@ -195,7 +203,7 @@ mod tests {
             Err(KeyRefusal::Invalid),
             "open key cannot submit"
         );
-        assert_eq!(check_submit(Some(&s), "acme", "f1", Some(&key('b')), 30), Ok(()));
+        assert!(check_submit(Some(&s), "acme", "f1", Some(&key('b')), 30).is_ok());
         assert_eq!(check_submit(Some(&s), "acme", "f1", Some(&key('b')), 520), Err(KeyRefusal::Expired));
         s.submitted = true;
         assert_eq!(check_submit(Some(&s), "acme", "f1", Some(&key('b')), 30), Err(KeyRefusal::AlreadySubmitted));

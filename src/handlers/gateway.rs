@@ -6,11 +6,34 @@ use crate::domain::visitor::FormState;
 use crate::events::Event;
 use crate::handlers::issuer::form_key;
 use crate::kafka::{ApplyError, Handler, RecordMeta};
-use crate::store::Tx;
+use crate::store::{Store, StoreError, Tx};
 use crate::topics::Topic;
 
 /// `site \0 form` -> [`FormState`] (JSON).
 pub const FORMS_TREE: &str = "gateway.forms";
+
+/// The projection's read side: a form's key state. A store that cannot be read is an error (the
+/// gateway answers 503), never "no such form".
+#[derive(Clone)]
+pub struct GatewayView {
+    store: Store,
+}
+
+impl GatewayView {
+    pub fn new(store: Store) -> GatewayView {
+        GatewayView { store }
+    }
+
+    /// The key state of a form, if it was issued.
+    pub fn form(&self, site: &str, form: &str) -> Result<Option<FormState>, StoreError> {
+        match self.store.tree(FORMS_TREE)?.get(form_key(site, form))? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt { tree: FORMS_TREE.to_string(), detail: e.to_string() }),
+        }
+    }
+}
 
 #[derive(Default)]
 pub struct GatewayProjection;

@@ -186,6 +186,17 @@ pub fn read_key_metadata(kafka: &crate::kafka::KafkaSettings) -> Result<Vec<KeyM
     Ok(key_metadata(&events))
 }
 
+/// Why a data key could not be made ready for use.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyCreationError {
+    #[error(transparent)]
+    Wrap(#[from] KeyError),
+    #[error(transparent)]
+    Produce(#[from] KafkaError),
+    #[error("data key {0} was produced but not consumed back within 30 s; is the keys handler running?")]
+    NotConsumedBack(String),
+}
+
 /// Proposes a new data key for a site and period at `generation`, and waits until the key ring holds
 /// whichever key for that id won (possibly another node's).
 pub async fn create_key(
@@ -195,13 +206,10 @@ pub async fn create_key(
     period: &str,
     generation: i32,
     now_ms: i64,
-) -> Result<Arc<DataKey>, KafkaError> {
+) -> Result<Arc<DataKey>, KeyCreationError> {
     let id = data_key_id(site, period, generation);
     let material = KeyMaterial::random();
-    let wrapped = ring
-        .master()
-        .wrap(&id, &material)
-        .map_err(|e| KafkaError::Topic { topic: "keys".into(), message: e.to_string() })?;
+    let wrapped = ring.master().wrap(&id, &material)?;
     let event = Event::DataKeyCreated(DataKeyCreated {
         header: EventHeader::new(EventKind::DataKeyCreated, uuid::Uuid::new_v4(), now_ms, site, "", &id),
         key_id: id.clone(),
@@ -217,12 +225,7 @@ pub async fn create_key(
             return Ok(k);
         }
         if Instant::now() > deadline {
-            return Err(KafkaError::Topic {
-                topic: "keys".into(),
-                message: format!(
-                    "data key {id} was produced but not consumed back within 30 s; is the keys handler running?"
-                ),
-            });
+            return Err(KeyCreationError::NotConsumedBack(id));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -235,7 +238,7 @@ pub async fn current_key(
     producer: &EventProducer,
     site: &str,
     now_ms: i64,
-) -> Result<Arc<DataKey>, KafkaError> {
+) -> Result<Arc<DataKey>, KeyCreationError> {
     let period = crate::crypto::period_of(now_ms);
     if let Some(k) = ring.current(site, &period) {
         return Ok(k);
@@ -249,7 +252,7 @@ pub async fn rotate(
     producer: &EventProducer,
     site: &str,
     now_ms: i64,
-) -> Result<Arc<DataKey>, KafkaError> {
+) -> Result<Arc<DataKey>, KeyCreationError> {
     let period = crate::crypto::period_of(now_ms);
     let next = ring.current(site, &period).map(|k| k.generation + 1).unwrap_or(1);
     create_key(ring, producer, site, &period, next, now_ms).await

@@ -327,16 +327,18 @@ pub async fn retrieve(
         }
     };
     let who = Requester { agent_id: &claims.sub, site_id: &claims.site, permissions: &claims.permissions };
-    if let Err(d) = may_retrieve(&who, known.as_ref(), conv.as_ref()) {
-        audit(&state, known.as_ref(), &id, &claims.sub, Some(&claims.sid), "denied", d.code()).await;
-        let status = if d == crate::domain::access::Denial::UnknownSubmission {
-            StatusCode::NOT_FOUND
-        } else {
-            StatusCode::FORBIDDEN
-        };
-        return api_error(status, d.code(), d.message());
-    }
-    let owner = known.expect("checked by may_retrieve");
+    let owner = match may_retrieve(&who, known.as_ref(), conv.as_ref()) {
+        Ok(owner) => owner.clone(),
+        Err(d) => {
+            audit(&state, known.as_ref(), &id, &claims.sub, Some(&claims.sid), "denied", d.code()).await;
+            let status = if d == crate::domain::access::Denial::UnknownSubmission {
+                StatusCode::NOT_FOUND
+            } else {
+                StatusCode::FORBIDDEN
+            };
+            return api_error(status, d.code(), d.message());
+        }
+    };
     let sent_from = match visibility(&state).sent_from_session(&owner.site_id, &owner.form_id) {
         Ok(s) => s,
         Err(error) => return store_failed(&error),
@@ -362,10 +364,12 @@ pub async fn retrieve(
             )
             .await
             {
+                // Nothing was returned, so nothing was spent: the same key works on a retry.
+                state.node.detokenizer.release(&got.spent_key_hash);
                 return api_error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "audit_unavailable",
-                    "the retrieval could not be audited, so nothing was returned; try again with a fresh key",
+                    "the retrieval could not be audited, so nothing was returned; try again shortly with the same key",
                 );
             }
             let answers = got.answers.iter().map(|(k, v)| (k.clone(), v.expose().to_string())).collect();
@@ -460,15 +464,17 @@ pub async fn fresh_key(
         Err(error) => return store_failed(&error),
     };
     let who = Requester { agent_id: &claims.sub, site_id: &claims.site, permissions: &claims.permissions };
-    if let Err(d) = may_retrieve(&who, known.as_ref(), conv.as_ref()) {
-        let status = if d == crate::domain::access::Denial::UnknownSubmission {
-            StatusCode::NOT_FOUND
-        } else {
-            StatusCode::FORBIDDEN
-        };
-        return api_error(status, d.code(), d.message());
-    }
-    let owner = known.expect("checked");
+    let owner = match may_retrieve(&who, known.as_ref(), conv.as_ref()) {
+        Ok(owner) => owner.clone(),
+        Err(d) => {
+            let status = if d == crate::domain::access::Denial::UnknownSubmission {
+                StatusCode::NOT_FOUND
+            } else {
+                StatusCode::FORBIDDEN
+            };
+            return api_error(status, d.code(), d.message());
+        }
+    };
     let request: FreshKeyRequest = match parse_json(&headers, &body) {
         Ok(r) => r,
         Err(r) => return r,

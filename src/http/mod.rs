@@ -22,7 +22,7 @@ use dashmap::DashMap;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use crate::domain::visitor::FormState;
-use crate::service::Node;
+use crate::node::Node;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {

@@ -105,12 +105,12 @@ pub async fn readyz(
 }
 
 pub async fn ops_readyz(
-    axum::extract::State(node): axum::extract::State<std::sync::Arc<crate::service::Node>>,
+    axum::extract::State(node): axum::extract::State<std::sync::Arc<crate::node::Node>>,
 ) -> axum::response::Response {
     ready_response(&node)
 }
 
-fn ready_response(node: &crate::service::Node) -> axum::response::Response {
+fn ready_response(node: &crate::node::Node) -> axum::response::Response {
     use axum::response::IntoResponse;
     if node.metrics.is_ready() {
         (axum::http::StatusCode::OK, "ready").into_response()

@@ -23,9 +23,9 @@ use crate::domain::otk::{OtkSecret, Purpose};
 use crate::domain::validate::{YearMonth, validate};
 use crate::domain::visitor::{FormState, KeyRefusal, check_open, check_submit};
 use crate::events::{Event, EventHeader, EventKind, FormOpened, KeyRefused};
-use crate::handlers::gateway::FORMS_TREE;
+use crate::handlers::gateway::GatewayView;
 use crate::handlers::issuer::form_key;
-use crate::service::Submission;
+use crate::node::Submission;
 use crate::vault::offrecord::Secret;
 
 fn html(status: StatusCode, page: impl Template) -> Response {
@@ -117,13 +117,16 @@ fn form_limited(state: &AppState, site: &str, form: &str) -> bool {
     state.per_form.check_key(&format!("{site}/{form}")).is_err()
 }
 
-/// The form's key state: this node's latest writes, else the projection.
-fn form_state(state: &AppState, key: &[u8]) -> Option<FormState> {
-    if let Some(s) = state.overlay.get(key) {
-        return Some(s.clone());
+/// The form's key state: this node's latest writes, else the projection. A store that cannot be
+/// read is the service's trouble: the visitor gets 503 (try again), never "this link cannot be used".
+fn form_state(state: &AppState, site: &str, form: &str) -> Result<Option<FormState>, Response> {
+    if let Some(s) = state.overlay.get(&form_key(site, form)) {
+        return Ok(Some(s.clone()));
     }
-    let tree = state.node.gateway.tree(FORMS_TREE).ok()?;
-    tree.get(key).ok().flatten().and_then(|v| serde_json::from_slice(&v).ok())
+    GatewayView::new(state.node.gateway.clone()).form(site, form).map_err(|error| {
+        tracing::error!(%error, site_id = %site, form_id = %form, "cannot read the form's key state; check the data directory's disk");
+        try_again_shortly("The form cannot be used right now")
+    })
 }
 
 fn lock(state: &AppState, key: &[u8]) -> Arc<tokio::sync::Mutex<()>> {
@@ -211,12 +214,14 @@ pub async fn link(
     if !super::wait_ready(&state).await {
         return try_again_shortly("The form cannot be shown right now");
     }
-    let key = form_key(&site, &form);
     let now = (state.node.clock)();
-    let current = form_state(&state, &key);
+    let current = match form_state(&state, &site, &form) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
     let presented = query.get("k").and_then(|k| OtkSecret::parse(k));
-    let fs = match check_open(current.as_ref(), &site, &form, presented.as_ref(), now) {
-        Ok(()) => current.expect("checked above"),
+    let (fs, k) = match check_open(current.as_ref(), &site, &form, presented.as_ref(), now) {
+        Ok(checked) => (checked.state.clone(), checked.key.clone()),
         Err(r) => {
             if method != axum::http::Method::HEAD {
                 let conversation = current.as_ref().map(|s| s.conversation_id.clone()).unwrap_or_default();
@@ -226,7 +231,6 @@ pub async fn link(
         }
     };
     let title = template_for(&state, &site, &fs).map(|t| t.title).unwrap_or_else(|_| "Secure form".into());
-    let k = presented.expect("checked above");
     html(
         StatusCode::OK,
         OpenPage::new(&title, format!("{}/open", action(&site, &form)), k.expose().to_string(), fs.opens_left()),
@@ -270,17 +274,22 @@ pub async fn open(
     let guard = lock(&state, &key);
     let _held = guard.lock().await;
     let now = (state.node.clock)();
-    let current = form_state(&state, &key);
+    let current = match form_state(&state, &site, &form) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
     let presented = pairs.iter().find(|(k, _)| k == "k").and_then(|(_, v)| OtkSecret::parse(v));
-    if let Err(r) = check_open(current.as_ref(), &site, &form, presented.as_ref(), now) {
-        let conversation = current.as_ref().map(|s| s.conversation_id.clone()).unwrap_or_default();
-        audit_refusal(&state, &site, &form, &conversation, Purpose::Open, r, &addr);
-        return refused_page(r);
-    }
+    let mut fs = match check_open(current.as_ref(), &site, &form, presented.as_ref(), now) {
+        Ok(checked) => checked.state.clone(),
+        Err(r) => {
+            let conversation = current.as_ref().map(|s| s.conversation_id.clone()).unwrap_or_default();
+            audit_refusal(&state, &site, &form, &conversation, Purpose::Open, r, &addr);
+            return refused_page(r);
+        }
+    };
     if form_limited(&state, &site, &form) {
         return too_many();
     }
-    let mut fs = current.expect("checked above");
     let template = match template_for(&state, &site, &fs) {
         Ok(t) => t,
         Err(r) => return r,
@@ -388,17 +397,22 @@ pub async fn submit(
     let guard = lock(&state, &key);
     let _held = guard.lock().await;
     let now = (state.node.clock)();
-    let current = form_state(&state, &key);
+    let current = match form_state(&state, &site, &form) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
     let presented = pairs.iter().find(|(k, _)| k == "k").and_then(|(_, v)| OtkSecret::parse(v));
-    if let Err(r) = check_submit(current.as_ref(), &site, &form, presented.as_ref(), now) {
-        let conversation = current.as_ref().map(|s| s.conversation_id.clone()).unwrap_or_default();
-        audit_refusal(&state, &site, &form, &conversation, Purpose::Submit, r, &addr);
-        return refused_page(r);
-    }
+    let (mut fs, k) = match check_submit(current.as_ref(), &site, &form, presented.as_ref(), now) {
+        Ok(checked) => (checked.state.clone(), checked.key.clone()),
+        Err(r) => {
+            let conversation = current.as_ref().map(|s| s.conversation_id.clone()).unwrap_or_default();
+            audit_refusal(&state, &site, &form, &conversation, Purpose::Submit, r, &addr);
+            return refused_page(r);
+        }
+    };
     if form_limited(&state, &site, &form) {
         return too_many();
     }
-    let mut fs = current.expect("checked above");
     let template = match template_for(&state, &site, &fs) {
         Ok(t) => t,
         Err(r) => return r,
@@ -416,7 +430,6 @@ pub async fn submit(
     let answers = match validate(&template, &raw, current_month(now)) {
         Ok(a) => a,
         Err(errors) => {
-            let k = presented.expect("checked above");
             return html(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 FormPage::new(&template, action(&site, &form), k.expose().to_string(), &raw, &errors),

@@ -34,36 +34,7 @@ pub enum KafkaError {
     Store(#[from] crate::store::StoreError),
 }
 
-/// Which broker implementation the cluster runs. Topic settings differ where the brokers differ
-/// (ADR 13): tansu 0.6.0 reads `retention.ms=-1` as "delete now" and does not compact.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum BrokerKind {
-    /// Apache Kafka (production), or any broker that describes a log cleaner.
-    Kafka,
-    /// tansu 0.6.0, the embedded default.
-    Tansu,
-}
-
-impl BrokerKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            BrokerKind::Kafka => "kafka",
-            BrokerKind::Tansu => "tansu",
-        }
-    }
-}
-
-impl std::str::FromStr for BrokerKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<BrokerKind, String> {
-        match s {
-            "kafka" => Ok(BrokerKind::Kafka),
-            "tansu" => Ok(BrokerKind::Tansu),
-            other => Err(format!("broker kind {other:?} is not one of kafka, tansu")),
-        }
-    }
-}
+pub use crate::topics::BrokerKind;
 
 /// Where the cluster is and how our topics are named.
 #[derive(Clone)]

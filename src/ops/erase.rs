@@ -14,7 +14,7 @@ use super::purge::{OpsError, wait_applied};
 use crate::domain::retention::format_ms;
 use crate::events::{Event, EventHeader, EventKind, SubmissionPurged};
 use crate::handlers::visibility::{conversation_key, trees as vis, visitor_prefix};
-use crate::service::Node;
+use crate::node::Node;
 use crate::vault::record::conversation_prefix;
 use crate::vault::trees;
 

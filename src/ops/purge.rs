@@ -22,7 +22,7 @@ use crate::config::DEFAULT_RETENTION_MONTHS;
 use crate::domain::retention::{format_ms, is_expired, period_expired, scan_bound};
 use crate::events::{DataKeyDestroyed, Event, EventHeader, EventKind, SubmissionPurged};
 use crate::kafka::KafkaError;
-use crate::service::Node;
+use crate::node::Node;
 use crate::store::StoreError;
 use crate::vault::record::{parse_time_key, submission_key, time_bound, time_prefix};
 use crate::vault::trees;

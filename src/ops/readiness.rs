@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use crate::kafka::runtime::stored_offset;
 use crate::kafka::{ADMIN_TIMEOUT, KafkaError, KafkaSettings};
-use crate::service::Node;
+use crate::node::Node;
 use crate::topics::Topic;
 
 /// (topic name, partition) -> (low, high) watermarks.

@@ -195,13 +195,27 @@ impl Detokenizer {
         {
             return Err(Refusal::KeySpent.into());
         }
-        let answers = self.open_answers(&record, &submission)?;
+        // A key is spent by a retrieval that returns answers: one that cannot open them (a storage
+        // or key failure) leaves it usable.
+        let answers = match self.open_answers(&record, &submission) {
+            Ok(a) => a,
+            Err(e) => {
+                self.spent_here.remove(&state.key_hash);
+                return Err(e);
+            }
+        };
         let off_record = if record.off_record_field_ids.is_empty() {
             OffRecord::Present(BTreeMap::new())
         } else {
             self.off_record.get(&submission_id, now_ms)
         };
         Ok(Retrieved { submission_id, record, answers, off_record, spent_key_hash: state.key_hash })
+    }
+
+    /// Gives back a key a retrieval took but could not complete (its audit record was not written,
+    /// so nothing was returned): the agent may try again with it.
+    pub fn release(&self, key_hash: &str) {
+        self.spent_here.remove(key_hash);
     }
 
     /// Opens a submission's stored answers without a key, for the manager's history view (the

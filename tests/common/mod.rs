@@ -446,7 +446,7 @@ pub async fn submit_card(
 ) -> uuid::Uuid {
     let t = template(&service.settings, "card-payment");
     service
-        .submit(secureforms::service::Submission {
+        .submit(secureforms::node::Submission {
             site_id: "acme",
             conversation_id: conversation,
             form_id: form,

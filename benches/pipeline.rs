@@ -1,4 +1,5 @@
-//! `secureforms bench`: measures, in one run against the same broker,
+//! The pipeline benchmark (`scripts/bench.sh`, or `cargo bench --bench pipeline -- --brokers ...`):
+//! measures, in one run against the same broker,
 //! 1. raw passthrough: consume FormSubmitted-sized records and produce each to another topic
 //!    (same batching, same producer settings, no state, no durability);
 //! 2. the tokenizer: consume FormSubmitted -> vault durable in sled -> FormReady produced -> offsets
@@ -17,17 +18,17 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 
-use crate::config::{Settings, SiteConfig};
-use crate::crypto::{KeyMaterial, data_key_id, period_of};
-use crate::events::{Codec, Event};
-use crate::handlers::tokenizer::Tokenizer;
-use crate::kafka::runtime::{self, RunContext, system_clock};
-use crate::kafka::{EventProducer, KafkaError, KafkaSettings};
-use crate::service::{apply_topics, kafka_settings};
-use crate::store::Store;
-use crate::topics::{Topic, TopicNames};
-use crate::vault::offrecord::Secret;
-use crate::vault::seal::{SubmissionContext, seal_submission};
+use secureforms::config::{Settings, SiteConfig};
+use secureforms::crypto::{KeyMaterial, data_key_id, period_of};
+use secureforms::events::{Codec, Event};
+use secureforms::handlers::tokenizer::Tokenizer;
+use secureforms::kafka::runtime::{self, RunContext, system_clock};
+use secureforms::kafka::{EventProducer, KafkaSettings};
+use secureforms::service::{apply_topics, kafka_settings, resolve_brokers};
+use secureforms::store::Store;
+use secureforms::topics::{Topic, TopicNames};
+use secureforms::vault::offrecord::Secret;
+use secureforms::vault::seal::{SubmissionContext, seal_submission};
 
 pub struct BenchOptions {
     pub records: usize,
@@ -85,7 +86,7 @@ fn submissions(n: usize) -> Vec<(uuid::Uuid, Event)> {
     let now = system_clock()();
     let id = data_key_id("bench", &period_of(now), 1);
     let material = KeyMaterial::random();
-    let key = crate::crypto::keyring::DataKey {
+    let key = secureforms::crypto::keyring::DataKey {
         id: id.clone(),
         site: "bench".into(),
         period: period_of(now),
@@ -93,7 +94,7 @@ fn submissions(n: usize) -> Vec<(uuid::Uuid, Event)> {
         master_key_id: String::new(),
         material,
     };
-    let template: crate::domain::template::Template = toml::from_str(
+    let template: secureforms::domain::template::Template = toml::from_str(
         r#"id = "card-payment"
            title = "Card payment"
            [[questions]]
@@ -140,7 +141,7 @@ fn submissions(n: usize) -> Vec<(uuid::Uuid, Event)> {
         .collect()
 }
 
-async fn produce_all(producer: &EventProducer, events: &[(uuid::Uuid, Event)]) -> Result<(), KafkaError> {
+async fn produce_all(producer: &EventProducer, events: &[(uuid::Uuid, Event)]) -> anyhow::Result<()> {
     for chunk in events.chunks(1000) {
         for r in futures::future::join_all(chunk.iter().map(|(_, e)| producer.send(e))).await {
             r?;
@@ -149,7 +150,7 @@ async fn produce_all(producer: &EventProducer, events: &[(uuid::Uuid, Event)]) -
     Ok(())
 }
 
-fn reader(k: &KafkaSettings, topic: &str, partitions: i32) -> Result<StreamConsumer, KafkaError> {
+fn reader(k: &KafkaSettings, topic: &str, partitions: i32) -> anyhow::Result<StreamConsumer> {
     let c: StreamConsumer = k
         .client_config()
         .set("group.id", format!("{}-reader", k.group_prefix))
@@ -177,12 +178,7 @@ async fn wait_for(c: &StreamConsumer, n: usize) -> Instant {
 }
 
 /// Runs the copier (consume -> produce, no state) until `n` records moved.
-async fn copy(
-    consumer: &StreamConsumer,
-    producer: &EventProducer,
-    max_batch: usize,
-    n: usize,
-) -> Result<(), KafkaError> {
+async fn copy(consumer: &StreamConsumer, producer: &EventProducer, max_batch: usize, n: usize) -> anyhow::Result<()> {
     let mut moved = 0;
     while moved < n {
         let mut batch = Vec::new();
@@ -208,7 +204,7 @@ async fn copy(
 
 /// Passthrough: a consumer that copies each record to the output topic. Warmed with one record,
 /// then timed from the first produce to the last copy seen on the output.
-async fn passthrough(k: &KafkaSettings, events: &[(uuid::Uuid, Event)]) -> Result<f64, KafkaError> {
+async fn passthrough(k: &KafkaSettings, events: &[(uuid::Uuid, Event)]) -> anyhow::Result<f64> {
     apply_topics(k, 1).await?;
     let producer = EventProducer::new(k)?;
     let consumer = reader(k, &k.names.name(Topic::Submissions), Topic::Submissions.spec().partitions)?;
@@ -235,22 +231,18 @@ fn bench_sites() -> Arc<BTreeMap<String, SiteConfig>> {
 
 /// The tokenizer as the service runs it (its key ring only answers "destroyed?" here: empty).
 fn bench_tokenizer() -> Tokenizer {
-    let master = crate::crypto::MasterKey::from_base64(&crate::crypto::MasterKey::generate_base64())
+    let master = secureforms::crypto::MasterKey::from_base64(&secureforms::crypto::MasterKey::generate_base64())
         .expect("a generated master key parses");
     Tokenizer::new(
         bench_sites(),
-        Arc::new(crate::crypto::KeyRing::new(master)),
-        Arc::new(crate::metrics::Metrics::new()),
+        Arc::new(secureforms::crypto::KeyRing::new(master)),
+        Arc::new(secureforms::metrics::Metrics::new()),
     )
 }
 
 /// The tokenizer on the real runtime. Warmed with one record (group joined, partitions assigned),
 /// then timed like the passthrough.
-async fn tokenizer(
-    k: &KafkaSettings,
-    dir: &std::path::Path,
-    events: &[(uuid::Uuid, Event)],
-) -> Result<f64, KafkaError> {
+async fn tokenizer(k: &KafkaSettings, dir: &std::path::Path, events: &[(uuid::Uuid, Event)]) -> anyhow::Result<f64> {
     apply_topics(k, 1).await?;
     let signer = bench_signer();
     let producer = EventProducer::new(k)?.with_signer(signer.clone());
@@ -271,11 +263,11 @@ async fn tokenizer(
     let (produced, end) = tokio::join!(produce_all(&producer, events), wait_for(&out_reader, events.len()));
     produced?;
     let _ = stop_tx.send(true);
-    task.await.map_err(|e| KafkaError::Topic { topic: "bench".into(), message: e.to_string() })??;
+    task.await??;
     Ok(events.len() as f64 / (end - start).as_secs_f64())
 }
 
-async fn latency(k: &KafkaSettings, dir: &std::path::Path, rate: u32, secs: u64) -> Result<Vec<f64>, KafkaError> {
+async fn latency(k: &KafkaSettings, dir: &std::path::Path, rate: u32, secs: u64) -> anyhow::Result<Vec<f64>> {
     apply_topics(k, 1).await?;
     let signer = bench_signer();
     let producer = EventProducer::new(k)?.with_signer(signer.clone());
@@ -337,7 +329,7 @@ async fn latency(k: &KafkaSettings, dir: &std::path::Path, rate: u32, secs: u64)
     };
     let ((), samples) = tokio::join!(sender, receiver);
     let _ = stop_tx.send(true);
-    task.await.map_err(|e| KafkaError::Topic { topic: "bench".into(), message: e.to_string() })??;
+    task.await??;
     Ok(samples)
 }
 
@@ -348,14 +340,15 @@ async fn retrieve_latency(
     dir: &std::path::Path,
     rate: u32,
     secs: u64,
-) -> Result<(Vec<f64>, usize), KafkaError> {
-    use crate::service::{Service, Submission};
-    let bench_err = |m: String| KafkaError::Topic { topic: "bench".into(), message: m };
+) -> anyhow::Result<(Vec<f64>, usize)> {
+    use secureforms::node::Submission;
+    use secureforms::service::Service;
+    let bench_err = |m: String| anyhow::anyhow!(m);
     let n = (rate as u64 * secs) as usize;
     let p = format!("bench-{}-ret.", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let root = dir.join("retrieve");
     std::fs::create_dir_all(&root).map_err(|e| bench_err(e.to_string()))?;
-    write_private(&root.join("master.key"), crate::crypto::MasterKey::generate_base64().as_bytes())
+    write_private(&root.join("master.key"), secureforms::crypto::MasterKey::generate_base64().as_bytes())
         .map_err(|e| bench_err(e.to_string()))?;
     let secret = "bench-shared-secret-of-at-least-32-bytes";
     write_private(&root.join("jwt.secret"), secret.as_bytes()).map_err(|e| bench_err(e.to_string()))?;
@@ -378,9 +371,9 @@ async fn retrieve_latency(
     let conversations = 500;
     let sends: Vec<Event> = (0..conversations)
         .map(|c| {
-            Event::FormSent(crate::events::FormSent {
-                header: crate::events::EventHeader::new(
-                    crate::events::EventKind::FormSent,
+            Event::FormSent(secureforms::events::FormSent {
+                header: secureforms::events::EventHeader::new(
+                    secureforms::events::EventKind::FormSent,
                     uuid::Uuid::new_v4(),
                     system_clock()(),
                     "bench",
@@ -441,7 +434,8 @@ async fn retrieve_latency(
     }
     let deadline = Instant::now() + Duration::from_secs(120);
     while service.detokenizer.known_keys() < n
-        || service.visibility.tree(crate::handlers::visibility::trees::SUBMISSIONS).map(|t| t.len()).unwrap_or(0) < n
+        || service.visibility.tree(secureforms::handlers::visibility::trees::SUBMISSIONS).map(|t| t.len()).unwrap_or(0)
+            < n
     {
         if Instant::now() > deadline {
             return Err(bench_err("projections did not catch up within 120 s".into()));
@@ -450,7 +444,7 @@ async fn retrieve_latency(
     }
     let tokens = (0..conversations)
         .map(|c| {
-            let claims = crate::http::auth::AgentClaims {
+            let claims = secureforms::http::auth::AgentClaims {
                 sub: format!("bench-agent-{c}"),
                 site: "bench".into(),
                 roles: vec!["agent".into()],
@@ -530,7 +524,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i]
 }
 
-pub async fn run(settings: &Settings, brokers: &str, opts: &BenchOptions) -> Result<BenchReport, KafkaError> {
+async fn run_bench(settings: &Settings, brokers: &str, opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     let events = submissions(opts.records);
     let record_bytes = Codec::get().encode(&events[0].1)?.len();
     let dir = tempfile_dir()?;
@@ -543,7 +537,7 @@ pub async fn run(settings: &Settings, brokers: &str, opts: &BenchOptions) -> Res
     let (expired, small, large) = (PURGE_EXPIRED, PURGE_SMALL, PURGE_SMALL * 10);
     let purge_small_ms = purge_scan(dir.path(), small, expired)?;
     let purge_large_ms = purge_scan(dir.path(), large, expired)?;
-    let broker_kind = crate::kafka::admin::Admin::new(&fresh(settings, brokers, "kind"))?.broker_kind().await?;
+    let broker_kind = secureforms::kafka::admin::Admin::new(&fresh(settings, brokers, "kind"))?.broker_kind().await?;
     Ok(BenchReport {
         brokers: brokers.to_string(),
         broker_kind: broker_kind.name().to_string(),
@@ -577,22 +571,22 @@ const PURGE_SMALL: usize = 20_000;
 
 /// Median time (ms) of the purge's expiry scan over a vault index of `total` submissions of which
 /// `expired` are past retention (index entries only: the scan reads nothing else).
-fn purge_scan(dir: &std::path::Path, total: usize, expired: usize) -> Result<f64, KafkaError> {
-    use crate::vault::record::time_key;
+fn purge_scan(dir: &std::path::Path, total: usize, expired: usize) -> anyhow::Result<f64> {
+    use secureforms::vault::record::time_key;
     let store = Store::open(&dir.join(format!("purge-{total}")))?;
-    let index = store.tree(crate::vault::trees::BY_TIME)?;
-    let old = crate::domain::retention::parse_as_of("2020-01-01").unwrap_or(0);
+    let index = store.tree(secureforms::vault::trees::BY_TIME)?;
+    let old = secureforms::domain::retention::parse_as_of("2020-01-01").unwrap_or(0);
     let now = system_clock()();
     let mut batch = sled::Batch::default();
     for i in 0..total {
         let at = if i < expired { old + i as i64 } else { now - (i as i64 % 86_400_000) };
         batch.insert(time_key("bench", at, &uuid::Uuid::new_v4()), &[][..]);
     }
-    index.apply_batch(batch).map_err(crate::store::StoreError::from)?;
+    index.apply_batch(batch).map_err(secureforms::store::StoreError::from)?;
     let mut times = Vec::new();
     for _ in 0..15 {
         let start = Instant::now();
-        let found = crate::ops::purge::expired(&store, "bench", 13, now)?;
+        let found = secureforms::ops::purge::expired(&store, "bench", 13, now)?;
         times.push(start.elapsed().as_secs_f64() * 1000.0);
         assert_eq!(found.len(), expired, "the scan finds exactly the expired entries");
     }
@@ -615,12 +609,9 @@ impl Drop for ScratchDir {
     }
 }
 
-fn tempfile_dir() -> Result<ScratchDir, KafkaError> {
+fn tempfile_dir() -> anyhow::Result<ScratchDir> {
     let p = std::env::temp_dir().join(format!("secureforms-bench-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&p).map_err(|e| KafkaError::Topic {
-        topic: "bench".into(),
-        message: format!("cannot create {}: {e}", p.display()),
-    })?;
+    std::fs::create_dir_all(&p).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", p.display()))?;
     Ok(ScratchDir(p))
 }
 
@@ -674,8 +665,98 @@ fn write_private(path: &std::path::Path, contents: &[u8]) -> std::io::Result<()>
 }
 
 /// The bench's events are signed and checked as the service's are (the MAC is part of the cost).
-fn bench_signer() -> std::sync::Arc<crate::crypto::mac::EventSigner> {
-    let master = crate::crypto::MasterKey::from_base64(&crate::crypto::MasterKey::generate_base64())
+fn bench_signer() -> std::sync::Arc<secureforms::crypto::mac::EventSigner> {
+    let master = secureforms::crypto::MasterKey::from_base64(&secureforms::crypto::MasterKey::generate_base64())
         .expect("a generated master key parses");
-    std::sync::Arc::new(crate::crypto::mac::EventSigner::new(&crate::crypto::IntegrityKey::from_master(&master)))
+    std::sync::Arc::new(secureforms::crypto::mac::EventSigner::new(&secureforms::crypto::IntegrityKey::from_master(
+        &master,
+    )))
+}
+
+/// Measure throughput and latency against a broker: raw consume->produce passthrough, the
+/// tokenizer's durable path, their ratio, and FormSubmitted->FormReady latency (p50/p99).
+///
+/// Uses fresh topics under a unique prefix; leaves them behind (delete them on a shared cluster).
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "pipeline",
+    after_help = "Examples:\n  scripts/bench.sh --broker kafka\n  cargo bench --bench pipeline -- --brokers 127.0.0.1:9092 --broker-kind kafka --records 20000 --json"
+)]
+struct Args {
+    #[command(flatten)]
+    global: secureforms::cli::GlobalArgs,
+    /// Records for the throughput phases.
+    #[arg(long, default_value_t = 10_000)]
+    records: usize,
+    /// Steady produce rate for the latency phase (records/s).
+    #[arg(long, default_value_t = 200)]
+    latency_rate: u32,
+    /// Duration of the latency phase (seconds).
+    #[arg(long, default_value_t = 10)]
+    latency_secs: u64,
+    /// Steady request rate for the agent retrieve phase (requests/s).
+    #[arg(long, default_value_t = 1000)]
+    retrieve_rate: u32,
+    /// Duration of the agent retrieve phase (seconds).
+    #[arg(long, default_value_t = 5)]
+    retrieve_secs: u64,
+    /// Run with the client settings from before the latency tuning (linger.ms=2, Nagle on,
+    /// fetch.wait.max.ms=20 on every broker), to
+    /// compare: the report of a run with and one without says what the tuning buys.
+    #[arg(long)]
+    untuned: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    if args.records == 0
+        || args.latency_rate == 0
+        || args.latency_secs == 0
+        || args.retrieve_rate == 0
+        || args.retrieve_secs == 0
+    {
+        anyhow::bail!(
+            "--records, --latency-rate, --latency-secs, --retrieve-rate and --retrieve-secs must be at least 1"
+        );
+    }
+    let mut settings = args.global.settings()?;
+    if args.untuned {
+        for (k, v) in [("linger.ms", "2"), ("socket.nagle.disable", "false"), ("fetch.wait.max.ms", "20")] {
+            settings.kafka_properties.entry(k.to_string()).or_insert_with(|| v.to_string());
+        }
+    }
+    let brokers = resolve_brokers(&settings)?;
+    let report = run_bench(
+        &settings,
+        &brokers,
+        &BenchOptions {
+            records: args.records,
+            latency_rate: args.latency_rate,
+            latency_secs: args.latency_secs,
+            retrieve_rate: args.retrieve_rate,
+            retrieve_secs: args.retrieve_secs,
+        },
+    )
+    .await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    use clap::Parser;
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime");
+    match runtime.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

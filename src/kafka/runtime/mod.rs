@@ -1,0 +1,272 @@
+//! The consumer runtime: runs one [`Handler`] over its topics with exactly-once effects (ADR 0004).
+//!
+//! Per batch of records:
+//! 1. each record is decoded and handed to the handler, which stages state writes in a [`Tx`] and
+//!    returns the events it causes; a record that cannot be decoded or applied becomes a DeadLetter;
+//! 2. the state, the outputs (in the outbox) and the next offset of every partition are committed
+//!    to sled in one atomic, flushed write;
+//! 3. the outbox is produced (idempotent producer, acks=all) and emptied;
+//! 4. offsets are committed to Kafka too, for lag monitoring only.
+//!
+//! sled's offsets are the truth: on assignment each partition starts at the offset sled holds (or at
+//! the beginning when this node has no state for it, which rebuilds the state by replay), and a
+//! record below it is skipped. While rebuilding, records below the group's offset committed in Kafka
+//! (committed only after their outputs were delivered) are applied with `replay` set and their
+//! outputs dropped, so a rebuild changes state but emits nothing already emitted. A crash anywhere re-runs at most the unfinished batch: its state was
+//! not committed, so nothing is applied twice, and outbox entries left from a committed batch are
+//! produced again at start with the same event ids (consumers dedupe on them).
+
+//!
+//! The rooms: `batch` (apply and commit one batch), `offsets` (sled's offsets, the rebalance context,
+//! Kafka's committed offsets), `outbox` (produce what a batch committed), `dead_letter`, `failpoint`
+//! (crash injection for tests). This file holds the handler contract and the loop.
+
+mod batch;
+mod dead_letter;
+mod failpoint;
+mod offsets;
+mod outbox;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use futures::FutureExt;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::watch;
+
+use super::{EventProducer, KafkaError, KafkaSettings};
+pub use crate::clock::{Clock, system_clock};
+use crate::events::Event;
+use crate::store::{Store, StoreError, Tx};
+use crate::topics::Topic;
+use batch::process_batch;
+use failpoint::failpoint;
+pub use offsets::stored_offset;
+use offsets::{COMMIT_INTERVAL, OffsetsFromStore, commit_to_kafka, learn_emitted_offsets};
+pub use outbox::OutboxEntry;
+use outbox::{drain_outbox, produce_outbox};
+
+/// Where a record came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordMeta {
+    pub topic: Topic,
+    pub partition: i32,
+    pub offset: i64,
+    /// The record is being re-applied to rebuild state: its outputs were produced before and are
+    /// dropped this time.
+    pub replay: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The record can never be applied as it is: it goes to the dead-letter topic with this reason.
+    #[error("{0}")]
+    Unprocessable(String),
+    /// The node's storage failed: the batch is not committed and the runtime stops.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A consumer of events: pure apart from the staged writes it makes in `tx`.
+pub trait Handler: Send + 'static {
+    /// Names the consumer group (`<group_prefix>-<name>`) and the offsets in sled.
+    fn name(&self) -> &'static str;
+    fn topics(&self) -> Vec<Topic>;
+    /// Applies one event. Returns the events it causes, to be produced once the batch is durable.
+    /// `now_ms` is the processing time (injected so tests control it).
+    fn apply(
+        &mut self,
+        tx: &mut Tx<'_>,
+        event: &Event,
+        meta: &RecordMeta,
+        now_ms: i64,
+    ) -> Result<Vec<Event>, ApplyError>;
+}
+
+/// What a handler runs with besides its store.
+#[derive(Clone)]
+pub struct RunContext {
+    pub clock: Clock,
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+    /// A shadow replica (an operations copy of the state) applies everything and emits nothing: its
+    /// outputs were, or will be, emitted by the nodes that own the consumer groups.
+    pub shadow: bool,
+    /// Checks the MAC of events only the service produces; one without a valid MAC becomes a dead
+    /// letter (`unauthenticated`). None accepts them unsigned: only for a deployment migrating
+    /// topics written before MACs (`accept_unsigned_events`) and for tools.
+    pub verify_with: Option<std::sync::Arc<crate::crypto::mac::EventSigner>>,
+}
+
+impl RunContext {
+    pub fn new(clock: Clock, verify_with: Option<std::sync::Arc<crate::crypto::mac::EventSigner>>) -> RunContext {
+        RunContext { clock, metrics: std::sync::Arc::new(crate::metrics::Metrics::new()), shadow: false, verify_with }
+    }
+}
+
+/// Runs a handler until `shutdown` turns true. Returns an error only for failures it cannot ride out
+/// (the node's storage failing); the caller stops the service and says so.
+pub async fn run<H: Handler>(
+    settings: KafkaSettings,
+    store: Store,
+    producer: EventProducer,
+    mut handler: H,
+    ctx: RunContext,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), KafkaError> {
+    let RunContext { clock, metrics, shadow, verify_with } = ctx;
+    let group = settings.group_id(handler.name());
+    // Outputs of batches committed before a crash go out before anything new is read.
+    drain_outbox(&store, &producer, &group).await?;
+
+    let topic_names: Vec<String> = handler.topics().iter().map(|t| settings.names.name(*t)).collect();
+    let mut consumer = subscribe(&settings, &store, &group, handler.name(), &metrics, &topic_names, true)?;
+    tracing::info!(%group, topics = ?topic_names, "consumer started");
+    let mut watchdog = tokio::time::interval(WATCHDOG_INTERVAL);
+    watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut empty_since: Option<std::time::Instant> = None;
+
+    // Partition -> first offset whose outputs were not yet delivered (from Kafka's committed offsets).
+    let mut emitted: HashMap<(String, i32), i64> = HashMap::new();
+    // Offsets to commit to Kafka (for lag monitoring), at most once per COMMIT_INTERVAL.
+    let mut to_commit: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    let mut last_commit = std::time::Instant::now();
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = shutdown.changed() => break,
+            m = consumer.recv() => m,
+            _ = watchdog.tick() => {
+                // A consumer that holds no partitions for long is re-created as a fresh, dynamic
+                // member (no group.instance.id). Seen on tansu 0.6.0: a static member that replaced
+                // one of a stopped or killed process was revoked and never reassigned, and joining
+                // again under the same instance id did not help.
+                if metrics.assigned(handler.name()) > 0 {
+                    empty_since = None;
+                } else if empty_since.get_or_insert_with(std::time::Instant::now).elapsed() >= REJOIN_AFTER {
+                    tracing::warn!(%group, secs = REJOIN_AFTER.as_secs(), "consumer held no partitions; re-creating it as a new dynamic member to rejoin the group (check the broker if this repeats)");
+                    metrics.consumer_rejoined(handler.name());
+                    drop(consumer);
+                    consumer = subscribe(&settings, &store, &group, handler.name(), &metrics, &topic_names, false)?;
+                    empty_since = None;
+                }
+                continue;
+            }
+        };
+        let mut batch = Vec::new();
+        match first {
+            Ok(m) => batch.push(m.detach()),
+            Err(error) => {
+                tracing::warn!(%error, %group, "consume error; retrying");
+                continue;
+            }
+        }
+        while batch.len() < settings.max_batch {
+            match consumer.recv().now_or_never() {
+                Some(Ok(m)) => batch.push(m.detach()),
+                _ => break,
+            }
+        }
+        if shadow {
+            for m in &batch {
+                emitted.insert((m.topic().to_string(), m.partition()), i64::MAX);
+            }
+        } else {
+            learn_emitted_offsets(&consumer, &batch, &mut emitted);
+        }
+        let name = handler.name();
+        let committed = process_batch(
+            &settings,
+            &store,
+            &mut handler,
+            &group,
+            &batch,
+            &emitted,
+            clock(),
+            &metrics,
+            verify_with.as_deref(),
+        )
+        .await?;
+        failpoint(name, "after-commit");
+        produce_outbox(&store, &producer, &committed, &mut shutdown).await?;
+        failpoint(name, "after-produce");
+        for m in &batch {
+            let e = to_commit.entry((m.topic().to_string(), m.partition())).or_insert(0);
+            *e = (*e).max(m.offset() + 1);
+        }
+        if last_commit.elapsed() >= COMMIT_INTERVAL {
+            commit_to_kafka(&consumer, std::mem::take(&mut to_commit), CommitMode::Async);
+            last_commit = std::time::Instant::now();
+        }
+    }
+
+    if let Ok(assignment) = consumer.assignment() {
+        // Final synchronous commit so lag reports are exact after a clean stop.
+        let mut tpl = TopicPartitionList::new();
+        for elem in assignment.elements() {
+            if let Ok(Some(o)) = stored_offset(&store, &group, elem.topic(), elem.partition()) {
+                let _ = tpl.add_partition_offset(elem.topic(), elem.partition(), Offset::Offset(o));
+            }
+        }
+        if tpl.count() > 0
+            && let Err(error) = consumer.commit(&tpl, CommitMode::Sync)
+        {
+            tracing::warn!(%error, %group, "final offset commit failed; sled holds the true offsets");
+        }
+    }
+    store.flush().await?;
+    tracing::info!(%group, "consumer stopped");
+    Ok(())
+}
+
+/// How often the run loop checks that its consumer holds partitions, and how long it may hold none
+/// before it is re-created. Longer than a rebalance takes (session timeout 10 s).
+const WATCHDOG_INTERVAL: Duration = Duration::from_secs(5);
+const REJOIN_AFTER: Duration = Duration::from_secs(15);
+
+/// A consumer in the handler's group, subscribed to its topics. With `static_member`, static
+/// membership: a restarted node takes its partitions back at once instead of waiting for its dead
+/// session to time out (node ids must therefore be unique).
+fn subscribe(
+    settings: &KafkaSettings,
+    store: &Store,
+    group: &str,
+    handler: &'static str,
+    metrics: &std::sync::Arc<crate::metrics::Metrics>,
+    topics: &[String],
+    static_member: bool,
+) -> Result<StreamConsumer<OffsetsFromStore>, KafkaError> {
+    metrics.set_assigned(handler, 0);
+    let context =
+        OffsetsFromStore { store: store.clone(), group: group.to_string(), handler, metrics: metrics.clone() };
+    let mut config = settings.client_config();
+    if static_member {
+        config.set("group.instance.id", format!("{}-{}", settings.client_id, handler));
+    }
+    config
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", fetch_wait_ms(settings.kind))
+        .set("fetch.error.backoff.ms", "50")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000");
+    let consumer: StreamConsumer<OffsetsFromStore> =
+        settings.finish(config).create_with_context(context).map_err(|e| settings.client_error(e))?;
+    let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&refs).map_err(|e| settings.client_error(e))?;
+    Ok(consumer)
+}
+
+/// How long a fetch waits at the broker for new records. Apache Kafka answers a waiting fetch as
+/// soon as a record arrives, so the wait costs no latency and a long one saves idle requests; tansu
+/// 0.6.0 holds the fetch for the whole wait, so every hop of the flow (FormSubmitted -> FormReady)
+/// costs up to one wait there: short. Measured in the bench report (README, Performance).
+fn fetch_wait_ms(kind: Option<super::BrokerKind>) -> &'static str {
+    match kind {
+        Some(super::BrokerKind::Kafka) => "100",
+        _ => "5",
+    }
+}
