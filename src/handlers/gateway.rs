@@ -80,3 +80,78 @@ impl Handler for GatewayProjection {
         Ok(vec![])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::otk::{OtkSecret, Purpose};
+    use crate::events::{EventKind, FormIssued, FormOpened, FormSubmitted};
+    use crate::handlers::given::{Given, header};
+
+    fn issued(form: &str, open: &OtkSecret) -> Event {
+        Event::FormIssued(FormIssued {
+            header: header(EventKind::FormIssued, "acme", "c1", form),
+            form_id: form.into(),
+            agent_id: "alice".into(),
+            template_id: "card-payment".into(),
+            template_version: 1,
+            link: String::new(),
+            open_key_hash: open.hash(Purpose::Open, "acme", form),
+            open_expires_at: 5_000,
+            reopen_limit: 3,
+        })
+    }
+
+    fn opened(form: &str, count: i32) -> Event {
+        Event::FormOpened(FormOpened {
+            header: header(EventKind::FormOpened, "acme", "c1", form),
+            form_id: form.into(),
+            open_count: count,
+            submit_key_hash: format!("submit-{count}"),
+            submit_expires_at: 9_000,
+        })
+    }
+
+    fn submitted(form: &str) -> Event {
+        Event::FormSubmitted(FormSubmitted {
+            header: header(EventKind::FormSubmitted, "acme", "c1", form),
+            form_id: form.into(),
+            submission_id: uuid::Uuid::new_v4().to_string(),
+            agent_id: "alice".into(),
+            template_id: "card-payment".into(),
+            template_version: 1,
+            key_id: "acme.2026-11.g1".into(),
+            answers: vec![],
+            off_record_field_ids: vec![],
+            off_record_node: String::new(),
+        })
+    }
+
+    #[test]
+    fn an_issued_form_is_opened_and_submitted_and_a_second_issue_changes_nothing() {
+        let open = OtkSecret::parse(&"o".repeat(22)).unwrap();
+        let mut g = Given::new(GatewayProjection).given([issued("f1", &open)]);
+        let view = GatewayView::new(g.store.clone());
+        let s = view.form("acme", "f1").unwrap().expect("issued");
+        assert_eq!((s.open_count, s.submitted, s.conversation_id.as_str()), (0, false, "c1"));
+
+        let other = OtkSecret::parse(&"x".repeat(22)).unwrap();
+        assert!(g.when(&issued("f1", &other)).unwrap().is_empty(), "the gateway emits nothing");
+        let s = view.form("acme", "f1").unwrap().unwrap();
+        assert_eq!(s.open_key_hash, open.hash(Purpose::Open, "acme", "f1"), "the first issue stands");
+
+        g.when(&opened("f1", 1)).unwrap();
+        let s = view.form("acme", "f1").unwrap().unwrap();
+        assert_eq!((s.open_count, s.submit_key_hash.as_deref()), (1, Some("submit-1")));
+        g.when(&submitted("f1")).unwrap();
+        assert!(view.form("acme", "f1").unwrap().unwrap().submitted);
+    }
+
+    #[test]
+    fn events_for_a_form_never_issued_leave_no_state() {
+        let mut g = Given::new(GatewayProjection);
+        g.when(&opened("ghost", 1)).unwrap();
+        g.when(&submitted("ghost")).unwrap();
+        assert_eq!(GatewayView::new(g.store.clone()).form("acme", "ghost").unwrap(), None);
+    }
+}

@@ -109,3 +109,44 @@ impl Handler for Issuer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{EventKind, FormSent};
+    use crate::handlers::given::{Given, header};
+
+    fn issuer() -> Issuer {
+        let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/secureforms.example.toml");
+        let settings = crate::config::Settings::load(Some(&example), &serde_json::json!({})).unwrap();
+        Issuer::new(Arc::new(settings.sites), "https://forms.example".into())
+    }
+
+    fn sent(site: &str, form: &str, template: &str) -> Event {
+        Event::FormSent(FormSent {
+            header: header(EventKind::FormSent, site, "c1", form),
+            form_id: form.into(),
+            agent_id: "alice".into(),
+            agent_profile: "agent".into(),
+            template_id: template.into(),
+            visitor_ref: None,
+            agent_session_id: None,
+        })
+    }
+
+    #[test]
+    fn a_form_sent_is_answered_once_issued_or_rejected_with_the_reason() {
+        let mut g = Given::new(issuer());
+        let out = g.when(&sent("acme", "f1", "card-payment")).unwrap();
+        let [Event::FormIssued(issued)] = out.as_slice() else { panic!("one FormIssued, got {out:?}") };
+        assert!(issued.link.starts_with("https://forms.example/f/acme/f1?k="), "{}", issued.link);
+        assert!(!issued.link.contains(&issued.open_key_hash), "the link carries the key, the event its hash");
+        assert!(g.when(&sent("acme", "f1", "card-payment")).unwrap().is_empty(), "a duplicate is answered once");
+
+        let out = g.when(&sent("acme", "f2", "no-such-template")).unwrap();
+        assert!(matches!(out.as_slice(), [Event::FormRejected(r)] if !r.reason.is_empty()), "{out:?}");
+        let out = g.when(&sent("nowhere", "f3", "card-payment")).unwrap();
+        assert!(matches!(out.as_slice(), [Event::FormRejected(_)]), "{out:?}");
+        assert!(matches!(g.when(&sent("acme", "", "card-payment")), Err(ApplyError::Unprocessable(_))));
+    }
+}

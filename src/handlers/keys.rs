@@ -305,4 +305,52 @@ mod tests {
             ("old.site", "2024-12", 2, None)
         );
     }
+
+    fn wrapped(master: &crate::crypto::MasterKey, id: &str, material: &KeyMaterial) -> Event {
+        Event::DataKeyCreated(DataKeyCreated {
+            header: EventHeader::new(EventKind::DataKeyCreated, uuid::Uuid::new_v4(), 1_000, "acme", "", id),
+            key_id: id.into(),
+            period: "2026-11".into(),
+            generation: 1,
+            master_key_id: master.id().into(),
+            wrapped_key: master.wrap(id, material).unwrap(),
+        })
+    }
+
+    fn kept_master(g: &crate::handlers::given::Given<KeysHandler>, id: &str) -> String {
+        let raw = g.store.tree(CREATED_TREE).unwrap().get(id.as_bytes()).unwrap().unwrap();
+        let Ok(Event::DataKeyCreated(k)) = Codec::get().decode(&raw) else { panic!("not a DataKeyCreated") };
+        k.master_key_id
+    }
+
+    /// A re-wrap replaces the node's stored copy; a record of a master key the node lacks is skipped
+    /// (not a dead letter); a destroyed key's stored copy goes.
+    #[test]
+    fn the_handler_keeps_the_newest_wrapping_and_skips_unknown_masters() {
+        use crate::crypto::MasterKey;
+        let (old, new) = (
+            MasterKey::from_base64(&MasterKey::generate_base64()).unwrap(),
+            MasterKey::from_base64(&MasterKey::generate_base64()).unwrap(),
+        );
+        let stranger = MasterKey::from_base64(&MasterKey::generate_base64()).unwrap();
+        let ring = Arc::new(KeyRing::with_previous(new.clone(), vec![old.clone()]));
+        let material = KeyMaterial::random();
+        let mut g = crate::handlers::given::Given::new(KeysHandler::new(ring.clone())).given([wrapped(
+            &old,
+            "acme.2026-11.g1",
+            &material,
+        )]);
+        assert_eq!(kept_master(&g, "acme.2026-11.g1"), old.id());
+        g.when(&wrapped(&new, "acme.2026-11.g1", &material)).unwrap();
+        assert_eq!(kept_master(&g, "acme.2026-11.g1"), new.id());
+        assert_eq!(ring.get("acme.2026-11.g1").unwrap().master_key_id, new.id());
+
+        assert!(g.when(&wrapped(&stranger, "acme.2026-10.g1", &KeyMaterial::random())).unwrap().is_empty());
+        assert!(ring.get("acme.2026-10.g1").is_err());
+        assert!(g.store.tree(CREATED_TREE).unwrap().get(b"acme.2026-10.g1").unwrap().is_none());
+
+        g.when(&destroyed("acme.2026-11.g1")).unwrap();
+        assert!(g.store.tree(CREATED_TREE).unwrap().get(b"acme.2026-11.g1").unwrap().is_none());
+        assert!(g.store.tree(DESTROYED_TREE).unwrap().get(b"acme.2026-11.g1").unwrap().is_some());
+    }
 }

@@ -69,3 +69,71 @@ impl Handler for RetrievalProjection {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{EventKind, FormReady, FormRetrieved};
+    use crate::handlers::given::{Given, header};
+
+    fn ready(id: uuid::Uuid, key: &OtkSecret, session: Option<&str>) -> Event {
+        Event::FormReady(FormReady {
+            header: header(EventKind::FormReady, "acme", "c1", "f1"),
+            form_id: "f1".into(),
+            submission_id: id.to_string(),
+            agent_id: "alice".into(),
+            retrieve_key: key.expose().into(),
+            retrieve_expires_at: 60_000,
+            off_record_field_ids: vec![],
+            session_id: session.map(str::to_string),
+        })
+    }
+
+    fn retrieved(id: uuid::Uuid, outcome: &str) -> Event {
+        Event::FormRetrieved(FormRetrieved {
+            header: header(EventKind::FormRetrieved, "acme", "c1", "f1"),
+            form_id: "f1".into(),
+            submission_id: id.to_string(),
+            agent_id: "alice".into(),
+            session_id: Some("s-1".into()),
+            outcome: outcome.into(),
+            reason: String::new(),
+            chain: None,
+        })
+    }
+
+    fn spent(g: &Given<RetrievalProjection>, key: &OtkSecret, id: uuid::Uuid) -> bool {
+        let hash = key.hash(Purpose::Retrieve, "acme", &id.to_string());
+        g.store.tree(trees::SPENT).unwrap().contains_key(hash.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_granted_retrieval_spends_the_current_key_and_every_issued_key_is_remembered() {
+        let id = uuid::Uuid::new_v4();
+        let first = OtkSecret::parse(&"a".repeat(22)).unwrap();
+        let fresh = OtkSecret::parse(&"b".repeat(22)).unwrap();
+        let mut g = Given::new(RetrievalProjection).given([ready(id, &first, None)]);
+        g.when(&retrieved(id, "denied")).unwrap();
+        assert!(!spent(&g, &first, id), "a denied attempt spends nothing");
+        g.when(&retrieved(id, "granted")).unwrap();
+        assert!(spent(&g, &first, id));
+        g.when(&ready(id, &fresh, Some("s-2"))).unwrap();
+        assert!(!spent(&g, &fresh, id), "the fresh key is new");
+        let issued = g.store.tree(trees::ISSUED).unwrap();
+        assert_eq!(issued.len(), 2, "both keys were issued for the submission");
+        let state: RetrieveKeyState =
+            serde_json::from_slice(&g.store.tree(trees::KEYS).unwrap().get(submission_key(&id)).unwrap().unwrap())
+                .unwrap();
+        assert_eq!(state.session_id.as_deref(), Some("s-2"), "the newest key is the one in force");
+    }
+
+    #[test]
+    fn a_form_ready_that_is_not_well_formed_is_unprocessable() {
+        let mut bad = ready(uuid::Uuid::new_v4(), &OtkSecret::parse(&"a".repeat(22)).unwrap(), None);
+        if let Event::FormReady(r) = &mut bad {
+            r.retrieve_key = "short".into();
+        }
+        let mut g = Given::new(RetrievalProjection);
+        assert!(matches!(g.when(&bad), Err(ApplyError::Unprocessable(_))));
+    }
+}

@@ -167,7 +167,8 @@ impl Handler for Tokenizer {
                     retrieve_key: retrieve_key.expose().to_string(),
                     retrieve_expires_at: now_ms + (ttl as i64) * 1000,
                     off_record_field_ids: s.off_record_field_ids.clone(),
-                    // The agent's session is not known here; fresh keys are bound to theirs.
+                    // Bound at use to the session the form was sent from (FormSent v3, the visibility
+                    // view); fresh keys carry the session that asked for them.
                     session_id: None,
                 };
                 tracing::debug!(submission_id = %id, form_id = %s.form_id, site_id = %h.site_id, answers = s.answers.len(), "submission stored in the vault");
@@ -207,5 +208,89 @@ impl Handler for Tokenizer {
                 other.kind().name()
             ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{FormSubmitted, SealedAnswer, SubmissionPurged};
+    use crate::handlers::given::{Given, header};
+    use crate::store::Store;
+    use crate::vault::detokenize::Detokenizer;
+    use crate::vault::offrecord::OffRecordStore;
+
+    fn tokenizer() -> Tokenizer {
+        let master = crate::crypto::MasterKey::from_base64(&crate::crypto::MasterKey::generate_base64()).unwrap();
+        Tokenizer::new(Arc::new(BTreeMap::new()), Arc::new(KeyRing::new(master)), Arc::new(Metrics::new()))
+    }
+
+    fn submitted(form: &str, id: uuid::Uuid) -> FormSubmitted {
+        FormSubmitted {
+            header: header(EventKind::FormSubmitted, "acme", "c1", form),
+            form_id: form.into(),
+            submission_id: id.to_string(),
+            agent_id: "alice".into(),
+            template_id: "card-payment".into(),
+            template_version: 1,
+            key_id: "acme.2026-11.g1".into(),
+            answers: vec![SealedAnswer { field_id: "pan".into(), ciphertext: vec![7; 32] }],
+            off_record_field_ids: vec!["cvv".into()],
+            off_record_node: "node-a".into(),
+        }
+    }
+
+    fn vault_record(g: &Given<Tokenizer>, id: &uuid::Uuid) -> Option<VaultRecord> {
+        let ring = Arc::new(KeyRing::new(
+            crate::crypto::MasterKey::from_base64(&crate::crypto::MasterKey::generate_base64()).unwrap(),
+        ));
+        Detokenizer::new(g.store.clone(), Store::temporary().unwrap(), ring, Arc::new(OffRecordStore::new()))
+            .record(id)
+            .unwrap()
+    }
+
+    #[test]
+    fn a_submission_is_stored_once_and_answered_with_one_form_ready() {
+        let id = uuid::Uuid::new_v4();
+        let s = submitted("f1", id);
+        let mut g = Given::new(tokenizer());
+        let out = g.when(&Event::FormSubmitted(s.clone())).unwrap();
+        let [Event::FormReady(ready)] = out.as_slice() else { panic!("one FormReady, got {out:?}") };
+        assert_eq!((ready.submission_id.as_str(), ready.agent_id.as_str()), (id.to_string().as_str(), "alice"));
+        assert_eq!(ready.off_record_field_ids, vec!["cvv".to_string()]);
+        assert_eq!(
+            ready.header.event_id,
+            derived_event_id(&s.header.event_id, EventKind::FormReady).to_string(),
+            "a replayed submission yields the same event id"
+        );
+        assert!(OtkSecret::parse(&ready.retrieve_key).is_some());
+        let record = vault_record(&g, &id).expect("in the vault");
+        assert_eq!((record.form_id.as_str(), record.agent_id.as_str()), ("f1", "alice"));
+
+        assert!(g.when(&Event::FormSubmitted(s)).unwrap().is_empty(), "the same submission again: nothing");
+        let second = g.when(&Event::FormSubmitted(submitted("f1", uuid::Uuid::new_v4())));
+        assert!(
+            matches!(&second, Err(ApplyError::Unprocessable(m)) if m.contains("one form, one submission")),
+            "{second:?}"
+        );
+    }
+
+    #[test]
+    fn a_purged_submission_leaves_the_vault_and_does_not_come_back() {
+        let id = uuid::Uuid::new_v4();
+        let s = Event::FormSubmitted(submitted("f1", id));
+        let mut g = Given::new(tokenizer()).given([s.clone()]);
+        g.when(&Event::SubmissionPurged(SubmissionPurged {
+            header: header(EventKind::SubmissionPurged, "acme", "c1", "purge"),
+            submission_ids: vec![id.to_string()],
+            reason: "retention".into(),
+            destroyed_key_ids: vec![],
+            as_of: 0,
+            count: 1,
+        }))
+        .unwrap();
+        assert!(vault_record(&g, &id).is_none());
+        assert!(g.when(&s).unwrap().is_empty(), "replayed after the purge: not stored, no FormReady");
+        assert!(vault_record(&g, &id).is_none());
     }
 }

@@ -199,3 +199,102 @@ impl Handler for VisibilityProjection {
         Ok(vec![])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{
+        AgentSessionEnded, ConversationClosed, ConversationTransferred, EventKind, FormSent, FormSubmitted,
+        SubmissionPurged,
+    };
+    use crate::handlers::given::{Given, header};
+
+    fn sent(conv: &str, form: &str, agent: &str, session: Option<&str>) -> Event {
+        Event::FormSent(FormSent {
+            header: header(EventKind::FormSent, "acme", conv, form),
+            form_id: form.into(),
+            agent_id: agent.into(),
+            agent_profile: "agent".into(),
+            template_id: "card-payment".into(),
+            visitor_ref: None,
+            agent_session_id: session.map(str::to_string),
+        })
+    }
+
+    fn submitted(conv: &str, form: &str, id: uuid::Uuid, agent: &str) -> Event {
+        Event::FormSubmitted(FormSubmitted {
+            header: header(EventKind::FormSubmitted, "acme", conv, form),
+            form_id: form.into(),
+            submission_id: id.to_string(),
+            agent_id: agent.into(),
+            template_id: "card-payment".into(),
+            template_version: 1,
+            key_id: "acme.2026-11.g1".into(),
+            answers: vec![],
+            off_record_field_ids: vec![],
+            off_record_node: String::new(),
+        })
+    }
+
+    #[test]
+    fn the_first_sender_and_the_first_session_stand() {
+        let id = uuid::Uuid::new_v4();
+        let mut g = Given::new(VisibilityProjection)
+            .given([sent("c1", "f1", "alice", Some("s-desk")), submitted("c1", "f1", id, "alice")]);
+        let view = VisibilityView::new(g.store.clone());
+        g.when(&sent("c1", "f1", "mallory", Some("s-evil"))).unwrap();
+        g.when(&submitted("c1", "f1", id, "mallory")).unwrap();
+        assert_eq!(view.owner(&id).unwrap().unwrap().sender, "alice");
+        assert_eq!(view.sent_from_session("acme", "f1").unwrap().as_deref(), Some("s-desk"));
+        assert_eq!(view.conversation("acme", "c1").unwrap().unwrap().current_agent.as_deref(), Some("alice"));
+    }
+
+    #[test]
+    fn transfers_close_and_session_ends_are_what_the_view_answers() {
+        let mut g = Given::new(VisibilityProjection).given([sent("c1", "f1", "alice", None)]);
+        let view = VisibilityView::new(g.store.clone());
+        g.when(&Event::ConversationTransferred(ConversationTransferred {
+            header: header(EventKind::ConversationTransferred, "acme", "c1", "c1"),
+            from_agent_id: "alice".into(),
+            to_agent_id: "bob".into(),
+            kind: "transfer".into(),
+        }))
+        .unwrap();
+        let c = view.conversation("acme", "c1").unwrap().unwrap();
+        assert_eq!((c.live, c.current_agent.as_deref()), (true, Some("bob")));
+        g.when(&Event::ConversationClosed(ConversationClosed {
+            header: header(EventKind::ConversationClosed, "acme", "c1", "c1"),
+            closed_by: "visitor".into(),
+            reason: "done".into(),
+        }))
+        .unwrap();
+        assert!(!view.conversation("acme", "c1").unwrap().unwrap().live);
+        assert!(!view.session_ended("acme", "s-1").unwrap());
+        g.when(&Event::AgentSessionEnded(AgentSessionEnded {
+            header: header(EventKind::AgentSessionEnded, "acme", "c1", "c1"),
+            agent_id: "alice".into(),
+            session_id: "s-1".into(),
+            reason: "logout".into(),
+        }))
+        .unwrap();
+        assert!(view.session_ended("acme", "s-1").unwrap());
+        assert!(!view.session_ended("other-site", "s-1").unwrap(), "sessions are per site");
+    }
+
+    #[test]
+    fn a_purged_submission_stays_gone_even_when_its_form_submitted_comes_later() {
+        let id = uuid::Uuid::new_v4();
+        let purge = Event::SubmissionPurged(SubmissionPurged {
+            header: header(EventKind::SubmissionPurged, "acme", "c1", "purge"),
+            submission_ids: vec![id.to_string()],
+            reason: "retention".into(),
+            destroyed_key_ids: vec![],
+            as_of: 0,
+            count: 1,
+        });
+        let mut g = Given::new(VisibilityProjection).given([sent("c1", "f1", "alice", Some("s-1"))]);
+        g.when(&purge).unwrap();
+        g.when(&submitted("c1", "f1", id, "alice")).unwrap();
+        assert_eq!(VisibilityView::new(g.store.clone()).owner(&id).unwrap(), None);
+    }
+}
