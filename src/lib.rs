@@ -27,6 +27,7 @@
 //!
 //! docs/ARCHITECTURE.md shows how the parts run as tasks and where backpressure lives.
 
+pub mod app;
 pub mod audit;
 pub mod broker;
 pub mod cli;

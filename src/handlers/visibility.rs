@@ -76,6 +76,20 @@ impl VisibilityView {
         Ok(self.store.tree(trees::ENDED_SESSIONS)?.contains_key(form_key(site, session))?)
     }
 
+    /// A conversation's submissions (for history), in key order.
+    pub fn submissions_in(&self, site: &str, conversation: &str) -> Result<Vec<uuid::Uuid>, StoreError> {
+        let mut prefix = conversation_key(site, conversation);
+        prefix.push(0);
+        let mut out = Vec::new();
+        for row in self.store.tree(trees::BY_CONVERSATION)?.scan_prefix(&prefix) {
+            let (k, _) = row?;
+            if let Ok(id) = uuid::Uuid::from_slice(&k[prefix.len()..]) {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
     /// The agent session a form was sent from, when the chat bus said (FormSent v3).
     pub fn sent_from_session(&self, site: &str, form: &str) -> Result<Option<String>, StoreError> {
         Ok(self

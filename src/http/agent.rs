@@ -1,6 +1,5 @@
-//! The agent API (seed steps 6-7): retrieve a submission with its one-time key, ask for a fresh key,
-//! and the manager's conversation history. Every retrieval attempt, granted or denied, emits exactly
-//! one FormRetrieved (the audit trail); answers never go into events or logs.
+//! The agent API (seed steps 6-7) over HTTP: admits a request (rate limits, token, ended session),
+//! parses it, calls the use case in [`crate::app::agent`] and renders its answer or its refusal.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -10,19 +9,13 @@ use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
 use super::auth::{AgentClaims, AuthFailure};
-use crate::domain::access::{
-    Conversation, MANAGER_ROLE, Requester, SubmissionOwner, may_retrieve, may_view_responses_in_history,
-};
-use crate::domain::otk::OtkSecret;
-use crate::events::{Event, EventHeader, EventKind, FormReady, FormRetrieved};
-use crate::handlers::visibility::{VisibilityView, conversation_key, trees};
-use crate::store::StoreError;
-use crate::vault::detokenize::DetokenizeError;
+use crate::app::agent as app;
+use crate::domain::access::may_view_responses_in_history;
+use crate::handlers::visibility::VisibilityView;
 use crate::vault::offrecord::OffRecord;
 
 /// Every error of the agent API.
@@ -113,14 +106,26 @@ fn unavailable() -> Response {
     )
 }
 
-/// Logs a state store failure (what to check) and answers 503.
-fn store_failed(error: &dyn std::fmt::Display) -> Response {
-    tracing::error!(%error, "cannot read the node's state store; check the data directory's disk");
-    unavailable()
-}
-
 fn visibility(state: &AppState) -> VisibilityView {
     VisibilityView::new(state.node.visibility.clone())
+}
+
+/// The agent the verified token names, as the use cases take it.
+fn agent(claims: &AgentClaims) -> app::Agent<'_> {
+    app::Agent {
+        id: &claims.sub,
+        site: &claims.site,
+        session: &claims.sid,
+        roles: &claims.roles,
+        permissions: &claims.permissions,
+    }
+}
+
+/// A use case's refusal as the API answers it: the status and the reason code decided in
+/// [`crate::app::Refusal`], with Retry-After on a 503.
+fn refused(refusal: &crate::app::Refusal) -> Response {
+    let status = StatusCode::from_u16(refusal.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    api_error(status, refusal.code(), &refusal.message())
 }
 
 /// The gate every agent API request passes: the per-client limit (before authentication: a refused
@@ -168,69 +173,6 @@ fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<AgentClaims, Re
         Err(error) => {
             tracing::error!(%error, "cannot read the ended sessions; check the data directory's disk");
             Err(Refused::Unavailable)
-        }
-    }
-}
-
-/// Who sent a submission and the state of its conversation.
-fn owner_and_conversation(
-    state: &AppState,
-    id: &uuid::Uuid,
-) -> Result<(Option<SubmissionOwner>, Option<Conversation>), StoreError> {
-    let view = visibility(state);
-    let Some(owner) = view.owner(id)? else { return Ok((None, None)) };
-    let conv = view.conversation(&owner.site_id, &owner.conversation_id)?;
-    Ok((Some(owner), conv))
-}
-
-/// Records the audit event durably (relayed to Kafka by the audit log). Returns false when it could
-/// not be recorded. `spent` is the key hash a granted retrieval spent.
-async fn audit(
-    state: &AppState,
-    owner: Option<&SubmissionOwner>,
-    submission: &str,
-    agent: &str,
-    session: Option<&str>,
-    outcome: &str,
-    reason: &str,
-) -> bool {
-    audit_spending(state, owner, submission, agent, session, outcome, reason, None).await
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn audit_spending(
-    state: &AppState,
-    owner: Option<&SubmissionOwner>,
-    submission: &str,
-    agent: &str,
-    session: Option<&str>,
-    outcome: &str,
-    reason: &str,
-    spent: Option<&str>,
-) -> bool {
-    let (site, conv, form) =
-        owner.map(|o| (o.site_id.as_str(), o.conversation_id.as_str(), o.form_id.as_str())).unwrap_or(("", "", ""));
-    let event = Event::FormRetrieved(FormRetrieved {
-        header: EventHeader::new(EventKind::FormRetrieved, uuid::Uuid::new_v4(), now(state), site, conv, form),
-        form_id: form.to_string(),
-        submission_id: submission.to_string(),
-        agent_id: agent.to_string(),
-        session_id: session.map(str::to_string),
-        outcome: outcome.to_string(),
-        reason: reason.to_string(),
-        // Linked into this node's chain when it is recorded.
-        chain: None,
-    });
-    tracing::info!(submission_id = submission, agent_id = agent, outcome, reason, "retrieval attempt");
-    state.node.metrics.retrieval(outcome == "granted", if reason.is_empty() { "ok" } else { reason });
-    if spent.is_some() || ["invalid_key", "wrong_purpose", "key_expired", "key_spent"].contains(&reason) {
-        state.node.metrics.otk("retrieve", if spent.is_some() { "accepted" } else { reason });
-    }
-    match state.node.audit.record(&event, spent).await {
-        Ok(()) => true,
-        Err(error) => {
-            tracing::error!(%error, "could not record the retrieval audit event; check the data directory's disk");
-            false
         }
     }
 }
@@ -302,9 +244,7 @@ pub async fn retrieve(
         Ok(c) => c,
         Err(refused) => {
             if let Refused::Auth(f) = &refused {
-                let known =
-                    uuid::Uuid::parse_str(&id).ok().and_then(|sid| visibility(&state).owner(&sid).ok().flatten());
-                audit(&state, known.as_ref(), &id, "", None, "denied", f.code()).await;
+                app::record_refused_attempt(&state.node, &id, None, f.code()).await;
             }
             return refused.into_response();
         }
@@ -315,68 +255,16 @@ pub async fn retrieve(
     if !super::wait_ready(&state).await {
         return not_ready();
     }
-    let (known, conv) = match owner_and_conversation(&state, &sid) {
-        Ok(found) => found,
-        Err(error) => return store_failed(&error),
-    };
     let request: RetrieveRequest = match parse_json(&headers, &body) {
         Ok(r) => r,
         Err(r) => {
-            audit(&state, known.as_ref(), &id, &claims.sub, Some(&claims.sid), "denied", "bad_request").await;
+            app::record_refused_attempt(&state.node, &id, Some((&claims.sub, &claims.sid)), "bad_request").await;
             return r;
         }
     };
-    let who = Requester { agent_id: &claims.sub, site_id: &claims.site, permissions: &claims.permissions };
-    let owner = match may_retrieve(&who, known.as_ref(), conv.as_ref()) {
-        Ok(owner) => owner.clone(),
-        Err(d) => {
-            audit(&state, known.as_ref(), &id, &claims.sub, Some(&claims.sid), "denied", d.code()).await;
-            let status = if d == crate::domain::access::Denial::UnknownSubmission {
-                StatusCode::NOT_FOUND
-            } else {
-                StatusCode::FORBIDDEN
-            };
-            return api_error(status, d.code(), d.message());
-        }
-    };
-    let sent_from = match visibility(&state).sent_from_session(&owner.site_id, &owner.form_id) {
-        Ok(s) => s,
-        Err(error) => return store_failed(&error),
-    };
-    match state.node.detokenizer.detokenize_in_session(
-        &claims.site,
-        sid,
-        &request.key,
-        Some(&claims.sid),
-        sent_from.as_deref(),
-        now(&state),
-    ) {
-        Ok(got) => {
-            if !audit_spending(
-                &state,
-                Some(&owner),
-                &id,
-                &claims.sub,
-                Some(&claims.sid),
-                "granted",
-                "",
-                Some(&got.spent_key_hash),
-            )
-            .await
-            {
-                // Nothing was returned, so nothing was spent: the same key works on a retry.
-                state.node.detokenizer.release(&got.spent_key_hash);
-                return api_error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "audit_unavailable",
-                    "the retrieval could not be audited, so nothing was returned; try again shortly with the same key",
-                );
-            }
+    match app::retrieve(&state.node, &agent(&claims), sid, &request.key).await {
+        Ok(app::Retrieval { retrieved: got }) => {
             let answers = got.answers.iter().map(|(k, v)| (k.clone(), v.expose().to_string())).collect();
-            // Off-the-record answers are read once: the granted retrieval that returns them forgets them.
-            if matches!(&got.off_record, OffRecord::Present(a) if !a.is_empty()) {
-                state.node.off_record.forget(&sid);
-            }
             let off_record = match &got.off_record {
                 OffRecord::Present(a) => OffRecordView {
                     state: "present",
@@ -396,24 +284,7 @@ pub async fn retrieve(
             })
             .into_response()
         }
-        Err(DetokenizeError::Refused(r)) => {
-            audit(&state, Some(&owner), &id, &claims.sub, Some(&claims.sid), "denied", r.code()).await;
-            let status = if r == crate::vault::detokenize::Refusal::UnknownSubmission {
-                StatusCode::NOT_FOUND
-            } else {
-                StatusCode::FORBIDDEN
-            };
-            api_error(status, r.code(), &r.to_string())
-        }
-        Err(DetokenizeError::Store(error)) => {
-            audit(&state, Some(&owner), &id, &claims.sub, Some(&claims.sid), "denied", "unavailable").await;
-            store_failed(&error)
-        }
-        Err(error) => {
-            audit(&state, Some(&owner), &id, &claims.sub, Some(&claims.sid), "denied", "internal_error").await;
-            tracing::error!(%error, submission_id = %id, "detokenizing failed; check the master key and the key ring");
-            api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "the submission could not be opened")
-        }
+        Err(refusal) => refused(&refusal),
     }
 }
 
@@ -459,101 +330,22 @@ pub async fn fresh_key(
     if !super::wait_ready(&state).await {
         return not_ready();
     }
-    let (known, conv) = match owner_and_conversation(&state, &sid) {
-        Ok(found) => found,
-        Err(error) => return store_failed(&error),
-    };
-    let who = Requester { agent_id: &claims.sub, site_id: &claims.site, permissions: &claims.permissions };
-    let owner = match may_retrieve(&who, known.as_ref(), conv.as_ref()) {
-        Ok(owner) => owner.clone(),
-        Err(d) => {
-            let status = if d == crate::domain::access::Denial::UnknownSubmission {
-                StatusCode::NOT_FOUND
-            } else {
-                StatusCode::FORBIDDEN
-            };
-            return api_error(status, d.code(), d.message());
-        }
-    };
     let request: FreshKeyRequest = match parse_json(&headers, &body) {
         Ok(r) => r,
         Err(r) => return r,
     };
-    match state.node.detokenizer.was_issued(&owner.site_id, &sid, &request.previous_key) {
-        Ok(true) => {}
-        Ok(false) => {
-            return api_error(
-                StatusCode::FORBIDDEN,
-                "invalid_key",
-                "previous_key is not a retrieve key issued for this submission; a fresh key is given to the holder of one",
-            );
-        }
-        Err(error) => return store_failed(&error),
+    match app::fresh_key(&state.node, &agent(&claims), sid, &request.previous_key).await {
+        Ok(key) => (
+            StatusCode::CREATED,
+            Json(FreshKey {
+                submission_id: id,
+                retrieve_key: key.retrieve_key,
+                retrieve_expires_at: key.retrieve_expires_at,
+            }),
+        )
+            .into_response(),
+        Err(refusal) => refused(&refusal),
     }
-    // A key bound to another session that is still open stays with it: a token of another session
-    // plus a key read off the topic get nothing. Once that session ended, the agent moves on.
-    let view = visibility(&state);
-    let bound = match state.node.detokenizer.key_session(&sid) {
-        Ok(Some(s)) => Some(s),
-        Ok(None) => match view.sent_from_session(&owner.site_id, &owner.form_id) {
-            Ok(s) => s,
-            Err(error) => return store_failed(&error),
-        },
-        Err(error) => return store_failed(&error),
-    };
-    if let Some(bound) = bound.filter(|b| *b != claims.sid) {
-        match view.session_ended(&owner.site_id, &bound) {
-            Ok(true) => {}
-            Ok(false) => {
-                return api_error(
-                    StatusCode::FORBIDDEN,
-                    "wrong_session",
-                    "this submission's key belongs to another of your sessions that is still open; ask from that session",
-                );
-            }
-            Err(error) => return store_failed(&error),
-        }
-    }
-    let t = now(&state);
-    let ttl = state.node.settings.sites.get(&owner.site_id).map(|s| s.retrieve_key_ttl_secs).unwrap_or(60);
-    let record = match state.node.detokenizer.record(&sid) {
-        Ok(r) => r,
-        Err(error) => return store_failed(&error),
-    };
-    let key = OtkSecret::generate(&mut rand::rngs::StdRng::from_os_rng());
-    let ready = FormReady {
-        header: EventHeader::new(
-            EventKind::FormReady,
-            uuid::Uuid::new_v4(),
-            t,
-            &owner.site_id,
-            &owner.conversation_id,
-            &owner.form_id,
-        ),
-        form_id: owner.form_id.clone(),
-        submission_id: id.clone(),
-        agent_id: owner.sender.clone(),
-        retrieve_key: key.expose().to_string(),
-        retrieve_expires_at: t + (ttl as i64) * 1000,
-        off_record_field_ids: record.map(|r| r.off_record_field_ids).unwrap_or_default(),
-        // Usable only from the session that asked for it.
-        session_id: Some(claims.sid.clone()),
-    };
-    // Through the same ordered log as the audit events: the projection must see an earlier
-    // retrieval's FormRetrieved before this key, or it would mark the new key spent.
-    if let Err(error) = state.node.audit.record(&Event::FormReady(ready.clone()), None).await {
-        tracing::error!(%error, "could not record a fresh retrieve key; check the data directory's disk");
-        return api_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "try again in a moment");
-    }
-    (
-        StatusCode::CREATED,
-        Json(FreshKey {
-            submission_id: id,
-            retrieve_key: ready.retrieve_key,
-            retrieve_expires_at: ready.retrieve_expires_at,
-        }),
-    )
-        .into_response()
 }
 
 /// A conversation's secure forms, for agent managers. Answers only with "view secure form responses
@@ -580,68 +372,23 @@ pub async fn history(
     if !super::wait_ready(&state).await {
         return not_ready();
     }
-    if !claims.roles.iter().any(|r| r == MANAGER_ROLE) {
-        return api_error(StatusCode::FORBIDDEN, "not_a_manager", "conversation history is for agent managers");
-    }
-    let with_answers = may_view_responses_in_history(&claims.permissions);
-    let mut prefix = conversation_key(&claims.site, &conv);
-    prefix.push(0);
-    let index = match state.node.visibility.tree(trees::BY_CONVERSATION) {
-        Ok(t) => t,
-        Err(error) => return store_failed(&error),
+    let entries = match app::history(&state.node, &agent(&claims), &conv).await {
+        Ok(e) => e,
+        Err(refusal) => return refused(&refusal),
     };
-    let mut items = Vec::new();
-    for row in index.scan_prefix(&prefix) {
-        let row = match row {
-            Ok(row) => row,
-            Err(error) => return store_failed(&error),
-        };
-        let Ok(sid) = uuid::Uuid::from_slice(&row.0[prefix.len()..]) else { continue };
-        let o = match visibility(&state).owner(&sid) {
-            Ok(Some(o)) => o,
-            Ok(None) => continue,
-            Err(error) => return store_failed(&error),
-        };
-        let mut item = HistoryItem {
-            submission_id: sid.to_string(),
-            form_id: o.form_id.clone(),
-            template_id: o.template_id.clone(),
-            sent_by: o.sender.clone(),
-            submitted_at: o.submitted_at,
+    let with_answers = may_view_responses_in_history(&claims.permissions);
+    let secure_forms = entries
+        .into_iter()
+        .map(|e| HistoryItem {
+            submission_id: e.submission_id.to_string(),
+            form_id: e.owner.form_id,
+            template_id: e.owner.template_id,
+            sent_by: e.owner.sender,
+            submitted_at: e.owner.submitted_at,
             responses_visible: with_answers,
-            answers: None,
-            note: None,
-        };
-        if with_answers {
-            match state.node.detokenizer.open_for_history(&claims.site, sid) {
-                Ok(answers) => {
-                    // Recorded before any answer leaves the service (ADR 9); unrecorded, nothing is
-                    // returned.
-                    let recorded = audit(
-                        &state,
-                        Some(&o),
-                        &sid.to_string(),
-                        &claims.sub,
-                        Some(&claims.sid),
-                        "granted",
-                        "history_view",
-                    )
-                    .await;
-                    if !recorded {
-                        return api_error(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "audit_unavailable",
-                            "the history view could not be audited, so no answers were returned; try again shortly",
-                        );
-                    }
-                    item.answers = Some(answers.iter().map(|(k, v)| (k.clone(), v.expose().to_string())).collect());
-                }
-                Err(e) => item.note = Some(format!("responses unavailable: {e}")),
-            }
-        } else {
-            item.note = Some("a secure form was submitted; responses are hidden".into());
-        }
-        items.push(item);
-    }
-    Json(History { conversation_id: conv, site_id: claims.site, secure_forms: items }).into_response()
+            answers: e.answers.map(|a| a.iter().map(|(k, v)| (k.clone(), v.expose().to_string())).collect()),
+            note: e.note,
+        })
+        .collect();
+    Json(History { conversation_id: conv, site_id: claims.site, secure_forms }).into_response()
 }
