@@ -41,6 +41,7 @@ trap cleanup EXIT
 echo "checking format and lints"
 cargo fmt --check
 cargo clippy --locked --all-targets -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --quiet
 cargo build --locked --all-targets
 
 status=0

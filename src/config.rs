@@ -58,7 +58,7 @@ pub struct Settings {
     /// Path of the tansu binary for the embedded default (found on PATH or in ~/.cargo/bin if unset).
     pub broker_bin: Option<PathBuf>,
     /// Directory of Apache Kafka's jars for `embedded_broker = "kafka"` (default: the cache
-    /// scripts/install-kafka.sh fills, ~/.cache/secureforms/kafka-<version>).
+    /// scripts/install-kafka.sh fills, `~/.cache/secureforms/kafka-<version>`).
     pub kafka_home: Option<PathBuf>,
     /// Port of the embedded broker; 0 picks a free one.
     pub embedded_broker_port: u16,

@@ -4,26 +4,38 @@
 //!
 //! # Layout
 //!
-//! - [`domain`]: the pure core (form issuing, one-time keys, PCI policy, templates). No I/O.
+//! Roughly from the ground up. No file imports one that imports it back (no import circles); one
+//! layering exception remains: the domain's issuing rules read the site settings type from
+//! [`config`], which holds the domain's template type.
+//!
+//! - [`domain`]: the pure core (form issuing, one-time keys, access rules, PCI policy, templates).
+//!   No I/O; its checks return what they checked.
 //! - [`events`]: the Avro event contract (`schemas/`) and its single-object codec.
-//! - [`topics`]: topics as code (`topics/`), and the pure drift check.
+//! - [`topics`]: topics as code (`topics/`), the broker kinds, and the pure drift check.
+//! - [`clock`], [`store`] (sled: state, consumed offsets and outbox in atomic batches), [`metrics`],
+//!   [`secrets`] (taken out of the environment at start; private key files).
 //! - [`config`]: settings and the sites catalogue (file, `SECUREFORMS_*` env, flags).
-//! - [`crypto`]: the key hierarchy (master key, per-site per-period data keys), AES-SIV sealing, and
-//!   the MAC that marks the events only this service writes ([`crypto::mac`]).
-//! - [`secrets`]: secrets taken out of the environment at start; private key files.
-//! - [`vault`]: sealing at the edge, vault records, off-the-record memory, detokenizing.
-//! - [`store`]: the sled database: projections, vault, consumed offsets and outbox in atomic batches.
-//! - [`kafka`]: producer, admin, and the consumer runtime that gives handlers exactly-once effects.
-//! - [`handlers`]: event handlers on that runtime, one per file (issuer, keys, tokenizer, retrieval).
-//! - [`http`]: the visitor gateway and agent API (axum); [`http::listener`] binds and serves them,
-//!   answering 503 until the node has started.
+//! - [`crypto`]: the key hierarchy (master keys, per-site per-period data keys), AES-SIV sealing, the
+//!   integrity key and the MAC that marks the events only this service writes ([`crypto::mac`]).
+//! - [`kafka`]: producer, admin, reader, and the consumer runtime that gives handlers exactly-once
+//!   effects ([`kafka::runtime`]: the loop, batches, offsets, outbox, dead letters).
 //! - [`audit`]: audit events recorded durably on the node before answering, relayed to Kafka; the
 //!   tamper-evident chain of FormRetrieved records and its verification.
-//! - [`metrics`]: the node's Prometheus registry (`GET /metrics`).
-//! - [`ops`]: retention purge, erasure, replay, readiness and the compliance report.
+//! - [`vault`]: sealing at the edge, vault records, off-the-record memory, detokenizing.
+//! - [`handlers`]: event handlers on that runtime, one per file. Each owns its sled trees and offers
+//!   a typed read view (e.g. [`handlers::visibility::VisibilityView`],
+//!   [`handlers::gateway::GatewayView`]) whose errors are errors, never "not found".
+//! - [`node`]: the node context request handlers share, and [`node::Node::submit`].
+//! - [`app`]: the use cases, one function each, with one refusal type ([`app::Refusal`]) that sets
+//!   the HTTP status and the audit reason. The agent's are here; the visitor's still live in
+//!   [`http::visitor`].
+//! - [`http`]: the visitor gateway and agent API (axum): admit, parse, call, render;
+//!   [`http::listener`] binds and serves them, answering 503 until the node has started.
 //! - [`broker`]: the embedded default broker process for a single machine, and its supervisor.
 //! - [`service`]: wires it all for `secureforms serve`.
-//! - [`cli`]: the `secureforms` commands; `src/main.rs` only calls [`cli::main`].
+//! - [`ops`]: retention purge, erasure, replay, readiness and the compliance report.
+//! - [`cli`]: the `secureforms` commands; `src/main.rs` only calls [`cli::main`]. The benchmark is
+//!   `benches/pipeline.rs`.
 //!
 //! docs/ARCHITECTURE.md shows how the parts run as tasks and where backpressure lives.
 

@@ -45,7 +45,7 @@ pub struct GlobalArgs {
     #[arg(long, global = true, env = "SECUREFORMS_CONFIG")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Kafka bootstrap servers, host:port[,host:port]. Without it the embedded broker is used.
+    /// Kafka bootstrap servers, `host:port[,host:port]`. Without it the embedded broker is used.
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub brokers: Option<String>,
