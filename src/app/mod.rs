@@ -4,8 +4,11 @@
 //! parse, call and render; a request forwarded from another node will call the same functions.
 //!
 //! - [`agent`]: retrieve a submission, a fresh retrieve key, a conversation's history.
+//! - [`visitor`]: look at the link, open the form, submit the answers (their refusals are pages:
+//!   [`visitor::VisitorRefusal`]).
 
 pub mod agent;
+pub mod visitor;
 
 use crate::domain::access::Denial;
 use crate::vault::detokenize::Refusal as KeyRefusal;

@@ -18,10 +18,8 @@ use axum::http::{HeaderValue, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use dashmap::DashMap;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
-use crate::domain::visitor::FormState;
 use crate::node::Node;
 
 #[derive(Debug, thiserror::Error)]
@@ -46,12 +44,10 @@ pub const BODY_LIMIT: usize = 64 * 1024;
 /// What every request handler shares.
 pub struct AppState {
     pub node: Arc<Node>,
-    /// Form key state written by this node's requests, ahead of the projection catching up.
-    pub overlay: DashMap<Vec<u8>, FormState>,
-    /// One request at a time per form: open and submit are read-check-write sequences.
-    pub locks: DashMap<Vec<u8>, Arc<tokio::sync::Mutex<()>>>,
+    /// The visitor use cases' working state: form key state ahead of the projection, per-form locks
+    /// and rate limit.
+    pub gateway: crate::app::visitor::Gateway,
     pub per_client: DefaultKeyedRateLimiter<String>,
-    pub per_form: DefaultKeyedRateLimiter<String>,
     /// Agent API, per client address (before authentication: every refused attempt is an audit write).
     pub api_per_client: DefaultKeyedRateLimiter<String>,
     /// Agent API, per authenticated agent (site and agent id).
@@ -79,10 +75,8 @@ impl AppState {
         Ok(Arc::new(AppState {
             auth,
             node,
-            overlay: DashMap::new(),
-            locks: DashMap::new(),
+            gateway: crate::app::visitor::Gateway::new(limits.visitor_per_form),
             per_client: RateLimiter::keyed(quota(limits.visitor_per_client)),
-            per_form: RateLimiter::keyed(quota(limits.visitor_per_form)),
             api_per_client: RateLimiter::keyed(quota(limits.api_per_client)),
             api_per_agent: RateLimiter::keyed(quota(limits.api_per_agent)),
             https,

@@ -3,7 +3,8 @@
 //! button. The visitor's click, `POST /f/{site}/{form}/open`, spends an open (up to the reopen limit)
 //! and shows the form with a fresh submit key; `POST /f/{site}/{form}` validates, seals and produces
 //! the answers, then thanks the visitor. Every refused key gets a clear page that reveals nothing,
-//! and a KeyRefused audit event (none for HEAD, which must change nothing).
+//! and a KeyRefused audit event (none for HEAD, which must change nothing). The decisions are the use
+//! cases in [`crate::app::visitor`]; this file parses, calls and renders.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -14,19 +15,12 @@ use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use rand::SeedableRng;
-use sha2::{Digest, Sha256};
 
 use super::AppState;
 use super::pages::{FormPage, MessagePage, OpenPage};
-use crate::domain::otk::{OtkSecret, Purpose};
-use crate::domain::validate::{YearMonth, validate};
-use crate::domain::visitor::{FormState, KeyRefusal, check_open, check_submit};
-use crate::events::{Event, EventHeader, EventKind, FormOpened, KeyRefused};
-use crate::handlers::gateway::GatewayView;
-use crate::handlers::issuer::form_key;
-use crate::node::Submission;
-use crate::vault::offrecord::Secret;
+use crate::app::visitor::{self as app, VisitorRefusal};
+use crate::domain::otk::OtkSecret;
+use crate::domain::visitor::KeyRefusal;
 
 fn html(status: StatusCode, page: impl Template) -> Response {
     match page.render() {
@@ -101,83 +95,9 @@ fn too_many() -> Response {
     r
 }
 
-/// A client reference for audit events: a hash of the address, never the address itself.
-fn client_ref(addr: &SocketAddr) -> String {
-    hex::encode(&Sha256::digest(format!("secureforms-client/{}", addr.ip()).as_bytes())[..8])
-}
-
 /// Per client address: caps what one client can send, key or not.
 fn client_limited(state: &AppState, addr: &SocketAddr) -> bool {
     state.per_client.check_key(&addr.ip().to_string()).is_err()
-}
-
-/// Per form: counted only for requests that presented the form's valid key, so a third party
-/// without the key cannot use up the visitor's allowance.
-fn form_limited(state: &AppState, site: &str, form: &str) -> bool {
-    state.per_form.check_key(&format!("{site}/{form}")).is_err()
-}
-
-/// The form's key state: this node's latest writes, else the projection. A store that cannot be
-/// read is the service's trouble: the visitor gets 503 (try again), never "this link cannot be used".
-fn form_state(state: &AppState, site: &str, form: &str) -> Result<Option<FormState>, Response> {
-    if let Some(s) = state.overlay.get(&form_key(site, form)) {
-        return Ok(Some(s.clone()));
-    }
-    GatewayView::new(state.node.gateway.clone()).form(site, form).map_err(|error| {
-        tracing::error!(%error, site_id = %site, form_id = %form, "cannot read the form's key state; check the data directory's disk");
-        try_again_shortly("The form cannot be used right now")
-    })
-}
-
-fn lock(state: &AppState, key: &[u8]) -> Arc<tokio::sync::Mutex<()>> {
-    state.locks.entry(key.to_vec()).or_default().clone()
-}
-
-/// Records a refusal (audit) without holding up the visitor's page.
-fn audit_refusal(
-    state: &AppState,
-    site: &str,
-    form: &str,
-    conversation: &str,
-    purpose: Purpose,
-    r: KeyRefusal,
-    addr: &SocketAddr,
-) {
-    let now = (state.node.clock)();
-    let event = Event::KeyRefused(KeyRefused {
-        header: EventHeader::new(EventKind::KeyRefused, uuid::Uuid::new_v4(), now, site, conversation, form),
-        form_id: form.to_string(),
-        purpose: purpose.as_str().to_string(),
-        reason: r.code().to_string(),
-        client_ref: client_ref(addr),
-    });
-    tracing::info!(
-        site_id = site,
-        form_id = form,
-        purpose = purpose.as_str(),
-        reason = r.code(),
-        "one-time key refused"
-    );
-    state.node.metrics.otk(purpose.as_str(), r.code());
-    let audit = state.node.audit.clone();
-    tokio::spawn(async move {
-        if let Err(error) = audit.record(&event, None).await {
-            tracing::warn!(%error, "could not record a key refusal; check the data directory's disk");
-        }
-    });
-}
-
-/// The form's template from the configuration, or the page saying the form cannot be shown.
-fn template_for(state: &AppState, site: &str, fs: &FormState) -> Result<crate::domain::template::Template, Response> {
-    state.node.settings.sites.get(site).and_then(|s| s.template(&fs.template_id)).cloned().ok_or_else(|| {
-        tracing::error!(site_id = %site, template_id = %fs.template_id, "form refers to a template no longer configured; restore it in the config file");
-        message(StatusCode::SERVICE_UNAVAILABLE, "This form is not available", &["Ask your agent in the chat to send the form again."])
-    })
-}
-
-fn current_month(ms: i64) -> YearMonth {
-    let dt = time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000)).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    YearMonth { year: dt.year(), month: u8::from(dt.month()) }
 }
 
 fn action(site: &str, form: &str) -> String {
@@ -214,27 +134,20 @@ pub async fn link(
     if !super::wait_ready(&state).await {
         return try_again_shortly("The form cannot be shown right now");
     }
-    let now = (state.node.clock)();
-    let current = match form_state(&state, &site, &form) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
     let presented = query.get("k").and_then(|k| OtkSecret::parse(k));
-    let (fs, k) = match check_open(current.as_ref(), &site, &form, presented.as_ref(), now) {
-        Ok(checked) => (checked.state.clone(), checked.key.clone()),
-        Err(r) => {
-            if method != axum::http::Method::HEAD {
-                let conversation = current.as_ref().map(|s| s.conversation_id.clone()).unwrap_or_default();
-                audit_refusal(&state, &site, &form, &conversation, Purpose::Open, r, &addr);
-            }
-            return refused_page(r);
-        }
-    };
-    let title = template_for(&state, &site, &fs).map(|t| t.title).unwrap_or_else(|_| "Secure form".into());
-    html(
-        StatusCode::OK,
-        OpenPage::new(&title, format!("{}/open", action(&site, &form)), k.expose().to_string(), fs.opens_left()),
-    )
+    let audit = method != axum::http::Method::HEAD;
+    match app::look(&state.node, &state.gateway, &site, &form, presented.as_ref(), &app::client_ref(&addr), audit) {
+        Ok(page) => html(
+            StatusCode::OK,
+            OpenPage::new(
+                &page.title,
+                format!("{}/open", action(&site, &form)),
+                presented.map(|k| k.expose().to_string()).unwrap_or_default(),
+                page.opens_left,
+            ),
+        ),
+        Err(refusal) => refused(refusal, &site, &form, None),
+    }
 }
 
 /// Open the secure form: the visitor's own click on the link's page. Spends one open of the link's
@@ -270,50 +183,20 @@ pub async fn open(
     if !super::wait_ready(&state).await {
         return try_again_shortly("The form cannot be used right now");
     }
-    let key = form_key(&site, &form);
-    let guard = lock(&state, &key);
-    let _held = guard.lock().await;
-    let now = (state.node.clock)();
-    let current = match form_state(&state, &site, &form) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
     let presented = pairs.iter().find(|(k, _)| k == "k").and_then(|(_, v)| OtkSecret::parse(v));
-    let mut fs = match check_open(current.as_ref(), &site, &form, presented.as_ref(), now) {
-        Ok(checked) => checked.state.clone(),
-        Err(r) => {
-            let conversation = current.as_ref().map(|s| s.conversation_id.clone()).unwrap_or_default();
-            audit_refusal(&state, &site, &form, &conversation, Purpose::Open, r, &addr);
-            return refused_page(r);
-        }
-    };
-    if form_limited(&state, &site, &form) {
-        return too_many();
+    match app::open(&state.node, &state.gateway, &site, &form, presented.as_ref(), &app::client_ref(&addr)).await {
+        Ok(opened) => html(
+            StatusCode::OK,
+            FormPage::new(
+                &opened.template,
+                action(&site, &form),
+                opened.submit_key.expose().to_string(),
+                &BTreeMap::new(),
+                &[],
+            ),
+        ),
+        Err(refusal) => refused(refusal, &site, &form, None),
     }
-    let template = match template_for(&state, &site, &fs) {
-        Ok(t) => t,
-        Err(r) => return r,
-    };
-    let submit_ttl = state.node.settings.sites.get(&site).map(|s| s.submit_key_ttl_secs).unwrap_or(1800);
-    let submit_key = OtkSecret::generate(&mut rand::rngs::StdRng::from_os_rng());
-    let opened = FormOpened {
-        header: EventHeader::new(EventKind::FormOpened, uuid::Uuid::new_v4(), now, &site, &fs.conversation_id, &form),
-        form_id: form.clone(),
-        open_count: fs.open_count + 1,
-        submit_key_hash: submit_key.hash(Purpose::Submit, &site, &form),
-        submit_expires_at: now + (submit_ttl as i64) * 1000,
-    };
-    if let Err(error) = state.node.producer.send(&Event::FormOpened(opened.clone())).await {
-        tracing::error!(%error, "could not record the form opening; check the brokers");
-        return try_again_shortly("The form cannot be opened right now");
-    }
-    fs.opened(&opened);
-    state.overlay.insert(key, fs);
-    state.node.metrics.otk("open", "accepted");
-    html(
-        StatusCode::OK,
-        FormPage::new(&template, action(&site, &form), submit_key.expose().to_string(), &BTreeMap::new(), &[]),
-    )
 }
 
 /// Infrastructure trouble (the brokers away): 503 with Retry-After, never the visitor's fault.
@@ -393,83 +276,56 @@ pub async fn submit(
     if !super::wait_ready(&state).await {
         return try_again_shortly("The form cannot be used right now");
     }
-    let key = form_key(&site, &form);
-    let guard = lock(&state, &key);
-    let _held = guard.lock().await;
-    let now = (state.node.clock)();
-    let current = match form_state(&state, &site, &form) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let presented = pairs.iter().find(|(k, _)| k == "k").and_then(|(_, v)| OtkSecret::parse(v));
-    let (mut fs, k) = match check_submit(current.as_ref(), &site, &form, presented.as_ref(), now) {
-        Ok(checked) => (checked.state.clone(), checked.key.clone()),
-        Err(r) => {
-            let conversation = current.as_ref().map(|s| s.conversation_id.clone()).unwrap_or_default();
-            audit_refusal(&state, &site, &form, &conversation, Purpose::Submit, r, &addr);
-            return refused_page(r);
-        }
-    };
-    if form_limited(&state, &site, &form) {
-        return too_many();
-    }
-    let template = match template_for(&state, &site, &fs) {
-        Ok(t) => t,
-        Err(r) => return r,
-    };
+    let mut presented = None;
     let mut raw: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (k, v) in pairs {
         if k == "k" {
-            continue;
+            presented = OtkSecret::parse(&v);
+        } else {
+            raw.entry(k).or_default().push(v);
         }
-        if !template.questions.iter().any(|q| q.id == k) {
-            return bad_request(StatusCode::BAD_REQUEST, &format!("The form sent a field it does not have ({k:?})."));
-        }
-        raw.entry(k).or_default().push(v);
     }
-    let answers = match validate(&template, &raw, current_month(now)) {
-        Ok(a) => a,
-        Err(errors) => {
-            return html(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                FormPage::new(&template, action(&site, &form), k.expose().to_string(), &raw, &errors),
-            );
+    let client = app::client_ref(&addr);
+    match app::submit(&state.node, &state.gateway, &site, &form, presented.as_ref(), &raw, &client).await {
+        Ok(_) => message(
+            StatusCode::OK,
+            "Thank you, your answers were sent",
+            &[
+                "They went securely to your agent and are not stored in the chat.",
+                "You can close this window and return to the chat.",
+            ],
+        ),
+        Err(refusal) => {
+            let again = presented.map(|k| (k.expose().to_string(), &raw));
+            refused(refusal, &site, &form, again)
         }
-    };
-    drop(raw);
-    let secrets: BTreeMap<String, Secret> = answers.into_iter().map(|(k, v)| (k, Secret::new(v))).collect();
-    let submission = Submission {
-        site_id: &site,
-        conversation_id: &fs.conversation_id,
-        form_id: &form,
-        agent_id: &fs.agent_id,
-        template: &template,
-        answers: secrets,
-    };
-    match state.node.submit(submission).await {
-        Ok(_) => {
-            state.node.metrics.otk("submit", "accepted");
-            fs.submitted = true;
-            state.overlay.insert(key, fs);
-            message(
-                StatusCode::OK,
-                "Thank you, your answers were sent",
-                &[
-                    "They went securely to your agent and are not stored in the chat.",
-                    "You can close this window and return to the chat.",
-                ],
-            )
+    }
+}
+
+/// A use case's refusal as the visitor sees it: a page that says what to do, with the status set
+/// in [`VisitorRefusal::status`]. `again` (the submit key and the answers as sent) re-renders the
+/// form when the answers did not validate.
+fn refused(
+    refusal: VisitorRefusal,
+    site: &str,
+    form: &str,
+    again: Option<(String, &BTreeMap<String, Vec<String>>)>,
+) -> Response {
+    let status = StatusCode::from_u16(refusal.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    match refusal {
+        VisitorRefusal::Key(r) => refused_page(r),
+        VisitorRefusal::TooMany => too_many(),
+        VisitorRefusal::UnknownField(k) => {
+            bad_request(status, &format!("The form sent a field it does not have ({k:?})."))
         }
-        Err(error) => {
-            tracing::error!(%error, site_id = %site, form_id = %form, "submission could not be stored; check the brokers and the master key");
-            let mut r = message(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Your answers could not be sent",
-                &["This is a problem on our side. Nothing was sent.", "Please try again in a minute."],
-            );
-            r.headers_mut().insert(header::RETRY_AFTER, axum::http::HeaderValue::from_static("30"));
-            r
+        VisitorRefusal::Invalid { template, errors } => {
+            let (key, raw) = again.map(|(k, r)| (k, r.clone())).unwrap_or_default();
+            html(status, FormPage::new(&template, action(site, form), key, &raw, &errors))
         }
+        VisitorRefusal::TemplateGone => {
+            message(status, "This form is not available", &["Ask your agent in the chat to send the form again."])
+        }
+        VisitorRefusal::Unavailable => try_again_shortly("The form cannot be used right now"),
     }
 }
 
