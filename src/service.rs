@@ -40,6 +40,8 @@ pub enum TaskError {
     Kafka(#[from] KafkaError),
     #[error(transparent)]
     Http(#[from] crate::http::HttpError),
+    #[error(transparent)]
+    Readiness(#[from] crate::ops::readiness::ReadinessError),
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::config::SiteConfig;
+use super::site::SiteConfig;
 use crate::domain::otk::{OtkSecret, Purpose};
 use crate::domain::policy::pci_gaps;
 use crate::events::{Event, EventHeader, EventKind, FormIssued, FormRejected, FormSent, derived_event_id};
@@ -138,7 +138,7 @@ pub fn decide(sites: &BTreeMap<String, SiteConfig>, input: &IssueInput<'_>) -> E
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{PciPolicy, Profile};
+    use crate::domain::site::{PciPolicy, Profile};
     use crate::domain::template::{QuestionKind, QuestionSpec, Template};
 
     fn compliant() -> PciPolicy {

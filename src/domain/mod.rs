@@ -7,6 +7,7 @@ pub mod issue;
 pub mod otk;
 pub mod policy;
 pub mod retention;
+pub mod site;
 pub mod template;
 pub mod validate;
 pub mod visitor;

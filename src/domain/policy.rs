@@ -1,7 +1,7 @@
 //! The PCI account policy gate: a site whose login policy does not meet the seed's settings cannot
 //! send secure forms.
 
-use crate::config::PciPolicy;
+use super::site::PciPolicy;
 
 pub const MIN_PASSWORD_LENGTH: u32 = 7;
 pub const MAX_FAILED_LOGINS: u32 = 3;

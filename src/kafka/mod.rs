@@ -30,6 +30,8 @@ pub enum KafkaError {
     Codec(#[from] crate::events::CodecError),
     #[error("topic {topic}: {message}")]
     Topic { topic: String, message: String },
+    #[error("topic {0} does not exist; run `secureforms topics apply`")]
+    NoSuchTopic(String),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
 }

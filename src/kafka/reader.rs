@@ -22,10 +22,7 @@ pub fn read_to_end(settings: &KafkaSettings, topic: Topic) -> Result<Vec<OwnedMe
     let md = consumer.fetch_metadata(Some(&name), ADMIN_TIMEOUT).map_err(|e| settings.client_error(e))?;
     let partitions = md.topics().first().filter(|t| t.error().is_none()).map(|t| t.partitions().len()).unwrap_or(0);
     if partitions == 0 {
-        return Err(KafkaError::Topic {
-            topic: name,
-            message: "does not exist; run `secureforms topics apply`".into(),
-        });
+        return Err(KafkaError::NoSuchTopic(name));
     }
     let mut remaining = BTreeMap::new();
     let mut tpl = TopicPartitionList::new();

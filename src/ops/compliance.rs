@@ -68,7 +68,7 @@ pub struct ComplianceReport {
 /// Key metadata from the keys topic; a deployment that never ran has no keys topic, and no keys.
 pub fn read_keys(kafka: &KafkaSettings) -> Result<Vec<KeyMeta>, crate::kafka::KafkaError> {
     match read_key_metadata(kafka) {
-        Err(crate::kafka::KafkaError::Topic { message, .. }) if message.starts_with("does not exist") => Ok(Vec::new()),
+        Err(crate::kafka::KafkaError::NoSuchTopic(_)) => Ok(Vec::new()),
         other => other,
     }
 }

@@ -66,16 +66,23 @@ fn node_topics(node: &Node) -> Vec<Topic> {
     topics
 }
 
-async fn read_marks(node: &Arc<Node>) -> Result<Watermarks, KafkaError> {
+/// Why the readiness task stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadinessError {
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    #[error("reading the watermarks stopped unexpectedly: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+async fn read_marks(node: &Arc<Node>) -> Result<Watermarks, ReadinessError> {
     let (kafka, topics) = (node.kafka.clone(), node_topics(node));
-    tokio::task::spawn_blocking(move || watermarks(&kafka, &topics))
-        .await
-        .map_err(|e| KafkaError::Topic { topic: "watermarks".into(), message: e.to_string() })?
+    Ok(tokio::task::spawn_blocking(move || watermarks(&kafka, &topics)).await??)
 }
 
 /// Marks the node ready once caught up with the watermarks read at start, then keeps lag gauges
 /// current until `stop`.
-pub async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) -> Result<(), KafkaError> {
+pub async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) -> Result<(), ReadinessError> {
     let start_marks = loop {
         match read_marks(&node).await {
             Ok(m) => break m,
