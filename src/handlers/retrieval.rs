@@ -2,13 +2,89 @@
 //! spent, and each form's submit key (to name the misuse when one is used to retrieve). Fed by
 //! FormReady and FormRetrieved (agent-events) and FormOpened (submissions).
 
+use serde::{Deserialize, Serialize};
+
 use crate::domain::otk::{OtkSecret, Purpose};
 use crate::events::Event;
 use crate::kafka::{ApplyError, Handler, RecordMeta};
-use crate::store::Tx;
+use crate::store::{Store, StoreError, Tx};
 use crate::topics::Topic;
-use crate::vault::detokenize::{RetrieveKeyState, retrieval_trees as trees};
 use crate::vault::record::submission_key;
+
+/// The retrieve key state the retrieval projection keeps per submission (from FormReady).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetrieveKeyState {
+    pub key_hash: String,
+    pub expires_at: i64,
+    pub agent_id: String,
+    pub form_id: String,
+    pub site_id: String,
+    pub conversation_id: String,
+    /// The agent session the key is bound to, if any (fresh keys).
+    #[serde(default)]
+    pub session_id: Option<String>,
+}
+
+/// Trees of the retrieval projection (`<data_dir>/state/retrieval`).
+pub mod trees {
+    /// submission UUID (16 bytes) -> [`super::RetrieveKeyState`] (JSON).
+    pub const KEYS: &str = "retrieval.keys";
+    /// retrieve key hash -> empty: keys already used (from FormRetrieved granted).
+    pub const SPENT: &str = "retrieval.spent";
+    /// `site \0 form` -> submit key hash (from FormOpened): to tell a submit key used to retrieve.
+    pub const SUBMIT_KEYS: &str = "retrieval.submit_keys";
+    /// `submission UUID (16 bytes) key hash` -> empty: every retrieve key issued for a submission, so
+    /// a fresh key is given only to a caller who holds one of them (not to a token alone).
+    pub const ISSUED: &str = "retrieval.issued";
+}
+
+/// The projection's read side. Errors are errors: an unreadable store is never "no key".
+#[derive(Clone)]
+pub struct RetrievalView {
+    store: Store,
+}
+
+impl RetrievalView {
+    pub fn new(store: Store) -> RetrievalView {
+        RetrievalView { store }
+    }
+
+    /// The retrieve key in force for a submission.
+    pub fn key_state(&self, submission: &uuid::Uuid) -> Result<Option<RetrieveKeyState>, StoreError> {
+        match self.store.tree(trees::KEYS)?.get(submission_key(submission))? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt { tree: trees::KEYS.to_string(), detail: e.to_string() }),
+        }
+    }
+
+    /// Whether a granted retrieval used the key with this hash (FormRetrieved seen).
+    pub fn is_spent(&self, key_hash: &str) -> Result<bool, StoreError> {
+        Ok(self.store.tree(trees::SPENT)?.contains_key(key_hash.as_bytes())?)
+    }
+
+    /// The hash of a form's submit key, to name a submit key used to retrieve.
+    pub fn submit_key_hash(&self, site: &str, form: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .store
+            .tree(trees::SUBMIT_KEYS)?
+            .get(crate::handlers::issuer::form_key(site, form))?
+            .map(|h| String::from_utf8_lossy(&h).into_owned()))
+    }
+
+    /// Whether a retrieve key with this hash was ever issued for the submission.
+    pub fn was_issued(&self, submission: &uuid::Uuid, key_hash: &str) -> Result<bool, StoreError> {
+        let mut k = submission_key(submission).to_vec();
+        k.extend_from_slice(key_hash.as_bytes());
+        Ok(self.store.tree(trees::ISSUED)?.contains_key(k)?)
+    }
+
+    /// How many submissions have a retrieve key.
+    pub fn known_keys(&self) -> Result<usize, StoreError> {
+        Ok(self.store.tree(trees::KEYS)?.len())
+    }
+}
 
 #[derive(Default)]
 pub struct RetrievalProjection;
@@ -59,9 +135,7 @@ impl Handler for RetrievalProjection {
                 Ok(vec![])
             }
             Event::FormOpened(o) => {
-                let mut k = o.header.site_id.as_bytes().to_vec();
-                k.push(0);
-                k.extend_from_slice(o.form_id.as_bytes());
+                let k = crate::handlers::issuer::form_key(&o.header.site_id, &o.form_id);
                 tx.insert(trees::SUBMIT_KEYS, k, o.submit_key_hash.as_bytes().to_vec());
                 Ok(vec![])
             }

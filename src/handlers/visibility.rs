@@ -76,6 +76,22 @@ impl VisibilityView {
         Ok(self.store.tree(trees::ENDED_SESSIONS)?.contains_key(form_key(site, session))?)
     }
 
+    /// Whether the projection knows a conversation.
+    pub fn knows_conversation(&self, site: &str, conversation: &str) -> Result<bool, StoreError> {
+        Ok(self.store.tree(trees::CONVERSATIONS)?.contains_key(conversation_key(site, conversation))?)
+    }
+
+    /// The conversations the chat bus tagged with a visitor reference (FormSent v2), for erasure.
+    pub fn visitor_conversations(&self, site: &str, visitor_ref: &str) -> Result<Vec<String>, StoreError> {
+        let prefix = visitor_prefix(site, visitor_ref);
+        let mut out = Vec::new();
+        for row in self.store.tree(trees::VISITOR_REFS)?.scan_prefix(&prefix) {
+            let (k, _) = row?;
+            out.push(String::from_utf8_lossy(&k[prefix.len()..]).to_string());
+        }
+        Ok(out)
+    }
+
     /// A conversation's submissions (for history), in key order.
     pub fn submissions_in(&self, site: &str, conversation: &str) -> Result<Vec<uuid::Uuid>, StoreError> {
         let mut prefix = conversation_key(site, conversation);

@@ -13,10 +13,9 @@ use serde::Serialize;
 use super::purge::{OpsError, wait_applied};
 use crate::domain::retention::format_ms;
 use crate::events::{Event, EventHeader, EventKind, SubmissionPurged};
-use crate::handlers::visibility::{conversation_key, trees as vis, visitor_prefix};
+use crate::handlers::visibility::VisibilityView;
 use crate::node::Node;
-use crate::vault::record::conversation_prefix;
-use crate::vault::trees;
+use crate::vault::VaultView;
 
 /// Whose data to erase.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,19 +42,15 @@ pub struct EraseReport {
 
 /// The (site, conversation) pairs a target names, from the visibility projection.
 fn conversations(node: &Node, target: &EraseTarget) -> Result<Vec<(String, String)>, OpsError> {
-    let known = node.visibility.tree(vis::CONVERSATIONS)?;
-    let in_vault = |site: &str, conv: &str| -> Result<bool, OpsError> {
-        Ok(node.vault.tree(trees::BY_CONVERSATION)?.scan_prefix(conversation_prefix(site, conv)).next().is_some())
-    };
+    let known = VisibilityView::new(node.visibility.clone());
+    let vault = VaultView::new(node.vault.clone());
     match target {
         EraseTarget::Conversation { site: Some(site), conversation } => Ok(vec![(site.clone(), conversation.clone())]),
         EraseTarget::Conversation { site: None, conversation } => {
             let sites = super::purge::sites_with_data(node)?;
             let mut out = Vec::new();
             for site in sites {
-                if known.contains_key(conversation_key(&site, conversation)).map_err(crate::store::StoreError::from)?
-                    || in_vault(&site, conversation)?
-                {
+                if known.knows_conversation(&site, conversation)? || vault.has_conversation(&site, conversation)? {
                     out.push((site, conversation.clone()));
                 }
             }
@@ -67,12 +62,8 @@ fn conversations(node: &Node, target: &EraseTarget) -> Result<Vec<(String, Strin
             Ok(out)
         }
         EraseTarget::Visitor { site, visitor_ref } => {
-            let prefix = visitor_prefix(site, visitor_ref);
-            let mut out = Vec::new();
-            for row in node.visibility.tree(vis::VISITOR_REFS)?.scan_prefix(&prefix) {
-                let (k, _) = row.map_err(crate::store::StoreError::from)?;
-                out.push((site.clone(), String::from_utf8_lossy(&k[prefix.len()..]).to_string()));
-            }
+            let out: Vec<(String, String)> =
+                known.visitor_conversations(site, visitor_ref)?.into_iter().map(|c| (site.clone(), c)).collect();
             if out.is_empty() {
                 return Err(OpsError::Invalid(format!(
                     "site {site:?} has no conversation tagged with visitor reference {visitor_ref:?} (the chat bus sets visitor_ref on FormSent v2); \
@@ -90,14 +81,7 @@ pub async fn erase(node: &Node, target: &EraseTarget) -> Result<EraseReport, Ops
     let mut report = EraseReport { at: format_ms(now), conversations: Vec::new() };
     let mut all = Vec::new();
     for (site, conversation) in conversations(node, target)? {
-        let prefix = conversation_prefix(&site, &conversation);
-        let mut ids = Vec::new();
-        for row in node.vault.tree(trees::BY_CONVERSATION)?.scan_prefix(&prefix) {
-            let (k, _) = row.map_err(crate::store::StoreError::from)?;
-            if let Ok(id) = uuid::Uuid::from_slice(&k[prefix.len()..]) {
-                ids.push(id);
-            }
-        }
+        let ids = VaultView::new(node.vault.clone()).submissions_in(&site, &conversation)?;
         let event_id = uuid::Uuid::new_v4();
         let event = Event::SubmissionPurged(SubmissionPurged {
             header: EventHeader::new(

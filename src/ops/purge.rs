@@ -19,13 +19,12 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::config::DEFAULT_RETENTION_MONTHS;
-use crate::domain::retention::{format_ms, is_expired, period_expired, scan_bound};
+use crate::domain::retention::{format_ms, period_expired};
 use crate::events::{DataKeyDestroyed, Event, EventHeader, EventKind, SubmissionPurged};
 use crate::kafka::KafkaError;
 use crate::node::Node;
 use crate::store::StoreError;
-use crate::vault::record::{parse_time_key, submission_key, time_bound, time_prefix};
-use crate::vault::trees;
+use crate::vault::VaultView;
 
 /// How far past the node's clock a purge may be dated (clock skew between hosts).
 const FUTURE_TOLERANCE_MS: i64 = 5 * 60 * 1000;
@@ -77,14 +76,7 @@ impl PurgeReport {
 pub(crate) fn sites_with_data(node: &Node) -> Result<Vec<String>, StoreError> {
     let mut sites: std::collections::BTreeSet<String> = node.settings.sites.keys().cloned().collect();
     sites.extend(node.ring.list().into_iter().filter(|k| k.state == "active").map(|k| k.site));
-    let index = node.vault.tree(trees::BY_TIME)?;
-    let mut from: Vec<u8> = Vec::new();
-    while let Some((k, _)) = index.range(from.clone()..).next().transpose()? {
-        let Some(zero) = k.iter().position(|&b| b == 0) else { break };
-        sites.insert(String::from_utf8_lossy(&k[..zero]).to_string());
-        from = k[..zero].to_vec();
-        from.push(1);
-    }
+    sites.extend(VaultView::new(node.vault.clone()).sites()?);
     Ok(sites.into_iter().collect())
 }
 
@@ -92,25 +84,14 @@ fn retention_of(node: &Node, site: &str) -> u32 {
     node.settings.sites.get(site).map(|c| c.retention_months).unwrap_or(DEFAULT_RETENTION_MONTHS)
 }
 
-/// Expired submission ids of a site, oldest first: one range scan of the retention index that
-/// reads the expired entries (and at most 3 days of not-yet-expired ones), whatever the vault's size.
+/// Expired submission ids of a site, oldest first (see [`VaultView::expired`]).
 pub fn expired(
     vault: &crate::store::Store,
     site: &str,
     months: u32,
     as_of: i64,
 ) -> Result<Vec<uuid::Uuid>, StoreError> {
-    let index = vault.tree(trees::BY_TIME)?;
-    let mut out = Vec::new();
-    for row in index.range(time_prefix(site)..time_bound(site, scan_bound(as_of, months))) {
-        let (k, _) = row?;
-        if let Some((_, at, id)) = parse_time_key(&k)
-            && is_expired(at, months, as_of)
-        {
-            out.push(id);
-        }
-    }
-    Ok(out)
+    VaultView::new(vault.clone()).expired(site, months, as_of)
 }
 
 fn receipt_id(site: &str, reason: &str, ids: &[uuid::Uuid], keys: &[String]) -> uuid::Uuid {
@@ -216,10 +197,11 @@ pub async fn purge(node: &Node, as_of: i64, dry_run: bool) -> Result<PurgeReport
 /// Waits until this node's vault no longer holds `ids` and its key ring has destroyed `keys`.
 pub async fn wait_applied(node: &Node, ids: &[uuid::Uuid], keys: &[String], timeout: Duration) -> Result<(), OpsError> {
     let deadline = std::time::Instant::now() + timeout;
-    let vault = node.vault.tree(trees::SUBMISSIONS)?;
+    let vault = VaultView::new(node.vault.clone());
     let mut pending: Vec<uuid::Uuid> = ids.to_vec();
     loop {
-        pending.retain(|id| vault.contains_key(submission_key(id)).unwrap_or(true));
+        // A store that cannot be read keeps the submission pending: never reported as purged.
+        pending.retain(|id| vault.holds(id).unwrap_or(true));
         let keys_left =
             keys.iter().filter(|k| !matches!(node.ring.get(k), Err(crate::crypto::KeyError::Destroyed(_)))).count();
         if pending.is_empty() && keys_left == 0 {

@@ -5,10 +5,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use dashmap::DashSet;
-use serde::{Deserialize, Serialize};
 
 use crate::crypto::{KeyError, KeyRing, Recipient, answer_ad, answer_ad_bound};
 use crate::domain::otk::{OtkSecret, Purpose};
+use crate::handlers::retrieval::RetrievalView;
+pub use crate::handlers::retrieval::RetrieveKeyState;
 use crate::store::{Store, StoreError};
 use crate::vault::offrecord::{OffRecord, OffRecordStore, Secret};
 use crate::vault::record::{VaultRecord, submission_key};
@@ -68,33 +69,6 @@ impl From<Refusal> for DetokenizeError {
     fn from(r: Refusal) -> Self {
         DetokenizeError::Refused(r)
     }
-}
-
-/// The retrieve key state the retrieval projection keeps per submission (from FormReady).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RetrieveKeyState {
-    pub key_hash: String,
-    pub expires_at: i64,
-    pub agent_id: String,
-    pub form_id: String,
-    pub site_id: String,
-    pub conversation_id: String,
-    /// The agent session the key is bound to, if any (fresh keys).
-    #[serde(default)]
-    pub session_id: Option<String>,
-}
-
-/// Trees of the retrieval projection (`<data_dir>/state/retrieval`).
-pub mod retrieval_trees {
-    /// submission UUID (16 bytes) -> [`super::RetrieveKeyState`] (JSON).
-    pub const KEYS: &str = "retrieval.keys";
-    /// retrieve key hash -> empty: keys already used (from FormRetrieved granted).
-    pub const SPENT: &str = "retrieval.spent";
-    /// `site \0 form` -> submit key hash (from FormOpened): to tell a submit key used to retrieve.
-    pub const SUBMIT_KEYS: &str = "retrieval.submit_keys";
-    /// `submission UUID (16 bytes) key hash` -> empty: every retrieve key issued for a submission, so
-    /// a fresh key is given only to a caller who holds one of them (not to a token alone).
-    pub const ISSUED: &str = "retrieval.issued";
 }
 
 #[derive(Debug)]
@@ -159,21 +133,11 @@ impl Detokenizer {
         }
         let key = OtkSecret::parse(presented_key).ok_or(Refusal::InvalidKey)?;
         let submission = submission_id.to_string();
-        let state: Option<RetrieveKeyState> = self
-            .retrieval
-            .tree(retrieval_trees::KEYS)?
-            .get(submission_key(&submission_id))
-            .map_err(StoreError::from)?
-            .map(|v| serde_json::from_slice(&v))
-            .transpose()
-            .map_err(|e| DetokenizeError::Corrupt(submission.clone(), e.to_string()))?;
+        let retrieval = RetrievalView::new(self.retrieval.clone());
+        let state = retrieval.key_state(&submission_id)?;
         let Some(state) = state.filter(|s| key.verify(&s.key_hash, Purpose::Retrieve, site_id, &submission)) else {
-            let mut form_key = site_id.as_bytes().to_vec();
-            form_key.push(0);
-            form_key.extend_from_slice(record.form_id.as_bytes());
-            let submit = self.retrieval.tree(retrieval_trees::SUBMIT_KEYS)?.get(form_key).map_err(StoreError::from)?;
-            if let Some(h) = submit
-                && key.verify(&String::from_utf8_lossy(&h), Purpose::Submit, site_id, &record.form_id)
+            if let Some(h) = retrieval.submit_key_hash(site_id, &record.form_id)?
+                && key.verify(&h, Purpose::Submit, site_id, &record.form_id)
             {
                 return Err(Refusal::WrongPurpose.into());
             }
@@ -187,11 +151,10 @@ impl Detokenizer {
         {
             return Err(Refusal::WrongSession.into());
         }
-        let spent_tree = self.retrieval.tree(retrieval_trees::SPENT)?;
+        // The one place that decides whether a key is spent: this node's audit log (spent here,
+        // durably), the projection (spent anywhere, FormRetrieved seen), and this node's in-flight set.
         let spent_here_before = self.audit.as_ref().is_some_and(|a| a.is_spent(&state.key_hash));
-        if spent_here_before
-            || spent_tree.contains_key(state.key_hash.as_bytes()).map_err(StoreError::from)?
-            || !self.spent_here.insert(state.key_hash.clone())
+        if spent_here_before || retrieval.is_spent(&state.key_hash)? || !self.spent_here.insert(state.key_hash.clone())
         {
             return Err(Refusal::KeySpent.into());
         }
@@ -271,25 +234,18 @@ impl Detokenizer {
         presented: &str,
     ) -> Result<bool, DetokenizeError> {
         let Some(key) = OtkSecret::parse(presented) else { return Ok(false) };
-        let mut k = submission_key(submission_id).to_vec();
-        k.extend_from_slice(key.hash(Purpose::Retrieve, site_id, &submission_id.to_string()).as_bytes());
-        Ok(self.retrieval.tree(retrieval_trees::ISSUED)?.contains_key(k).map_err(StoreError::from)?)
+        let hash = key.hash(Purpose::Retrieve, site_id, &submission_id.to_string());
+        Ok(RetrievalView::new(self.retrieval.clone()).was_issued(submission_id, &hash)?)
     }
 
     /// The session the submission's newest retrieve key is bound to, if any (fresh keys are).
     pub fn key_session(&self, submission_id: &uuid::Uuid) -> Result<Option<String>, DetokenizeError> {
-        let raw =
-            self.retrieval.tree(retrieval_trees::KEYS)?.get(submission_key(submission_id)).map_err(StoreError::from)?;
-        let state = raw
-            .map(|v| serde_json::from_slice::<RetrieveKeyState>(&v))
-            .transpose()
-            .map_err(|e| DetokenizeError::Corrupt(submission_id.to_string(), e.to_string()))?;
-        Ok(state.and_then(|s| s.session_id))
+        Ok(RetrievalView::new(self.retrieval.clone()).key_state(submission_id)?.and_then(|s| s.session_id))
     }
 
     /// How many submissions have a retrieve key in the projection.
     pub fn known_keys(&self) -> usize {
-        self.retrieval.tree(retrieval_trees::KEYS).map(|t| t.len()).unwrap_or(0)
+        RetrievalView::new(self.retrieval.clone()).known_keys().unwrap_or(0)
     }
 
     /// The record, or why there is none: purged (retention or erasure) or never known.

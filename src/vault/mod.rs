@@ -5,11 +5,16 @@
 //! - [`record`]: what the vault stores for a submission; a pure function of the FormSubmitted, so a
 //!   rebuild by replay yields byte-identical contents.
 //! - [`detokenize`]: given a UUID and a retrieve key, the answers, or a typed refusal.
+//! - [`VaultView`]: the read side of the vault's trees for everything else (purge, erasure): which
+//!   submissions it holds, by time and by conversation. Its errors are errors, never "none".
 
 pub mod detokenize;
 pub mod offrecord;
 pub mod record;
 pub mod seal;
+mod view;
+
+pub use view::VaultView;
 
 /// sled trees of the vault store (`<data_dir>/vault`).
 pub mod trees {
