@@ -4,12 +4,10 @@
 //!
 //! # Layout
 //!
-//! Roughly from the ground up. No file imports one that imports it back (no import circles); one
-//! layering exception remains: the domain's issuing rules read the site settings type from
-//! [`config`], which holds the domain's template type.
+//! From the ground up. No file imports one that imports it back (no import circles).
 //!
-//! - [`domain`]: the pure core (form issuing, one-time keys, access rules, PCI policy, templates).
-//!   No I/O; its checks return what they checked.
+//! - [`domain`]: the pure core (form issuing, one-time keys, access rules, sites, PCI policy,
+//!   templates). No I/O, no configuration types; its checks return what they checked.
 //! - [`events`]: the Avro event contract (`schemas/`) and its single-object codec.
 //! - [`topics`]: topics as code (`topics/`), the broker kinds, and the pure drift check.
 //! - [`clock`], [`store`] (sled: state, consumed offsets and outbox in atomic batches), [`metrics`],
@@ -23,12 +21,13 @@
 //!   tamper-evident chain of FormRetrieved records and its verification.
 //! - [`vault`]: sealing at the edge, vault records, off-the-record memory, detokenizing.
 //! - [`handlers`]: event handlers on that runtime, one per file. Each owns its sled trees and offers
-//!   a typed read view (e.g. [`handlers::visibility::VisibilityView`],
-//!   [`handlers::gateway::GatewayView`]) whose errors are errors, never "not found".
+//!   a typed read view ([`handlers::visibility::VisibilityView`], [`handlers::gateway::GatewayView`],
+//!   [`handlers::retrieval::RetrievalView`]; the vault's is [`vault::VaultView`]) whose errors are
+//!   errors, never "not found".
 //! - [`node`]: the node context request handlers share, and [`node::Node::submit`].
-//! - [`app`]: the use cases, one function each, with one refusal type ([`app::Refusal`]) that sets
-//!   the HTTP status and the audit reason. The agent's are here; the visitor's still live in
-//!   [`http::visitor`].
+//! - [`app`]: the use cases, one function each: the agent's ([`app::agent`], refusals in
+//!   [`app::Refusal`], which sets the HTTP status and the audit reason) and the visitor's
+//!   ([`app::visitor`], [`app::visitor::VisitorRefusal`]). Purge and erasure are in [`ops`].
 //! - [`http`]: the visitor gateway and agent API (axum): admit, parse, call, render;
 //!   [`http::listener`] binds and serves them, answering 503 until the node has started.
 //! - [`broker`]: the embedded default broker process for a single machine, and its supervisor.
