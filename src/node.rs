@@ -52,8 +52,10 @@ pub struct Node {
     pub vault: Store,
     /// The gateway projection's store (form key state).
     pub gateway: Store,
-    /// The visibility projection's store (senders, live conversations, ended sessions).
+    /// The visibility projection's store (senders, live conversations).
     pub visibility: Store,
+    /// The sessions projection's store (ended agent sessions, all of them on every node).
+    pub sessions: Store,
     /// Audit events recorded on this node, relayed to Kafka.
     pub audit: Arc<crate::audit::AuditLog>,
     pub clock: Clock,
@@ -68,6 +70,8 @@ pub struct Node {
 #[derive(Clone)]
 pub struct HandlerInfo {
     pub name: &'static str,
+    /// Its consumer group (shared, or this node's own: see `kafka::runtime::Scope`).
+    pub group: String,
     pub topics: Vec<crate::topics::Topic>,
     pub store: Store,
 }

@@ -22,6 +22,7 @@ use crate::handlers::gateway::GatewayProjection;
 use crate::handlers::issuer::Issuer;
 use crate::handlers::keys::{KeysHandler, load_ring};
 use crate::handlers::retrieval::RetrievalProjection;
+use crate::handlers::sessions::SessionsProjection;
 use crate::handlers::tokenizer::Tokenizer;
 use crate::handlers::visibility::VisibilityProjection;
 use crate::kafka::admin::Admin;
@@ -79,6 +80,7 @@ pub fn kafka_settings(settings: &Settings, brokers: String, client: &str) -> Kaf
         names: TopicNames::new(settings.topic_prefix.clone()),
         group_prefix: settings.group_prefix.clone(),
         client_id: format!("secureforms-{}-{client}", settings.node_id),
+        node_id: settings.node_id.clone(),
         max_batch: settings.max_batch,
         properties: {
             let mut p = settings.kafka_properties.clone();
@@ -198,7 +200,7 @@ pub struct Service {
 }
 
 /// Every consumer a full node runs, in the order a replay of everything rebuilds them.
-pub const ALL_HANDLERS: [&str; 6] = ["keys", "issuer", "tokenizer", "retrieval", "gateway", "visibility"];
+pub const ALL_HANDLERS: [&str; 7] = ["keys", "issuer", "tokenizer", "retrieval", "gateway", "visibility", "sessions"];
 
 /// Which parts of a node to start.
 #[derive(Debug, Clone)]
@@ -312,8 +314,12 @@ impl Service {
         let keys_handler = KeysHandler::new(ring.clone());
         let issuer = Issuer::new(sites.clone(), settings.public_url.clone());
         let tokenizer = Tokenizer::new(sites, ring.clone(), metrics.clone());
-        let info =
-            |h: &dyn Handler| HandlerInfo { name: h.name(), topics: h.topics(), store: stores[h.name()].clone() };
+        let info = |h: &dyn Handler| HandlerInfo {
+            name: h.name(),
+            group: kafka.handler_group(h.name(), h.scope()),
+            topics: h.topics(),
+            store: stores[h.name()].clone(),
+        };
         let running: Vec<HandlerInfo> = [
             info(&keys_handler),
             info(&issuer),
@@ -321,6 +327,7 @@ impl Service {
             info(&RetrievalProjection),
             info(&GatewayProjection),
             info(&VisibilityProjection),
+            info(&SessionsProjection),
         ]
         .into_iter()
         .filter(|h| options.runs(h.name))
@@ -335,6 +342,7 @@ impl Service {
             vault: stores["tokenizer"].clone(),
             gateway: stores["gateway"].clone(),
             visibility: stores["visibility"].clone(),
+            sessions: stores["sessions"].clone(),
             audit,
             clock,
             metrics,
@@ -366,6 +374,9 @@ impl Service {
         }
         if options.runs("visibility") {
             service.spawn(VisibilityProjection, &stores["visibility"], &stop_rx);
+        }
+        if options.runs("sessions") {
+            service.spawn(SessionsProjection, &stores["sessions"], &stop_rx);
         }
         {
             let (node, stop) = (node.clone(), stop_rx.clone());

@@ -165,6 +165,7 @@ async fn canaries_appear_nowhere_but_come_back_to_the_agent() {
     assert!(scanned > 100_000, "scanned the broker's and the vault's files ({scanned} bytes)");
     let log = log.lock().unwrap().clone();
     assert!(log.len() > 1000, "logs were captured");
+    assert!(find(&log, b" sled::").is_some(), "the libraries' log records (sled's, at trace) are captured too");
     for (name, canary) in canaries.into_iter().chain([("cvv", cvv.as_str())]) {
         for form in forms_of(canary) {
             if let Some(at) = find(&log, &form) {

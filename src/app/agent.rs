@@ -11,6 +11,7 @@ use super::Refusal;
 use crate::domain::access::{MANAGER_ROLE, Requester, SubmissionOwner, may_retrieve, may_view_responses_in_history};
 use crate::domain::otk::OtkSecret;
 use crate::events::{Event, EventHeader, EventKind, FormReady, FormRetrieved};
+use crate::handlers::sessions::SessionsView;
 use crate::handlers::visibility::VisibilityView;
 use crate::node::Node;
 use crate::vault::detokenize::{DetokenizeError, Retrieved};
@@ -192,7 +193,7 @@ pub async fn fresh_key(
         None => view.sent_from_session(&owner.site_id, &owner.form_id)?,
     };
     if let Some(bound) = bound.filter(|b| b != agent.session)
-        && !view.session_ended(&owner.site_id, &bound)?
+        && !SessionsView::new(node.sessions.clone()).ended(&owner.site_id, &bound)?
     {
         return Err(Refusal::SessionStillOpen);
     }

@@ -64,6 +64,11 @@ impl Handler for KeysHandler {
         vec![Topic::Keys]
     }
 
+    /// Every node needs every data key: a submission or retrieval on any node may use any key.
+    fn scope(&self) -> crate::kafka::runtime::Scope {
+        crate::kafka::runtime::Scope::EveryNode
+    }
+
     fn apply(
         &mut self,
         tx: &mut Tx<'_>,

@@ -5,6 +5,7 @@ pub mod gateway;
 pub mod issuer;
 pub mod keys;
 pub mod retrieval;
+pub mod sessions;
 pub mod tokenizer;
 pub mod visibility;
 

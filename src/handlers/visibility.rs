@@ -1,6 +1,6 @@
 //! The visibility projection: who sent each form and in which conversation, which conversations are
-//! live (and who holds them after transfers), which agent sessions ended, and which submissions
-//! belong to each conversation. Fed by the chat bus's events and FormSubmitted.
+//! live (and who holds them after transfers), and which submissions belong to each conversation.
+//! (Ended agent sessions are the sessions projection's: every node needs them whole.) Fed by the chat bus's events and FormSubmitted.
 
 use crate::events::Event;
 use crate::handlers::issuer::form_key;
@@ -15,8 +15,6 @@ pub mod trees {
     pub const SUBMISSIONS: &str = "vis.submissions";
     /// `site \0 conversation \0 submission` -> empty: a conversation's submissions, for history.
     pub const BY_CONVERSATION: &str = "vis.by_conversation";
-    /// `site \0 session` -> empty: sessions the chat bus ended (logout, idle logout).
-    pub const ENDED_SESSIONS: &str = "vis.ended_sessions";
     /// `site \0 visitor_ref \0 conversation` -> empty: a visitor's conversations (FormSent v2), for
     /// erasure on request.
     pub const VISITOR_REFS: &str = "vis.visitor_refs";
@@ -69,11 +67,6 @@ impl VisibilityView {
     /// A conversation's state (live, current agent).
     pub fn conversation(&self, site: &str, conversation: &str) -> Result<Option<Conversation>, StoreError> {
         self.json(trees::CONVERSATIONS, &conversation_key(site, conversation))
-    }
-
-    /// Whether the chat bus ended an agent session.
-    pub fn session_ended(&self, site: &str, session: &str) -> Result<bool, StoreError> {
-        Ok(self.store.tree(trees::ENDED_SESSIONS)?.contains_key(form_key(site, session))?)
     }
 
     /// Whether the projection knows a conversation.
@@ -173,9 +166,6 @@ impl Handler for VisibilityProjection {
                 c.live = false;
                 tx.insert_json(trees::CONVERSATIONS, ckey, &c);
             }
-            Event::AgentSessionEnded(e) => {
-                tx.insert(trees::ENDED_SESSIONS, form_key(&h.site_id, &e.session_id), Vec::new());
-            }
             Event::FormSubmitted(s) => {
                 let Ok(id) = uuid::Uuid::parse_str(&s.submission_id) else { return Ok(vec![]) };
                 if tx.get(trees::PURGED, id.as_bytes())?.is_some() {
@@ -234,8 +224,7 @@ impl Handler for VisibilityProjection {
 mod tests {
     use super::*;
     use crate::events::{
-        AgentSessionEnded, ConversationClosed, ConversationTransferred, EventKind, FormSent, FormSubmitted,
-        SubmissionPurged,
+        ConversationClosed, ConversationTransferred, EventKind, FormSent, FormSubmitted, SubmissionPurged,
     };
     use crate::handlers::given::{Given, header};
 
@@ -280,7 +269,7 @@ mod tests {
     }
 
     #[test]
-    fn transfers_close_and_session_ends_are_what_the_view_answers() {
+    fn transfers_and_close_are_what_the_view_answers() {
         let mut g = Given::new(VisibilityProjection).given([sent("c1", "f1", "alice", None)]);
         let view = VisibilityView::new(g.store.clone());
         g.when(&Event::ConversationTransferred(ConversationTransferred {
@@ -299,16 +288,6 @@ mod tests {
         }))
         .unwrap();
         assert!(!view.conversation("acme", "c1").unwrap().unwrap().live);
-        assert!(!view.session_ended("acme", "s-1").unwrap());
-        g.when(&Event::AgentSessionEnded(AgentSessionEnded {
-            header: header(EventKind::AgentSessionEnded, "acme", "c1", "c1"),
-            agent_id: "alice".into(),
-            session_id: "s-1".into(),
-            reason: "logout".into(),
-        }))
-        .unwrap();
-        assert!(view.session_ended("acme", "s-1").unwrap());
-        assert!(!view.session_ended("other-site", "s-1").unwrap(), "sessions are per site");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use super::AppState;
 use super::auth::{AgentClaims, AuthFailure};
 use crate::app::agent as app;
 use crate::domain::access::may_view_responses_in_history;
-use crate::handlers::visibility::VisibilityView;
+use crate::handlers::sessions::SessionsView;
 use crate::vault::offrecord::OffRecord;
 
 /// Every error of the agent API.
@@ -106,10 +106,6 @@ fn unavailable() -> Response {
     )
 }
 
-fn visibility(state: &AppState) -> VisibilityView {
-    VisibilityView::new(state.node.visibility.clone())
-}
-
 /// The agent the verified token names, as the use cases take it.
 fn agent(claims: &AgentClaims) -> app::Agent<'_> {
     app::Agent {
@@ -167,7 +163,7 @@ fn now(state: &AppState) -> i64 {
 /// 503: never taken as "still open".
 fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<AgentClaims, Refused> {
     let claims = state.auth.verify(headers, now(state)).map_err(Refused::Auth)?;
-    match visibility(state).session_ended(&claims.site, &claims.sid) {
+    match SessionsView::new(state.node.sessions.clone()).ended(&claims.site, &claims.sid) {
         Ok(false) => Ok(claims),
         Ok(true) => Err(Refused::Auth(AuthFailure::SessionEnded)),
         Err(error) => {

@@ -48,6 +48,8 @@ pub struct KafkaSettings {
     pub names: TopicNames,
     pub group_prefix: String,
     pub client_id: String,
+    /// This node's id (per-node consumer groups).
+    pub node_id: String,
     /// Most records applied in one batch.
     pub max_batch: usize,
     /// librdkafka properties for every client, applied last so they win over the service's own
@@ -90,6 +92,15 @@ impl KafkaSettings {
         format!("{}-{}", self.group_prefix, handler)
     }
 
+    /// A handler's consumer group: shared by the nodes of a deployment, or this node's own for a
+    /// handler every node runs whole.
+    pub fn handler_group(&self, handler: &str, scope: runtime::Scope) -> String {
+        match scope {
+            runtime::Scope::Partitioned => self.group_id(handler),
+            runtime::Scope::EveryNode => format!("{}-{}-node-{}", self.group_prefix, handler, self.node_id),
+        }
+    }
+
     pub fn client_error(&self, e: rdkafka::error::KafkaError) -> KafkaError {
         let protocol = self.properties.get("security.protocol").filter(|p| !p.eq_ignore_ascii_case("plaintext"));
         KafkaError::Client(e, format!("check the brokers ({}) are reachable{}", self.brokers, auth_hint(protocol)))
@@ -103,6 +114,7 @@ impl std::fmt::Debug for KafkaSettings {
             .field("kind", &self.kind)
             .field("group_prefix", &self.group_prefix)
             .field("client_id", &self.client_id)
+            .field("node_id", &self.node_id)
             .field("max_batch", &self.max_batch)
             .field("properties", &self.redacted_properties())
             .finish_non_exhaustive()

@@ -42,11 +42,11 @@ pub fn watermarks(settings: &KafkaSettings, topics: &[Topic]) -> Result<Watermar
 pub fn positions(node: &Node, marks: &Watermarks) -> Result<BTreeMap<(&'static str, String, i32), i64>, KafkaError> {
     let mut out = BTreeMap::new();
     for h in &node.handlers {
-        let group = node.kafka.group_id(h.name);
+        let group = &h.group;
         for t in &h.topics {
             let name = node.kafka.names.name(*t);
             for ((topic, p), (low, _)) in marks.range((name.clone(), i32::MIN)..=(name.clone(), i32::MAX)) {
-                let pos = stored_offset(&h.store, &group, topic, *p)?.unwrap_or(*low).max(*low);
+                let pos = stored_offset(&h.store, group, topic, *p)?.unwrap_or(*low).max(*low);
                 out.insert((h.name, topic.clone(), *p), pos);
             }
         }

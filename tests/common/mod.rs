@@ -3,7 +3,6 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use base64::Engine;
@@ -121,6 +120,7 @@ pub fn kafka(prefix: &str) -> KafkaSettings {
         names: TopicNames::new(prefix),
         group_prefix: prefix.trim_end_matches('.').to_string(),
         client_id: "test".into(),
+        node_id: "test".into(),
         max_batch: 500,
         properties: Default::default(),
     }
@@ -309,29 +309,81 @@ pub fn all_files(dir: &Path) -> Vec<std::path::PathBuf> {
     out
 }
 
-/// Everything any test in this binary logs, at every level.
+/// Everything any test in this binary logs, at every level, including the `log` records of the
+/// libraries (sled's trace logs print byte slices).
+///
+/// The capturing subscriber touches no thread-local: sled logs from its thread-local destructors
+/// when a thread ends, and a formatter that uses a thread-local buffer there (tracing-subscriber's
+/// fmt does) panics after that buffer is gone, which aborts the whole test process.
 pub fn logs() -> &'static Arc<Mutex<Vec<u8>>> {
     static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
     LOGS.get_or_init(|| {
         let buf = Arc::new(Mutex::new(Vec::new()));
-        let writer = buf.clone();
-        let _ = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_writer(move || LogWriter(writer.clone()))
-            .try_init();
+        if tracing::subscriber::set_global_default(Capture { buf: buf.clone(), next_id: Default::default() }).is_ok() {
+            let _ = tracing_log::LogTracer::init();
+        }
         buf
     })
 }
 
-pub struct LogWriter(Arc<Mutex<Vec<u8>>>);
-impl Write for LogWriter {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
+/// A subscriber that writes each event (level, target, fields) and each span's fields as one line.
+struct Capture {
+    buf: Arc<Mutex<Vec<u8>>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+struct Line(String);
+
+impl tracing::field::Visit for Line {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        use std::fmt::Write as _;
+        let _ = write!(self.0, " {}={:?}", field.name(), value);
     }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        use std::fmt::Write as _;
+        let _ = write!(self.0, " {}={}", field.name(), value);
     }
+}
+
+impl Capture {
+    fn write(&self, line: Line) {
+        if let Ok(mut b) = self.buf.lock() {
+            b.extend_from_slice(line.0.as_bytes());
+            b.push(b'\n');
+        }
+    }
+}
+
+impl tracing::Subscriber for Capture {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        Some(tracing::level_filters::LevelFilter::TRACE)
+    }
+    fn new_span(&self, span: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        let mut line = Line(format!("span {} {}", span.metadata().target(), span.metadata().name()));
+        span.record(&mut line);
+        self.write(line);
+        tracing::span::Id::from_u64(self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1)
+    }
+    fn record(&self, _: &tracing::span::Id, values: &tracing::span::Record<'_>) {
+        let mut line = Line("span record".into());
+        values.record(&mut line);
+        self.write(line);
+    }
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        use tracing_log::NormalizeEvent;
+        // A `log` record names its real target (e.g. sled::pagecache) in its normalized metadata.
+        let normalized = event.normalized_metadata();
+        let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
+        let mut line = Line(format!("{} {}", meta.level(), meta.target()));
+        event.record(&mut line);
+        self.write(line);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
 }
 
 /// The canary as raw text, hex (both cases) and base64 at every alignment (standard and URL-safe).

@@ -69,11 +69,26 @@ pub enum ApplyError {
     Store(#[from] StoreError),
 }
 
+/// Which records of its topics a handler applies on a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The partitions the consumer group gives this node (conversation-keyed state: one owner each).
+    Partitioned,
+    /// Every partition, on every node (state every node needs whole: data keys, ended sessions).
+    /// The group is this node's own.
+    EveryNode,
+}
+
 /// A consumer of events: pure apart from the staged writes it makes in `tx`.
 pub trait Handler: Send + 'static {
-    /// Names the consumer group (`<group_prefix>-<name>`) and the offsets in sled.
+    /// Names the consumer group (`<group_prefix>-<name>`, or per node, see [`Scope`]) and the
+    /// offsets in sled.
     fn name(&self) -> &'static str;
     fn topics(&self) -> Vec<Topic>;
+    /// Partitioned by default.
+    fn scope(&self) -> Scope {
+        Scope::Partitioned
+    }
     /// Applies one event. Returns the events it causes, to be produced once the batch is durable.
     /// `now_ms` is the processing time (injected so tests control it).
     fn apply(
@@ -116,7 +131,7 @@ pub async fn run<H: Handler>(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), KafkaError> {
     let RunContext { clock, metrics, shadow, verify_with } = ctx;
-    let group = settings.group_id(handler.name());
+    let group = settings.handler_group(handler.name(), handler.scope());
     // Outputs of batches committed before a crash go out before anything new is read.
     drain_outbox(&store, &producer, &group).await?;
 
