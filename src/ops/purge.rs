@@ -157,10 +157,23 @@ pub async fn purge(node: &Node, as_of: i64, dry_run: bool) -> Result<PurgeReport
                 node.metrics.key_destroyed("retention");
                 tracing::info!(key_id = %key_id, site_id = %site, "data key destroyed (retention); data sealed with it is now unreadable everywhere");
             }
-            let chunks: Vec<&[uuid::Uuid]> =
-                if ids.is_empty() { vec![&[]] } else { ids.chunks(RECEIPT_CHUNK).collect() };
+            // One receipt (or more, in chunks) per conversation, keyed by it: it lands on the
+            // conversation's partition, where whichever node owns that partition applies it.
+            let vault = VaultView::new(node.vault.clone());
+            let mut by_conversation: std::collections::BTreeMap<String, Vec<uuid::Uuid>> = Default::default();
+            for id in &ids {
+                let conversation = vault.conversation_of(id)?.unwrap_or_default();
+                by_conversation.entry(conversation).or_default().push(*id);
+            }
+            let mut chunks: Vec<(&str, &[uuid::Uuid])> = by_conversation
+                .iter()
+                .flat_map(|(c, ids)| ids.chunks(RECEIPT_CHUNK).map(move |chunk| (c.as_str(), chunk)))
+                .collect();
+            if chunks.is_empty() {
+                chunks.push(("", &[]));
+            }
             let last = chunks.len() - 1;
-            for (i, chunk) in chunks.into_iter().enumerate() {
+            for (i, (conversation, chunk)) in chunks.into_iter().enumerate() {
                 let destroyed = if i == last { keys.clone() } else { Vec::new() };
                 let id = receipt_id(&site, "retention", chunk, &destroyed);
                 let event = Event::SubmissionPurged(SubmissionPurged {
@@ -169,7 +182,7 @@ pub async fn purge(node: &Node, as_of: i64, dry_run: bool) -> Result<PurgeReport
                         id,
                         now,
                         &site,
-                        "",
+                        conversation,
                         &format!("retention/{site}"),
                     ),
                     submission_ids: chunk.iter().map(|u| u.to_string()).collect(),

@@ -33,6 +33,16 @@ impl VaultView {
         Ok(out)
     }
 
+    /// The conversation a stored submission belongs to.
+    pub fn conversation_of(&self, submission: &uuid::Uuid) -> Result<Option<String>, StoreError> {
+        match self.store.tree(trees::SUBMISSIONS)?.get(submission_key(submission))? {
+            None => Ok(None),
+            Some(v) => super::record::VaultRecord::decode(&v)
+                .map(|r| Some(r.conversation_id))
+                .map_err(|e| StoreError::Corrupt { tree: trees::SUBMISSIONS.to_string(), detail: e.to_string() }),
+        }
+    }
+
     /// Whether the vault holds anything of a conversation.
     pub fn has_conversation(&self, site: &str, conversation: &str) -> Result<bool, StoreError> {
         Ok(self
