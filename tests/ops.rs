@@ -163,24 +163,34 @@ async fn purge_across_fourteen_months_removes_only_the_expired_destroys_their_ke
     );
     assert_eq!(service.metrics.total("secureforms_submissions_purged_total", &[("reason", "retention")]), 4.0);
 
-    // The receipt and the destruction are events.
+    // The receipts and the destruction are events: one receipt per conversation, keyed by it (so
+    // the node that owns the conversation applies it), together naming exactly the purged.
     let mut r = TopicReader::new(&prefix, Topic::Submissions).await;
-    assert!(
-        r.read_until(WAIT, |rs| rs
-            .iter()
-            .any(|m| matches!(Codec::get().decode(m.payload().unwrap()), Ok(Event::SubmissionPurged(_)))))
-            .await
-    );
+    let purged_count = |rs: &[rdkafka::message::OwnedMessage]| -> i32 {
+        rs.iter()
+            .filter_map(|m| match Codec::get().decode(m.payload().unwrap()) {
+                Ok(Event::SubmissionPurged(p)) => Some(p.count),
+                _ => None,
+            })
+            .sum()
+    };
+    assert!(r.read_until(WAIT, |rs| purged_count(rs) >= 4).await);
     let receipts: Vec<_> = r
         .events()
         .into_iter()
         .filter_map(|e| if let Event::SubmissionPurged(p) = e { Some(p) } else { None })
         .collect();
-    assert_eq!(receipts.len(), 1);
-    assert_eq!((receipts[0].count, receipts[0].reason.as_str(), receipts[0].as_of), (4, "retention", as_of));
-    assert_eq!(receipts[0].destroyed_key_ids, vec!["acme.2025-01.g1".to_string()]);
+    assert_eq!(receipts.len(), 4, "the four expired submissions are in four conversations");
+    for p in &receipts {
+        assert_eq!((p.count, p.reason.as_str(), p.as_of), (1, "retention", as_of));
+        let (_, id, ..) = expired.iter().find(|(_, id, ..)| id.to_string() == p.submission_ids[0]).expect("expired");
+        let conversation = made.iter().position(|(_, m, ..)| m == id).map(|i| format!("conv-{}-{}", i / 2, i % 2));
+        assert_eq!(Some(p.header.conversation_id.clone()), conversation, "keyed by the submission's conversation");
+    }
+    let named: Vec<String> = receipts.iter().flat_map(|p| p.destroyed_key_ids.clone()).collect();
+    assert_eq!(named, vec!["acme.2025-01.g1".to_string()], "the destroyed key is named once, on the last receipt");
     let purged_ids: BTreeSet<String> = expired.iter().map(|(_, id, ..)| id.to_string()).collect();
-    assert_eq!(receipts[0].submission_ids.iter().cloned().collect::<BTreeSet<_>>(), purged_ids);
+    assert_eq!(receipts.iter().flat_map(|p| p.submission_ids.clone()).collect::<BTreeSet<_>>(), purged_ids);
     let ciphertexts: Vec<Vec<u8>> = r
         .events()
         .into_iter()
