@@ -310,8 +310,9 @@ async fn latency(k: &KafkaSettings, dir: &std::path::Path, rate: u32, secs: u64)
     };
     let receiver = async {
         let mut samples = Vec::with_capacity(n);
-        while samples.len() < n {
-            if let Ok(m) = out_reader.recv().await
+        let deadline = Instant::now() + Duration::from_secs(secs + 120);
+        while samples.len() < n && Instant::now() < deadline {
+            if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(1), out_reader.recv()).await
                 && let Some(Ok(Event::FormReady(r))) = m.payload().map(|p| Codec::get().decode(p))
             {
                 let at = Instant::now();
@@ -330,6 +331,9 @@ async fn latency(k: &KafkaSettings, dir: &std::path::Path, rate: u32, secs: u64)
     let ((), samples) = tokio::join!(sender, receiver);
     let _ = stop_tx.send(true);
     task.await??;
+    if samples.len() < n {
+        anyhow::bail!("{} of {n} FormReady arrived in time; check the dead letters", samples.len());
+    }
     Ok(samples)
 }
 
@@ -396,7 +400,8 @@ async fn retrieve_latency(
     let mut ids = Vec::with_capacity(n);
     for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
         let subs = chunk.iter().map(|i| {
-            let (conv, form) = (format!("conv-{}", i % conversations), format!("f-{}", i % conversations));
+            // One form per submission (a form has one submission); 500 conversations.
+            let (conv, form) = (format!("conv-{}", i % conversations), format!("f-{i}"));
             let agent = format!("bench-agent-{}", i % conversations);
             let template = &template;
             let node = &service.node;
@@ -425,8 +430,12 @@ async fn retrieve_latency(
     let k = kafka_settings(&service.settings, brokers.to_string(), "bench");
     let out = reader(&k, &k.names.name(Topic::AgentEvents), Topic::AgentEvents.spec().partitions)?;
     let mut keys: HashMap<String, String> = HashMap::with_capacity(n);
+    let deadline = Instant::now() + Duration::from_secs(120);
     while keys.len() < n {
-        if let Ok(m) = out.recv().await
+        if Instant::now() > deadline {
+            return Err(bench_err(format!("{} of {n} FormReady within 120 s; check the dead letters", keys.len())));
+        }
+        if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(1), out.recv()).await
             && let Some(Ok(Event::FormReady(r))) = m.payload().map(|p| Codec::get().decode(p))
         {
             keys.insert(r.submission_id, r.retrieve_key);
@@ -685,6 +694,9 @@ fn bench_signer() -> std::sync::Arc<secureforms::crypto::mac::EventSigner> {
 struct Args {
     #[command(flatten)]
     global: secureforms::cli::GlobalArgs,
+    /// Passed by `cargo bench` to every bench target; nothing to do with it here.
+    #[arg(long, hide = true)]
+    bench: bool,
     /// Records for the throughput phases.
     #[arg(long, default_value_t = 10_000)]
     records: usize,
