@@ -105,6 +105,12 @@ impl Store {
         Ok(())
     }
 
+    /// A committed JSON value (the read side of [`Tx::insert_json`]). Undecodable is corrupt, an
+    /// error: never "none".
+    pub fn get_json<T: serde::de::DeserializeOwned>(&self, tree: &str, key: &[u8]) -> Result<Option<T>, StoreError> {
+        self.tree(tree)?.get(key)?.map(|bytes| decode_json(tree, &bytes)).transpose()
+    }
+
     /// A monotonic id, unique in this database.
     pub fn generate_id(&self) -> Result<u64, StoreError> {
         Ok(self.db.generate_id()?)
@@ -131,6 +137,10 @@ impl Store {
     }
 }
 
+fn decode_json<T: serde::de::DeserializeOwned>(tree: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt { tree: tree.to_string(), detail: e.to_string() })
+}
+
 /// Staged writes of one batch.
 pub struct Tx<'s> {
     store: &'s Store,
@@ -154,12 +164,7 @@ impl Tx<'_> {
     }
 
     pub fn get_json<T: serde::de::DeserializeOwned>(&self, tree: &str, key: &[u8]) -> Result<Option<T>, StoreError> {
-        match self.get(tree, key)? {
-            None => Ok(None),
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt { tree: tree.to_string(), detail: e.to_string() }),
-        }
+        self.get(tree, key)?.map(|bytes| decode_json(tree, &bytes)).transpose()
     }
 
     pub fn insert_json<T: serde::Serialize>(&mut self, tree: &str, key: impl Into<Vec<u8>>, value: &T) {

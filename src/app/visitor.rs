@@ -171,6 +171,44 @@ pub fn look(
     }
 }
 
+/// A form whose key was checked for an open or a submit, under the form's lock (held while this
+/// lives), within the per-form limit, with its template.
+struct Admitted {
+    _held: tokio::sync::OwnedMutexGuard<()>,
+    now: i64,
+    state: FormState,
+    template: Template,
+}
+
+/// What open and submit check before they act: one request at a time per form, the key for
+/// `purpose` (a refused key is audited), the per-form limit, the template.
+async fn admit(
+    node: &Node,
+    gw: &Gateway,
+    site: &str,
+    form: &str,
+    key: Option<&OtkSecret>,
+    purpose: Purpose,
+    client: &str,
+) -> Result<Admitted, VisitorRefusal> {
+    let held = gw.lock(site, form).lock_owned().await;
+    let now = (node.clock)();
+    let current = gw.form(node, site, form)?;
+    let check = if purpose == Purpose::Submit { check_submit } else { check_open };
+    let state = match check(current.as_ref(), site, form, key, now) {
+        Ok(checked) => checked.state.clone(),
+        Err(r) => {
+            audit_refusal(node, site, form, current.as_ref(), purpose, r, client);
+            return Err(VisitorRefusal::Key(r));
+        }
+    };
+    if gw.limited(site, form) {
+        return Err(VisitorRefusal::TooMany);
+    }
+    let template = template_for(node, site, &state)?;
+    Ok(Admitted { _held: held, now, state, template })
+}
+
 /// An opened form: its template and the fresh submit key the page carries.
 pub struct Opened {
     pub template: Template,
@@ -187,21 +225,8 @@ pub async fn open(
     key: Option<&OtkSecret>,
     client: &str,
 ) -> Result<Opened, VisitorRefusal> {
-    let guard = gw.lock(site, form);
-    let _held = guard.lock().await;
-    let now = (node.clock)();
-    let current = gw.form(node, site, form)?;
-    let mut fs = match check_open(current.as_ref(), site, form, key, now) {
-        Ok(checked) => checked.state.clone(),
-        Err(r) => {
-            audit_refusal(node, site, form, current.as_ref(), Purpose::Open, r, client);
-            return Err(VisitorRefusal::Key(r));
-        }
-    };
-    if gw.limited(site, form) {
-        return Err(VisitorRefusal::TooMany);
-    }
-    let template = template_for(node, site, &fs)?;
+    let Admitted { _held, now, state: mut fs, template } =
+        admit(node, gw, site, form, key, Purpose::Open, client).await?;
     let submit_ttl = node.settings.sites.get(site).map(|s| s.submit_key_ttl_secs).unwrap_or(1800);
     let submit_key = OtkSecret::generate(&mut rand::rngs::StdRng::from_os_rng());
     let opened = FormOpened {
@@ -237,21 +262,8 @@ pub async fn submit(
     raw: &BTreeMap<String, Vec<String>>,
     client: &str,
 ) -> Result<uuid::Uuid, VisitorRefusal> {
-    let guard = gw.lock(site, form);
-    let _held = guard.lock().await;
-    let now = (node.clock)();
-    let current = gw.form(node, site, form)?;
-    let mut fs = match check_submit(current.as_ref(), site, form, key, now) {
-        Ok(checked) => checked.state.clone(),
-        Err(r) => {
-            audit_refusal(node, site, form, current.as_ref(), Purpose::Submit, r, client);
-            return Err(VisitorRefusal::Key(r));
-        }
-    };
-    if gw.limited(site, form) {
-        return Err(VisitorRefusal::TooMany);
-    }
-    let template = template_for(node, site, &fs)?;
+    let Admitted { _held, now, state: mut fs, template } =
+        admit(node, gw, site, form, key, Purpose::Submit, client).await?;
     if let Some(unknown) = raw.keys().find(|k| !template.questions.iter().any(|q| &q.id == *k)) {
         return Err(VisitorRefusal::UnknownField(unknown.clone()));
     }

@@ -26,12 +26,7 @@ impl GatewayView {
 
     /// The key state of a form, if it was issued.
     pub fn form(&self, site: &str, form: &str) -> Result<Option<FormState>, StoreError> {
-        match self.store.tree(FORMS_TREE)?.get(form_key(site, form))? {
-            None => Ok(None),
-            Some(v) => serde_json::from_slice(&v)
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt { tree: FORMS_TREE.to_string(), detail: e.to_string() }),
-        }
+        self.store.get_json(FORMS_TREE, &form_key(site, form))
     }
 }
 
@@ -85,8 +80,8 @@ impl Handler for GatewayProjection {
 mod tests {
     use super::*;
     use crate::domain::otk::{OtkSecret, Purpose};
-    use crate::events::{EventKind, FormIssued, FormOpened, FormSubmitted};
-    use crate::handlers::given::{Given, header};
+    use crate::events::{EventKind, FormIssued, FormOpened};
+    use crate::handlers::given::{Given, form_submitted, header};
 
     fn issued(form: &str, open: &OtkSecret) -> Event {
         Event::FormIssued(FormIssued {
@@ -113,18 +108,7 @@ mod tests {
     }
 
     fn submitted(form: &str) -> Event {
-        Event::FormSubmitted(FormSubmitted {
-            header: header(EventKind::FormSubmitted, "acme", "c1", form),
-            form_id: form.into(),
-            submission_id: uuid::Uuid::new_v4().to_string(),
-            agent_id: "alice".into(),
-            template_id: "card-payment".into(),
-            template_version: 1,
-            key_id: "acme.2026-11.g1".into(),
-            answers: vec![],
-            off_record_field_ids: vec![],
-            off_record_node: String::new(),
-        })
+        Event::FormSubmitted(form_submitted("c1", form, uuid::Uuid::new_v4(), "alice"))
     }
 
     #[test]

@@ -14,7 +14,7 @@ pub mod visibility;
 /// handler's own view).
 #[cfg(test)]
 pub(crate) mod given {
-    use crate::events::{Event, EventHeader, EventKind};
+    use crate::events::{Event, EventHeader, EventKind, FormSubmitted};
     use crate::kafka::{ApplyError, Handler, RecordMeta};
     use crate::store::Store;
 
@@ -51,5 +51,21 @@ pub(crate) mod given {
 
     pub fn header(kind: EventKind, site: &str, conversation: &str, correlation: &str) -> EventHeader {
         EventHeader::new(kind, uuid::Uuid::new_v4(), 1_000, site, conversation, correlation)
+    }
+
+    /// A FormSubmitted of site acme with no answers (a test sets the fields it needs).
+    pub fn form_submitted(conversation: &str, form: &str, id: uuid::Uuid, agent: &str) -> FormSubmitted {
+        FormSubmitted {
+            header: header(EventKind::FormSubmitted, "acme", conversation, form),
+            form_id: form.into(),
+            submission_id: id.to_string(),
+            agent_id: agent.into(),
+            template_id: "card-payment".into(),
+            template_version: 1,
+            key_id: "acme.2026-11.g1".into(),
+            answers: vec![],
+            off_record_field_ids: vec![],
+            off_record_node: String::new(),
+        }
     }
 }

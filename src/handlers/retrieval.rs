@@ -51,12 +51,7 @@ impl RetrievalView {
 
     /// The retrieve key in force for a submission.
     pub fn key_state(&self, submission: &uuid::Uuid) -> Result<Option<RetrieveKeyState>, StoreError> {
-        match self.store.tree(trees::KEYS)?.get(submission_key(submission))? {
-            None => Ok(None),
-            Some(v) => serde_json::from_slice(&v)
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt { tree: trees::KEYS.to_string(), detail: e.to_string() }),
-        }
+        self.store.get_json(trees::KEYS, &submission_key(submission))
     }
 
     /// Whether a granted retrieval used the key with this hash (FormRetrieved seen).

@@ -215,7 +215,7 @@ impl Handler for Tokenizer {
 mod tests {
     use super::*;
     use crate::events::{FormSubmitted, SealedAnswer, SubmissionPurged};
-    use crate::handlers::given::{Given, header};
+    use crate::handlers::given::{Given, form_submitted, header};
     use crate::store::Store;
     use crate::vault::detokenize::Detokenizer;
     use crate::vault::offrecord::OffRecordStore;
@@ -227,16 +227,10 @@ mod tests {
 
     fn submitted(form: &str, id: uuid::Uuid) -> FormSubmitted {
         FormSubmitted {
-            header: header(EventKind::FormSubmitted, "acme", "c1", form),
-            form_id: form.into(),
-            submission_id: id.to_string(),
-            agent_id: "alice".into(),
-            template_id: "card-payment".into(),
-            template_version: 1,
-            key_id: "acme.2026-11.g1".into(),
             answers: vec![SealedAnswer { field_id: "pan".into(), ciphertext: vec![7; 32] }],
             off_record_field_ids: vec!["cvv".into()],
             off_record_node: "node-a".into(),
+            ..form_submitted("c1", form, id, "alice")
         }
     }
 

@@ -50,23 +50,14 @@ impl VisibilityView {
         VisibilityView { store }
     }
 
-    fn json<T: serde::de::DeserializeOwned>(&self, tree: &str, key: &[u8]) -> Result<Option<T>, StoreError> {
-        match self.store.tree(tree)?.get(key)? {
-            None => Ok(None),
-            Some(v) => serde_json::from_slice(&v)
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt { tree: tree.to_string(), detail: e.to_string() }),
-        }
-    }
-
     /// Who sent a submission, in which conversation.
     pub fn owner(&self, submission: &uuid::Uuid) -> Result<Option<SubmissionOwner>, StoreError> {
-        self.json(trees::SUBMISSIONS, submission.as_bytes())
+        self.store.get_json(trees::SUBMISSIONS, submission.as_bytes())
     }
 
     /// A conversation's state (live, current agent).
     pub fn conversation(&self, site: &str, conversation: &str) -> Result<Option<Conversation>, StoreError> {
-        self.json(trees::CONVERSATIONS, &conversation_key(site, conversation))
+        self.store.get_json(trees::CONVERSATIONS, &conversation_key(site, conversation))
     }
 
     /// Whether the projection knows a conversation.
@@ -223,10 +214,8 @@ impl Handler for VisibilityProjection {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{
-        ConversationClosed, ConversationTransferred, EventKind, FormSent, FormSubmitted, SubmissionPurged,
-    };
-    use crate::handlers::given::{Given, header};
+    use crate::events::{ConversationClosed, ConversationTransferred, EventKind, FormSent, SubmissionPurged};
+    use crate::handlers::given::{Given, form_submitted, header};
 
     fn sent(conv: &str, form: &str, agent: &str, session: Option<&str>) -> Event {
         Event::FormSent(FormSent {
@@ -241,18 +230,7 @@ mod tests {
     }
 
     fn submitted(conv: &str, form: &str, id: uuid::Uuid, agent: &str) -> Event {
-        Event::FormSubmitted(FormSubmitted {
-            header: header(EventKind::FormSubmitted, "acme", conv, form),
-            form_id: form.into(),
-            submission_id: id.to_string(),
-            agent_id: agent.into(),
-            template_id: "card-payment".into(),
-            template_version: 1,
-            key_id: "acme.2026-11.g1".into(),
-            answers: vec![],
-            off_record_field_ids: vec![],
-            off_record_node: String::new(),
-        })
+        Event::FormSubmitted(form_submitted(conv, form, id, agent))
     }
 
     #[test]
