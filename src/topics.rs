@@ -237,6 +237,21 @@ pub fn plan(names: &TopicNames, observed: &BTreeMap<String, ObservedTopic>, kind
         .collect()
 }
 
+/// The partition the Java client's default partitioner gives a keyed record: murmur2 of the key
+/// (seed 0x9747b28c), made positive, modulo the partition count. Our producers use librdkafka's
+/// `murmur2_random`, which is the same for keyed records, so this is where a conversation's events
+/// are, whoever produced them; `partitions` must be at least 1.
+pub fn partition_for(key: &[u8], partitions: i32) -> i32 {
+    let positive = murmur2::murmur2(key, murmur2::KAFKA_SEED) & 0x7fff_ffff;
+    (positive % partitions.max(1) as u32) as i32
+}
+
+/// The partition count of the conversation-keyed topics as declared in topics/ (the broker's are
+/// checked against each other at start: [`co_partitioning`]).
+pub fn conversation_partitions() -> i32 {
+    Topic::ChatEvents.spec().partitions
+}
+
 /// Whether the conversation-keyed topics the broker has share one partition count. They must: a
 /// conversation's events are placed by murmur2 of its id modulo the partition count, and the node
 /// that owns partition p of one topic must find that conversation's other events in partition p of
@@ -274,6 +289,21 @@ mod tests {
         let mut observed = observed_as_declared(&names, BrokerKind::Kafka);
         observed.get_mut("t.keys").unwrap().partitions = 1;
         assert_eq!(co_partitioning(&names, &observed), None);
+    }
+
+    #[test]
+    fn partition_for_matches_the_java_clients_partitioner() {
+        // Vectors printed by Kafka's own BuiltInPartitioner (tests/interop/Partitions.java).
+        let vectors = include_str!("../tests/vectors/kafka-partitions.txt");
+        let mut checked = 0;
+        for line in vectors.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+            let mut parts = line.rsplitn(3, ' ');
+            let (expected, count, key) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
+            let (expected, count): (i32, i32) = (expected.parse().unwrap(), count.parse().unwrap());
+            assert_eq!(partition_for(key.as_bytes(), count), expected, "key {key:?} over {count} partitions");
+            checked += 1;
+        }
+        assert!(checked > 100, "the vectors file has its {checked} lines");
     }
 
     fn observed_as_declared(names: &TopicNames, kind: BrokerKind) -> BTreeMap<String, ObservedTopic> {
