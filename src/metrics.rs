@@ -49,6 +49,16 @@ pub struct Metrics {
     pub consumer_rejoins: Family<[(&'static str, String); 1], Counter>,
     /// Producers replaced after a fatal error.
     pub producer_resets: Counter,
+    /// Partitions of the conversation-keyed topics this node owns, per consumer group.
+    pub owned: Family<[(&'static str, String); 1], Gauge>,
+    /// Requests this node sent to the node that owns their conversation, per route and outcome
+    /// (the owner's status class, or `unreachable`, `no_owner`).
+    pub forwarded: Family<L2, Counter>,
+    /// Requests other nodes forwarded to this one, per outcome (`served`, `not_owner`, `refused`).
+    pub forwarded_in: Family<[(&'static str, String); 1], Counter>,
+    /// Requests that waited for this node to catch up with what the requester could have seen, per
+    /// outcome (`caught_up`, `timed_out`).
+    pub catch_up: Family<[(&'static str, String); 1], Counter>,
     /// 1 while the node serves: caught up once, every handler holds partitions, brokers answer.
     pub ready_gauge: Gauge,
     ready: AtomicBool,
@@ -76,6 +86,10 @@ impl Metrics {
             purge_runs: Counter::default(),
             http: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             assigned: Family::default(),
+            owned: Family::default(),
+            forwarded: Family::default(),
+            forwarded_in: Family::default(),
+            catch_up: Family::default(),
             consumer_rejoins: Family::default(),
             producer_resets: Counter::default(),
             ready_gauge: Gauge::default(),
@@ -110,6 +124,10 @@ impl Metrics {
             m.http.clone(),
         );
         registry.register("assigned_partitions", "Partitions each handler's consumer holds", m.assigned.clone());
+        registry.register("owned_partitions", "Conversation partitions this node owns", m.owned.clone());
+        registry.register("forwarded_requests", "Requests forwarded to the owning node", m.forwarded.clone());
+        registry.register("forwarded_in_requests", "Requests other nodes forwarded here", m.forwarded_in.clone());
+        registry.register("catch_up_waits", "Requests that waited for this node to catch up", m.catch_up.clone());
         registry.register(
             "consumer_rejoins",
             "Consumers re-created after holding no partitions while their topics went unconsumed",
@@ -189,6 +207,22 @@ impl Metrics {
 
     pub fn assigned(&self, handler: &str) -> i64 {
         self.assigned.get_or_create(&[("handler", handler.to_string())]).get()
+    }
+
+    pub fn set_owned(&self, group: &str, partitions: usize) {
+        self.owned.get_or_create(&[("group", group.to_string())]).set(partitions as i64);
+    }
+
+    pub fn forwarded(&self, route: &str, outcome: &str) {
+        self.forwarded.get_or_create(&[("route", route.to_string()), ("outcome", outcome.to_string())]).inc();
+    }
+
+    pub fn forwarded_in(&self, outcome: &str) {
+        self.forwarded_in.get_or_create(&[("outcome", outcome.to_string())]).inc();
+    }
+
+    pub fn caught_up(&self, outcome: &str) {
+        self.catch_up.get_or_create(&[("outcome", outcome.to_string())]).inc();
     }
 
     pub fn consumer_rejoined(&self, handler: &str) {

@@ -64,6 +64,8 @@ pub struct Node {
     pub handlers: Vec<HandlerInfo>,
     /// Signs and checks the events only the service produces (derived from the master key).
     pub signer: Arc<crate::crypto::mac::EventSigner>,
+    /// The conversation partitions this node owns (see `kafka::runtime::Ownership`).
+    pub ownership: Arc<crate::kafka::runtime::Ownership>,
 }
 
 /// A handler this node runs: its name, its topics and its store (for readiness and lag).

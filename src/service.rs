@@ -199,6 +199,10 @@ pub struct Service {
     shadow: bool,
 }
 
+/// The consumer group of the conversation-keyed handlers (`<group_prefix>-owners`): its members own
+/// the partitions.
+pub const OWNERS: &str = "owners";
+
 /// Every consumer a full node runs, in the order a replay of everything rebuilds them.
 pub const ALL_HANDLERS: [&str; 7] = ["keys", "issuer", "tokenizer", "retrieval", "gateway", "visibility", "sessions"];
 
@@ -348,6 +352,7 @@ impl Service {
             metrics,
             handlers: running,
             signer,
+            ownership: Arc::new(runtime::Ownership::default()),
         });
         let mut service = Service {
             node: node.clone(),
@@ -357,26 +362,32 @@ impl Service {
             tasks: JoinSet::new(),
             shadow: options.shadow,
         };
-        if options.runs("keys") {
-            service.spawn(keys_handler, &stores["keys"], &stop_rx);
+        let handlers: Vec<Box<dyn Handler>> = vec![
+            Box::new(keys_handler),
+            Box::new(issuer),
+            Box::new(tokenizer),
+            Box::new(RetrievalProjection),
+            Box::new(GatewayProjection),
+            Box::new(VisibilityProjection),
+            Box::new(SessionsProjection),
+        ];
+        let (mut together, mut alone) = (Vec::new(), Vec::new());
+        for h in handlers.into_iter().filter(|h| options.runs(h.name())) {
+            let store = stores[h.name()].clone();
+            let member = runtime::Member::new(h, store, &node.kafka);
+            match member.handler.scope() {
+                runtime::Scope::Partitioned => together.push(member),
+                runtime::Scope::EveryNode => alone.push(member),
+            }
         }
-        if options.runs("issuer") {
-            service.spawn(issuer, &stores["issuer"], &stop_rx);
+        for member in alone {
+            let group = member.state.clone();
+            service.spawn(vec![member], group, None, &stop_rx);
         }
-        if options.runs("tokenizer") {
-            service.spawn(tokenizer, &stores["tokenizer"], &stop_rx);
-        }
-        if options.runs("retrieval") {
-            service.spawn(RetrievalProjection, &stores["retrieval"], &stop_rx);
-        }
-        if options.runs("gateway") {
-            service.spawn(GatewayProjection, &stores["gateway"], &stop_rx);
-        }
-        if options.runs("visibility") {
-            service.spawn(VisibilityProjection, &stores["visibility"], &stop_rx);
-        }
-        if options.runs("sessions") {
-            service.spawn(SessionsProjection, &stores["sessions"], &stop_rx);
+        if !together.is_empty() {
+            // One consumer for all conversation-keyed state: partition p of every such topic has
+            // one owner (ADR 22).
+            service.spawn(together, node.kafka.group_id(OWNERS), Some(node.ownership.clone()), &stop_rx);
         }
         {
             let (node, stop) = (node.clone(), stop_rx.clone());
@@ -466,8 +477,15 @@ impl Service {
         Ok(())
     }
 
-    fn spawn<H: Handler>(&mut self, handler: H, store: &Store, stop: &watch::Receiver<bool>) {
-        let name = handler.name();
+    fn spawn(
+        &mut self,
+        members: Vec<runtime::Member>,
+        group: String,
+        ownership: Option<Arc<runtime::Ownership>>,
+        stop: &watch::Receiver<bool>,
+    ) {
+        let name = members.first().map(|m| m.handler.name()).unwrap_or("none");
+        let name = if ownership.is_some() { OWNERS } else { name };
         let n = &self.node;
         let verify_with = (!n.settings.accept_unsigned_events).then(|| n.signer.clone());
         let ctx = runtime::RunContext {
@@ -476,8 +494,10 @@ impl Service {
             shadow: self.shadow,
             verify_with,
         };
-        let (k, s, p, r) = (n.kafka.clone(), store.clone(), n.producer.clone(), stop.clone());
-        self.tasks.spawn(async move { (name, runtime::run(k, s, p, handler, ctx, r).await.map_err(TaskError::from)) });
+        let (k, p, r) = (n.kafka.clone(), n.producer.clone(), stop.clone());
+        self.tasks.spawn(async move {
+            (name, runtime::run_together(k, p, members, group, ownership, ctx, r).await.map_err(TaskError::from))
+        });
     }
 
     /// Waits until `shutdown` resolves or a task fails, then stops everything.

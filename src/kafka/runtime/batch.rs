@@ -16,12 +16,12 @@ use crate::store::{Store, Tx, trees};
 
 /// Applies a batch and commits it to sled. Returns the outbox keys it wrote, in order.
 #[allow(clippy::too_many_arguments)] // the run loop's state, passed through as is
-pub(super) async fn process_batch<H: Handler>(
+pub(super) async fn process_batch<H: Handler + ?Sized>(
     settings: &KafkaSettings,
     store: &Store,
     handler: &mut H,
     group: &str,
-    batch: &[OwnedMessage],
+    batch: &[&OwnedMessage],
     emitted: &HashMap<(String, i32), i64>,
     now_ms: i64,
     metrics: &crate::metrics::Metrics,
@@ -76,7 +76,7 @@ pub(super) async fn process_batch<H: Handler>(
     Ok(outbox)
 }
 
-fn apply_one<H: Handler>(
+fn apply_one<H: Handler + ?Sized>(
     handler: &mut H,
     tx: &mut Tx<'_>,
     m: &OwnedMessage,

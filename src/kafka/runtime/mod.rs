@@ -33,7 +33,6 @@ use std::time::Duration;
 use futures::FutureExt;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 
 use super::{EventProducer, KafkaError, KafkaSettings};
@@ -80,7 +79,7 @@ pub enum Scope {
 }
 
 /// A consumer of events: pure apart from the staged writes it makes in `tx`.
-pub trait Handler: Send + 'static {
+pub trait Handler: Send + Sync + 'static {
     /// Names the consumer group (`<group_prefix>-<name>`, or per node, see [`Scope`]) and the
     /// offsets in sled.
     fn name(&self) -> &'static str;
@@ -120,27 +119,138 @@ impl RunContext {
     }
 }
 
-/// Runs a handler until `shutdown` turns true. Returns an error only for failures it cannot ride out
-/// (the node's storage failing); the caller stops the service and says so.
+/// A handler as the runtime runs it: with its store and the name its offsets and outbox are kept
+/// under in that store (its `Handler::name` group name; see [`KafkaSettings::handler_group`]).
+pub struct Member {
+    pub handler: Box<dyn Handler>,
+    pub store: Store,
+    pub state: String,
+}
+
+impl Member {
+    pub fn new(handler: Box<dyn Handler>, store: Store, settings: &KafkaSettings) -> Member {
+        let state = settings.handler_group(handler.name(), handler.scope());
+        Member { handler, store, state }
+    }
+}
+
+/// Which partitions of the conversation-keyed topics this node's owner consumer holds: partition p
+/// of every such topic together (the topics are co-partitioned and the range assignor gives one
+/// member the same partition numbers of each). Routing, read-your-writes and readiness read it.
+#[derive(Debug)]
+pub struct Ownership {
+    owned: std::sync::RwLock<std::collections::BTreeSet<i32>>,
+    /// Bumped on every change; the node's announcer waits on it.
+    changes: watch::Sender<u64>,
+    /// Whether the group has given this node an assignment (possibly empty) since it joined.
+    assigned: std::sync::atomic::AtomicBool,
+}
+
+impl Default for Ownership {
+    fn default() -> Ownership {
+        Ownership {
+            owned: Default::default(),
+            changes: watch::channel(0).0,
+            assigned: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+}
+
+impl Ownership {
+    pub fn owns(&self, partition: i32) -> bool {
+        self.owned.read().map(|o| o.contains(&partition)).unwrap_or(false)
+    }
+
+    pub fn owned(&self) -> Vec<i32> {
+        self.owned.read().map(|o| o.iter().copied().collect()).unwrap_or_default()
+    }
+
+    /// Whether the group has assigned this node its share (it may be no partition at all).
+    pub fn is_assigned(&self) -> bool {
+        self.assigned.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    pub(super) fn set(&self, partitions: std::collections::BTreeSet<i32>) {
+        if let Ok(mut o) = self.owned.write() {
+            *o = partitions;
+        }
+        self.assigned.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    pub(super) fn release(&self) {
+        if let Ok(mut o) = self.owned.write() {
+            o.clear();
+        }
+        self.assigned.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.changes.send_modify(|n| *n += 1);
+    }
+}
+
+/// Runs one handler in its own consumer group until `shutdown` turns true (see [`run_together`]).
 pub async fn run<H: Handler>(
     settings: KafkaSettings,
     store: Store,
     producer: EventProducer,
-    mut handler: H,
+    handler: H,
+    ctx: RunContext,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), KafkaError> {
+    let member = Member::new(Box::new(handler), store, &settings);
+    let group = member.state.clone();
+    run_together(settings, producer, vec![member], group, None, ctx, shutdown).await
+}
+
+/// Runs handlers on one consumer in `group` until `shutdown` turns true: every record goes to the
+/// members that consume its topic, each applies its share of a batch and commits it to its own
+/// store, then their outputs are produced. One consumer, so whoever holds partition p of one of
+/// their topics holds partition p of all of them (the node's conversation-keyed state has one
+/// owner per partition; `ownership` reports which). Returns an error only for failures it cannot
+/// ride out (the node's storage failing); the caller stops the service and says so.
+pub async fn run_together(
+    settings: KafkaSettings,
+    producer: EventProducer,
+    mut members: Vec<Member>,
+    group: String,
+    ownership: Option<std::sync::Arc<Ownership>>,
     ctx: RunContext,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), KafkaError> {
     let RunContext { clock, metrics, shadow, verify_with } = ctx;
-    let group = settings.handler_group(handler.name(), handler.scope());
     // Outputs of batches committed before a crash go out before anything new is read.
-    drain_outbox(&store, &producer, &group).await?;
-
-    let topic_names: Vec<String> = handler.topics().iter().map(|t| settings.names.name(*t)).collect();
-    let mut consumer = subscribe(&settings, &store, &group, handler.name(), &metrics, &topic_names, true)?;
-    tracing::info!(%group, topics = ?topic_names, "consumer started");
+    for m in &members {
+        drain_outbox(&m.store, &producer, &m.state).await?;
+    }
+    let shares: Vec<Share> = members
+        .iter()
+        .map(|m| Share {
+            name: m.handler.name(),
+            state: m.state.clone(),
+            store: m.store.clone(),
+            topics: m.handler.topics().iter().map(|t| settings.names.name(*t)).collect(),
+        })
+        .collect();
+    let mut topic_names: Vec<String> = shares.iter().flat_map(|s| s.topics.iter().cloned()).collect();
+    topic_names.sort();
+    topic_names.dedup();
+    let context = |static_member| OffsetsFromStore {
+        shares: shares.clone(),
+        group: group.clone(),
+        metrics: metrics.clone(),
+        ownership: ownership.clone(),
+        awaiting: std::sync::atomic::AtomicBool::new(true),
+        static_member,
+    };
+    let label = shares.first().map(|s| s.name).unwrap_or("none");
+    let mut consumer = subscribe(&settings, &group, label, context(true), &topic_names)?;
+    tracing::info!(%group, topics = ?topic_names, handlers = ?shares.iter().map(|s| s.name).collect::<Vec<_>>(), "consumer started");
     let mut watchdog = tokio::time::interval(WATCHDOG_INTERVAL);
     watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut empty_since: Option<std::time::Instant> = None;
+    let mut waiting_since: Option<std::time::Instant> = None;
 
     // Partition -> first offset whose outputs were not yet delivered (from Kafka's committed offsets).
     let mut emitted: HashMap<(String, i32), i64> = HashMap::new();
@@ -153,18 +263,19 @@ pub async fn run<H: Handler>(
             _ = shutdown.changed() => break,
             m = consumer.recv() => m,
             _ = watchdog.tick() => {
-                // A consumer that holds no partitions for long is re-created as a fresh, dynamic
-                // member (no group.instance.id). Seen on tansu 0.6.0: a static member that replaced
-                // one of a stopped or killed process was revoked and never reassigned, and joining
-                // again under the same instance id did not help.
-                if metrics.assigned(handler.name()) > 0 {
-                    empty_since = None;
-                } else if empty_since.get_or_insert_with(std::time::Instant::now).elapsed() >= REJOIN_AFTER {
-                    tracing::warn!(%group, secs = REJOIN_AFTER.as_secs(), "consumer held no partitions; re-creating it as a new dynamic member to rejoin the group (check the broker if this repeats)");
-                    metrics.consumer_rejoined(handler.name());
+                // A consumer left without an assignment for long (revoked, or never given one) is
+                // re-created as a fresh, dynamic member (no group.instance.id). Seen on tansu 0.6.0: a
+                // static member that replaced one of a stopped or killed process was revoked and never
+                // reassigned, and joining again under the same instance id did not help. An empty
+                // assignment (more nodes than partitions) is an assignment: no rejoin.
+                if !consumer.context().awaiting.load(std::sync::atomic::Ordering::SeqCst) {
+                    waiting_since = None;
+                } else if waiting_since.get_or_insert_with(std::time::Instant::now).elapsed() >= REJOIN_AFTER {
+                    tracing::warn!(%group, secs = REJOIN_AFTER.as_secs(), "consumer had no assignment; re-creating it as a new dynamic member to rejoin the group (check the broker if this repeats)");
+                    metrics.consumer_rejoined(label);
                     drop(consumer);
-                    consumer = subscribe(&settings, &store, &group, handler.name(), &metrics, &topic_names, false)?;
-                    empty_since = None;
+                    consumer = subscribe(&settings, &group, label, context(false), &topic_names)?;
+                    waiting_since = None;
                 }
                 continue;
             }
@@ -190,22 +301,33 @@ pub async fn run<H: Handler>(
         } else {
             learn_emitted_offsets(&consumer, &batch, &mut emitted);
         }
-        let name = handler.name();
-        let committed = process_batch(
-            &settings,
-            &store,
-            &mut handler,
-            &group,
-            &batch,
-            &emitted,
-            clock(),
-            &metrics,
-            verify_with.as_deref(),
-        )
-        .await?;
-        failpoint(name, "after-commit");
-        produce_outbox(&store, &producer, &committed, &mut shutdown).await?;
-        failpoint(name, "after-produce");
+        // Each member applies and commits its share; then all outputs go out.
+        let mut committed = Vec::with_capacity(members.len());
+        for (member, share) in members.iter_mut().zip(&shares) {
+            let mine: Vec<&rdkafka::message::OwnedMessage> =
+                batch.iter().filter(|m| share.topics.iter().any(|t| t == m.topic())).collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let entries = process_batch(
+                &settings,
+                &member.store,
+                member.handler.as_mut(),
+                &member.state,
+                &mine,
+                &emitted,
+                clock(),
+                &metrics,
+                verify_with.as_deref(),
+            )
+            .await?;
+            failpoint(share.name, "after-commit");
+            committed.push((share, entries));
+        }
+        for (share, entries) in &committed {
+            produce_outbox(&share.store, &producer, entries, &mut shutdown).await?;
+            failpoint(share.name, "after-produce");
+        }
         for m in &batch {
             let e = to_commit.entry((m.topic().to_string(), m.partition())).or_insert(0);
             *e = (*e).max(m.offset() + 1);
@@ -217,22 +339,33 @@ pub async fn run<H: Handler>(
     }
 
     if let Ok(assignment) = consumer.assignment() {
-        // Final synchronous commit so lag reports are exact after a clean stop.
-        let mut tpl = TopicPartitionList::new();
-        for elem in assignment.elements() {
-            if let Ok(Some(o)) = stored_offset(&store, &group, elem.topic(), elem.partition()) {
-                let _ = tpl.add_partition_offset(elem.topic(), elem.partition(), Offset::Offset(o));
-            }
-        }
+        // Final synchronous commit so lag reports are exact after a clean stop, and the next owner
+        // of these partitions knows what was emitted.
+        let tpl = offsets::held_offsets(&shares, &assignment);
         if tpl.count() > 0
             && let Err(error) = consumer.commit(&tpl, CommitMode::Sync)
         {
             tracing::warn!(%error, %group, "final offset commit failed; sled holds the true offsets");
         }
     }
-    store.flush().await?;
+    if let Some(o) = &ownership {
+        o.release();
+    }
+    for m in &members {
+        m.store.flush().await?;
+    }
     tracing::info!(%group, "consumer stopped");
     Ok(())
+}
+
+/// One member as the consumer context sees it.
+#[derive(Clone)]
+pub(super) struct Share {
+    pub(super) name: &'static str,
+    pub(super) state: String,
+    pub(super) store: Store,
+    /// Its topics' names.
+    pub(super) topics: Vec<String>,
 }
 
 /// How often the run loop checks that its consumer holds partitions, and how long it may hold none
@@ -240,33 +373,34 @@ pub async fn run<H: Handler>(
 const WATCHDOG_INTERVAL: Duration = Duration::from_secs(5);
 const REJOIN_AFTER: Duration = Duration::from_secs(15);
 
-/// A consumer in the handler's group, subscribed to its topics. With `static_member`, static
-/// membership: a restarted node takes its partitions back at once instead of waiting for its dead
-/// session to time out (node ids must therefore be unique).
+/// A consumer in `group`, subscribed to `topics`. A static member (`context.static_member`): a
+/// restarted node takes its partitions back at once instead of waiting for its dead session to time
+/// out (node ids must therefore be unique).
 fn subscribe(
     settings: &KafkaSettings,
-    store: &Store,
     group: &str,
-    handler: &'static str,
-    metrics: &std::sync::Arc<crate::metrics::Metrics>,
+    label: &str,
+    context: OffsetsFromStore,
     topics: &[String],
-    static_member: bool,
 ) -> Result<StreamConsumer<OffsetsFromStore>, KafkaError> {
-    metrics.set_assigned(handler, 0);
-    let context =
-        OffsetsFromStore { store: store.clone(), group: group.to_string(), handler, metrics: metrics.clone() };
+    for s in &context.shares {
+        context.metrics.set_assigned(s.name, 0);
+    }
     let mut config = settings.client_config();
-    if static_member {
-        config.set("group.instance.id", format!("{}-{}", settings.client_id, handler));
+    if context.static_member {
+        config.set("group.instance.id", format!("{}-{}", settings.client_id, label));
     }
     config
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
+        // Co-partitioned topics, one consumer per node: the range assignor gives a member the same
+        // partition numbers of every topic.
+        .set("partition.assignment.strategy", "range")
         .set("fetch.wait.max.ms", fetch_wait_ms(settings.kind))
         .set("fetch.error.backoff.ms", "50")
-        .set("session.timeout.ms", "10000")
+        .set("session.timeout.ms", SESSION_TIMEOUT_MS)
         .set("heartbeat.interval.ms", "1000");
     let consumer: StreamConsumer<OffsetsFromStore> =
         settings.finish(config).create_with_context(context).map_err(|e| settings.client_error(e))?;
@@ -274,6 +408,11 @@ fn subscribe(
     consumer.subscribe(&refs).map_err(|e| settings.client_error(e))?;
     Ok(consumer)
 }
+
+/// How long the group waits for a silent member before its partitions move: the floor of fail-over
+/// time (README, "Running a cluster"). Apache Kafka's lowest allowed by default
+/// (`group.min.session.timeout.ms`).
+pub const SESSION_TIMEOUT_MS: &str = "6000";
 
 /// How long a fetch waits at the broker for new records. Apache Kafka answers a waiting fetch as
 /// soon as a record arrives, so the wait costs no latency and a long one saves idle requests; tansu

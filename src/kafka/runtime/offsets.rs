@@ -31,32 +31,75 @@ pub fn stored_offset(store: &Store, group: &str, topic: &str, partition: i32) ->
     Ok(store.tree(trees::OFFSETS)?.get(offset_key(group, topic, partition))?.and_then(|v| read_offset(&v)))
 }
 
-/// Consumer context: assigns each partition at the offset sled holds, and reports how many
-/// partitions the handler holds (readiness and the rejoin watchdog read it).
+/// Consumer context: assigns each partition at the offset sled holds, and reports what the consumer
+/// holds (readiness, routing and the rejoin watchdog read it).
 pub(super) struct OffsetsFromStore {
-    pub(super) store: Store,
+    pub(super) shares: Vec<super::Share>,
     pub(super) group: String,
-    pub(super) handler: &'static str,
     pub(super) metrics: std::sync::Arc<crate::metrics::Metrics>,
+    pub(super) ownership: Option<std::sync::Arc<super::Ownership>>,
+    /// True from joining (or a revocation) until the group assigns partitions.
+    pub(super) awaiting: std::sync::atomic::AtomicBool,
+    pub(super) static_member: bool,
+}
+
+/// Where a partition starts: the lowest next offset of the members that consume its topic (each
+/// skips what it applied already); from the beginning when one of them has no state for it.
+fn start_offset(shares: &[super::Share], topic: &str, partition: i32) -> Result<Offset, StoreError> {
+    let mut start: Option<i64> = None;
+    for s in shares.iter().filter(|s| s.topics.iter().any(|t| t == topic)) {
+        match stored_offset(&s.store, &s.state, topic, partition)? {
+            None => return Ok(Offset::Beginning),
+            Some(o) => start = Some(start.map_or(o, |c| c.min(o))),
+        }
+    }
+    Ok(start.map_or(Offset::Beginning, Offset::Offset))
+}
+
+/// The offsets to commit to Kafka for partitions the consumer holds: what every member applied (and
+/// whose outputs were delivered: the run loop produces a batch's outputs before it polls again).
+pub(super) fn held_offsets(shares: &[super::Share], held: &TopicPartitionList) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    for elem in held.elements() {
+        if let Ok(Offset::Offset(o)) = start_offset(shares, elem.topic(), elem.partition()) {
+            let _ = tpl.add_partition_offset(elem.topic(), elem.partition(), Offset::Offset(o));
+        }
+    }
+    tpl
+}
+
+impl OffsetsFromStore {
+    fn report(&self, tpl: Option<&TopicPartitionList>) {
+        for s in &self.shares {
+            let n = tpl.map_or(0, |t| t.elements().iter().filter(|e| s.topics.iter().any(|n| n == e.topic())).count());
+            self.metrics.set_assigned(s.name, n);
+        }
+        if let Some(o) = &self.ownership {
+            match tpl {
+                Some(t) => o.set(t.elements().iter().map(|e| e.partition()).collect()),
+                None => o.release(),
+            }
+        }
+        self.metrics.set_owned(&self.group, tpl.map_or(0, |t| {
+            t.elements().iter().map(|e| e.partition()).collect::<std::collections::BTreeSet<_>>().len()
+        }));
+    }
 }
 
 impl ClientContext for OffsetsFromStore {}
 
 impl ConsumerContext for OffsetsFromStore {
     fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        use std::sync::atomic::Ordering::SeqCst;
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let mut assigned = Vec::new();
                 for elem in tpl.elements() {
                     let (topic, partition) = (elem.topic().to_string(), elem.partition());
-                    let offset = match stored_offset(&self.store, &self.group, &topic, partition) {
-                        Ok(Some(o)) => Offset::Offset(o),
-                        Ok(None) => Offset::Beginning,
-                        Err(error) => {
-                            tracing::error!(%error, topic, partition, "cannot read stored offset; starting the partition from the beginning (state is rebuilt by replay)");
-                            Offset::Beginning
-                        }
-                    };
+                    let offset = start_offset(&self.shares, &topic, partition).unwrap_or_else(|error| {
+                        tracing::error!(%error, topic, partition, "cannot read stored offset; starting the partition from the beginning (state is rebuilt by replay)");
+                        Offset::Beginning
+                    });
                     assigned.push((topic, partition, offset));
                 }
                 for (topic, partition, offset) in &assigned {
@@ -64,27 +107,40 @@ impl ConsumerContext for OffsetsFromStore {
                         tracing::error!(%error, topic, partition, "cannot set start offset");
                     }
                 }
-                tracing::info!(group = %self.group, partitions = assigned.len(), "partitions assigned");
+                let partitions: std::collections::BTreeSet<i32> = assigned.iter().map(|(_, p, _)| *p).collect();
+                tracing::info!(group = %self.group, topic_partitions = assigned.len(), ?partitions, "partitions assigned");
                 match consumer.assign(tpl) {
-                    Ok(()) => self.metrics.set_assigned(self.handler, assigned.len()),
+                    Ok(()) => {
+                        self.report(Some(tpl));
+                        self.awaiting.store(false, SeqCst);
+                    }
                     Err(error) => {
                         tracing::error!(%error, group = %self.group, "assign failed; the consumer will rejoin the group")
                     }
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                // The loop applies and commits a whole batch before it polls again, so nothing is in
-                // flight here: releasing is safe.
+                // The loop applies, commits and produces a whole batch before it polls again, so
+                // nothing is in flight here. The next owner learns what was emitted from the offsets
+                // committed now (ADR 7), so they are committed synchronously before release.
                 tracing::info!(group = %self.group, partitions = tpl.count(), "partitions revoked");
+                self.report(None);
+                let held = held_offsets(&self.shares, tpl);
+                if held.count() > 0
+                    && let Err(error) = consumer.commit(&held, CommitMode::Sync)
+                {
+                    tracing::warn!(%error, group = %self.group, "offset commit on revocation failed; the next owner may send outputs of replayed records again (same event ids; consumers dedupe them)");
+                }
                 if let Err(error) = consumer.unassign() {
                     tracing::error!(%error, group = %self.group, "unassign failed");
                 }
-                self.metrics.set_assigned(self.handler, 0);
+                self.awaiting.store(true, SeqCst);
             }
             other => {
                 tracing::error!(code = ?other, group = %self.group, "rebalance error; releasing partitions");
                 let _ = consumer.unassign();
-                self.metrics.set_assigned(self.handler, 0);
+                self.report(None);
+                self.awaiting.store(true, SeqCst);
             }
         }
     }
