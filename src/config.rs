@@ -85,6 +85,13 @@ pub struct Settings {
     pub max_batch: usize,
     /// Address of the visitor gateway (HTTP/HTTPS); empty: no gateway on this node.
     pub http_listen: Option<String>,
+    /// Base URL other nodes of the deployment reach this node's gateway at, for requests they
+    /// forward to it (the conversation's owner). Unset: the gateway's bound address with its scheme,
+    /// which other machines can reach only when it is not a loopback or wildcard address.
+    pub advertise_url: Option<String>,
+    /// PEM file of the CA (or the certificates) that signed the other nodes' gateway certificates,
+    /// trusted for forwarded requests besides the system's roots (internal CAs, self-signed nodes).
+    pub cluster_ca_file: Option<PathBuf>,
     /// Address of the operations listener (plain HTTP): `/metrics` (Prometheus), `/healthz`,
     /// `/readyz`. Empty: none. Keep it off the public network.
     pub metrics_listen: Option<String>,
@@ -163,6 +170,8 @@ const SETTING_KEYS: &[&str] = &[
     "http_idle_timeout_secs",
     "purge_interval_secs",
     "metrics_listen",
+    "advertise_url",
+    "cluster_ca_file",
 ];
 
 impl Default for Settings {
@@ -188,6 +197,8 @@ impl Default for Settings {
             kafka_properties: BTreeMap::new(),
             http_listen: Some("127.0.0.1:8080".into()),
             metrics_listen: Some("127.0.0.1:9464".into()),
+            advertise_url: None,
+            cluster_ca_file: None,
             tls_cert: None,
             tls_key: None,
             tls_self_signed: false,
@@ -352,6 +363,14 @@ impl Settings {
         }
         url::Url::parse(&self.public_url)
             .map_err(|e| ConfigError::Invalid(format!("public_url {:?} is not a URL ({e})", self.public_url)))?;
+        if let Some(a) = &self.advertise_url {
+            let ok = url::Url::parse(a).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+            if !ok {
+                return Err(ConfigError::Invalid(format!(
+                    "advertise_url {a:?} is not an http(s) URL with a host; give the URL other nodes reach this node's gateway at, e.g. https://node-2.internal:8443"
+                )));
+            }
+        }
         for (site, cfg) in &self.sites {
             let bad = |message: String| ConfigError::Site { site: site.clone(), message };
             if site.is_empty() || site.chars().any(|c| !(c.is_ascii_alphanumeric() || "_-".contains(c))) {

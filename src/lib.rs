@@ -25,6 +25,9 @@
 //!   [`handlers::retrieval::RetrievalView`]; the vault's is [`vault::VaultView`]) whose errors are
 //!   errors, never "not found".
 //! - [`node`]: the node context request handlers share, and [`node::Node::submit`].
+//! - [`cluster`]: running as several nodes: announcing the partitions this node owns, and waiting
+//!   until its state has caught up with what a requester can have seen (read-your-writes). Routing
+//!   is [`http::route`]; the node directory [`handlers::directory`]; the hop's MAC [`crypto::hop`].
 //! - [`app`]: the use cases, one function each: the agent's ([`app::agent`], refusals in
 //!   [`app::Refusal`], which sets the HTTP status and the audit reason) and the visitor's
 //!   ([`app::visitor`], [`app::visitor::VisitorRefusal`]). Purge and erasure are in [`ops`].
@@ -43,6 +46,7 @@ pub mod audit;
 pub mod broker;
 pub mod cli;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod crypto;
 pub mod domain;

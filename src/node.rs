@@ -66,6 +66,14 @@ pub struct Node {
     pub signer: Arc<crate::crypto::mac::EventSigner>,
     /// The conversation partitions this node owns (see `kafka::runtime::Ownership`).
     pub ownership: Arc<crate::kafka::runtime::Ownership>,
+    /// The partition count of the conversation-keyed topics on the broker.
+    pub partitions: i32,
+    /// The node directory's store (which node owns which partition, where it is reached).
+    pub directory: Store,
+    /// Signs and checks requests forwarded between nodes (`crypto::hop`).
+    pub hop: Arc<crate::crypto::hop::HopSigner>,
+    /// A client for high watermarks (read-your-writes, `cluster::catch_up`), made on first use.
+    pub watermarks: std::sync::OnceLock<Arc<rdkafka::consumer::BaseConsumer>>,
 }
 
 /// A handler this node runs: its name, its topics and its store (for readiness and lag).
@@ -76,9 +84,16 @@ pub struct HandlerInfo {
     pub group: String,
     pub topics: Vec<crate::topics::Topic>,
     pub store: Store,
+    /// Conversation-keyed (owned per partition) or read whole by every node.
+    pub scope: crate::kafka::runtime::Scope,
 }
 
 impl Node {
+    /// The partition of a conversation's events (murmur2, as the Java client places them).
+    pub fn partition_of(&self, conversation_id: &str) -> i32 {
+        crate::topics::partition_for(conversation_id.as_bytes(), self.partitions)
+    }
+
     /// Seals a submission at the edge and produces it (acks=all) before returning, so the visitor is
     /// told it worked only once it is durable. Off-the-record answers stay in this node's memory.
     pub async fn submit(&self, s: Submission<'_>) -> Result<uuid::Uuid, SubmitError> {

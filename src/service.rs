@@ -18,6 +18,7 @@ use crate::broker::{self, BrokerError, EmbeddedBroker};
 use crate::config::Settings;
 use crate::crypto::{KeyError, KeyRing, MasterKey};
 use crate::events::{Event, EventHeader, EventKind, FormTemplateDefined};
+use crate::handlers::directory::DirectoryProjection;
 use crate::handlers::gateway::GatewayProjection;
 use crate::handlers::issuer::Issuer;
 use crate::handlers::keys::{KeysHandler, load_ring};
@@ -204,7 +205,8 @@ pub struct Service {
 pub const OWNERS: &str = "owners";
 
 /// Every consumer a full node runs, in the order a replay of everything rebuilds them.
-pub const ALL_HANDLERS: [&str; 7] = ["keys", "issuer", "tokenizer", "retrieval", "gateway", "visibility", "sessions"];
+pub const ALL_HANDLERS: [&str; 8] =
+    ["keys", "issuer", "tokenizer", "retrieval", "gateway", "visibility", "sessions", "directory"];
 
 /// Which parts of a node to start.
 #[derive(Debug, Clone)]
@@ -276,9 +278,14 @@ impl Service {
         let mut kafka = kafka_settings(&settings, brokers, if options.shadow { "ops" } else { "service" });
         apply_topics(&kafka, settings.replication_factor).await?;
         // A node never runs on topics that place one conversation on different partition numbers.
-        if let Some(wrong) = Admin::new(&kafka)?.co_partitioning().await? {
+        let observed = Admin::new(&kafka)?.observe(&kafka.names).await?;
+        if let Some(wrong) = crate::topics::co_partitioning(&kafka.names, &observed) {
             return Err(KafkaError::Topic { topic: kafka.names.prefix().to_string(), message: wrong }.into());
         }
+        let partitions = observed
+            .get(&kafka.names.name(crate::topics::Topic::ChatEvents))
+            .map(|o| o.partitions)
+            .unwrap_or_else(crate::topics::conversation_partitions);
         // Learned once, so the clients can be tuned for the broker (see runtime::fetch_wait_ms).
         kafka.kind = Some(Admin::new(&kafka)?.broker_kind().await?);
         let metrics = Arc::new(crate::metrics::Metrics::new());
@@ -323,6 +330,7 @@ impl Service {
             group: kafka.handler_group(h.name(), h.scope()),
             topics: h.topics(),
             store: stores[h.name()].clone(),
+            scope: h.scope(),
         };
         let running: Vec<HandlerInfo> = [
             info(&keys_handler),
@@ -332,10 +340,12 @@ impl Service {
             info(&GatewayProjection),
             info(&VisibilityProjection),
             info(&SessionsProjection),
+            info(&DirectoryProjection),
         ]
         .into_iter()
         .filter(|h| options.runs(h.name))
         .collect();
+        let node_id = settings.node_id.clone();
         let node = Arc::new(Node {
             settings,
             kafka,
@@ -353,6 +363,10 @@ impl Service {
             handlers: running,
             signer,
             ownership: Arc::new(runtime::Ownership::default()),
+            partitions,
+            directory: stores["directory"].clone(),
+            watermarks: std::sync::OnceLock::new(),
+            hop: Arc::new(crate::crypto::hop::HopSigner::new(&integrity, &node_id)),
         });
         let mut service = Service {
             node: node.clone(),
@@ -370,6 +384,7 @@ impl Service {
             Box::new(GatewayProjection),
             Box::new(VisibilityProjection),
             Box::new(SessionsProjection),
+            Box::new(DirectoryProjection),
         ];
         let (mut together, mut alone) = (Vec::new(), Vec::new());
         for h in handlers.into_iter().filter(|h| options.runs(h.name())) {
@@ -451,6 +466,13 @@ impl Service {
         if let Some(gateway) = listeners.gateway {
             gateway.install(crate::http::router(crate::http::AppState::new(node.clone(), gateway.https())?));
             self.http_addr = Some(gateway.local_addr());
+            // Other nodes forward requests for this node's partitions to this gateway.
+            if let Some(url) = crate::cluster::advertise_url(&node, self.http_addr, gateway.https()) {
+                let (node, stop) = (node.clone(), stop_rx.clone());
+                self.tasks.spawn(async move {
+                    ("announcer", crate::cluster::run_announcer(node, url, stop).await.map_err(TaskError::from))
+                });
+            }
             let stop = stop_rx.clone();
             self.tasks.spawn(async move { ("http gateway", gateway.run_until(stop).await.map_err(TaskError::Http)) });
         }

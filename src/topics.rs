@@ -63,6 +63,7 @@ pub enum Topic {
     AgentEvents,
     Templates,
     Keys,
+    Nodes,
     DeadLetters,
 }
 
@@ -74,6 +75,7 @@ impl Topic {
         Topic::AgentEvents,
         Topic::Templates,
         Topic::Keys,
+        Topic::Nodes,
         Topic::DeadLetters,
     ];
 
@@ -85,6 +87,7 @@ impl Topic {
             Topic::AgentEvents => "agent-events",
             Topic::Templates => "templates",
             Topic::Keys => "keys",
+            Topic::Nodes => "nodes",
             Topic::DeadLetters => "dead-letters",
         }
     }
@@ -97,6 +100,7 @@ impl Topic {
             Topic::AgentEvents => include_str!("../topics/agent-events.toml"),
             Topic::Templates => include_str!("../topics/templates.toml"),
             Topic::Keys => include_str!("../topics/keys.toml"),
+            Topic::Nodes => include_str!("../topics/nodes.toml"),
             Topic::DeadLetters => include_str!("../topics/dead-letters.toml"),
         }
     }

@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use rand::SeedableRng;
 
 use super::Refusal;
-use crate::domain::access::{MANAGER_ROLE, Requester, SubmissionOwner, may_retrieve, may_view_responses_in_history};
+use crate::domain::access::{
+    Denial, MANAGER_ROLE, Requester, SubmissionOwner, may_retrieve, may_view_responses_in_history,
+};
 use crate::domain::otk::OtkSecret;
 use crate::events::{Event, EventHeader, EventKind, FormReady, FormRetrieved};
 use crate::handlers::sessions::SessionsView;
@@ -105,9 +107,70 @@ pub async fn record_refused_attempt(node: &Node, submission: &str, agent: Option
     audit(node, owner.as_ref(), submission, (id, session), "denied", reason, None).await;
 }
 
+/// Whether a denial could come from this node not having applied yet what the agent has seen (a
+/// FormReady the workspace got, a transfer the chat bus made): then the node catches up and decides
+/// again before anything is recorded.
+fn lag_could_explain(r: &Refusal) -> bool {
+    matches!(
+        r,
+        Refusal::Access(Denial::UnknownSubmission | Denial::NotSender)
+            | Refusal::Key(crate::vault::detokenize::Refusal::UnknownSubmission | crate::vault::detokenize::Refusal::InvalidKey)
+            | Refusal::PreviousKeyNotIssued
+    )
+}
+
+/// The partition a request is about: the one its key names, else its conversation's.
+fn partition_of(node: &Node, key: &str, owner: Option<&SubmissionOwner>) -> Option<i32> {
+    OtkSecret::parse(key)
+        .and_then(|k| k.partition())
+        .or_else(|| owner.map(|o| node.partition_of(&o.conversation_id)))
+}
+
 /// Retrieve a submission's answers with its one-time key: only the sender, with the permission,
-/// while the conversation is live, with an unspent key of this purpose and session.
+/// while the conversation is live, with an unspent key of this purpose and session. A refusal that
+/// this node's lag could explain is decided again once it has caught up (never a false refusal in
+/// the audit trail); if it cannot catch up in time, 503.
 pub async fn retrieve(node: &Node, agent: &Agent<'_>, submission: uuid::Uuid, key: &str) -> Result<Retrieval, Refusal> {
+    let mut caught_up = false;
+    loop {
+        match try_retrieve(node, agent, submission, key, !caught_up).await {
+            Err(Attempt::Lagging(partition)) => {
+                super::catch_up(node, crate::cluster::RETRIEVAL_STATE, partition).await?;
+                caught_up = true;
+            }
+            Err(Attempt::Final(r)) => return Err(r),
+            Ok(r) => return Ok(r),
+        }
+    }
+}
+
+/// How one evaluation of a request ended, short of success.
+enum Attempt {
+    /// Refused, and recorded as refused.
+    Final(Refusal),
+    /// Would be refused, but this node may be behind: catch up on the partition and try again.
+    Lagging(Option<i32>),
+}
+
+impl From<Refusal> for Attempt {
+    fn from(r: Refusal) -> Attempt {
+        Attempt::Final(r)
+    }
+}
+
+impl From<crate::store::StoreError> for Attempt {
+    fn from(e: crate::store::StoreError) -> Attempt {
+        Attempt::Final(Refusal::from(e))
+    }
+}
+
+async fn try_retrieve(
+    node: &Node,
+    agent: &Agent<'_>,
+    submission: uuid::Uuid,
+    key: &str,
+    may_lag: bool,
+) -> Result<Retrieval, Attempt> {
     let view = visibility(node);
     let id = submission.to_string();
     let who = (agent.id, Some(agent.session));
@@ -118,16 +181,19 @@ pub async fn retrieve(node: &Node, agent: &Agent<'_>, submission: uuid::Uuid, ke
     };
     let owner = match may_retrieve(&agent.requester(), known.as_ref(), conv.as_ref()) {
         Ok(owner) => owner.clone(),
+        Err(d) if may_lag && lag_could_explain(&Refusal::Access(d)) => {
+            return Err(Attempt::Lagging(partition_of(node, key, known.as_ref())));
+        }
         Err(d) => {
             audit(node, known.as_ref(), &id, who, "denied", d.code(), None).await;
-            return Err(Refusal::Access(d));
+            return Err(Refusal::Access(d).into());
         }
     };
     let sent_from = view.sent_from_session(&owner.site_id, &owner.form_id)?;
     let now = (node.clock)();
     let refused = |r: Refusal| async {
         audit(node, Some(&owner), &id, who, "denied", r.code(), None).await;
-        r
+        Attempt::Final(r)
     };
     let got = match node.detokenizer.detokenize_in_session(
         agent.site,
@@ -138,6 +204,9 @@ pub async fn retrieve(node: &Node, agent: &Agent<'_>, submission: uuid::Uuid, ke
         now,
     ) {
         Ok(got) => got,
+        Err(DetokenizeError::Refused(r)) if may_lag && lag_could_explain(&Refusal::Key(r)) => {
+            return Err(Attempt::Lagging(partition_of(node, key, Some(&owner))));
+        }
         Err(DetokenizeError::Refused(r)) => return Err(refused(Refusal::Key(r)).await),
         Err(DetokenizeError::Store(error)) => {
             tracing::error!(%error, submission_id = %id, "cannot read the vault; check the data directory's disk");
@@ -151,7 +220,7 @@ pub async fn retrieve(node: &Node, agent: &Agent<'_>, submission: uuid::Uuid, ke
     if !audit(node, Some(&owner), &id, who, "granted", "", Some(&got.spent_key_hash)).await {
         // Nothing is returned, so nothing was spent: the same key works on a retry.
         node.detokenizer.release(&got.spent_key_hash);
-        return Err(Refusal::AuditUnavailable);
+        return Err(Refusal::AuditUnavailable.into());
     }
     // Off-the-record answers are read once: the granted retrieval that returns them forgets them.
     if matches!(&got.off_record, OffRecord::Present(a) if !a.is_empty()) {
@@ -164,6 +233,26 @@ pub async fn retrieve(node: &Node, agent: &Agent<'_>, submission: uuid::Uuid, ke
 /// holds a key issued for this submission before; bound to the caller's session. A key whose own
 /// session is still open stays with it.
 pub async fn fresh_key(
+    node: &Node,
+    agent: &Agent<'_>,
+    submission: uuid::Uuid,
+    previous_key: &str,
+) -> Result<FreshKey, Refusal> {
+    let mut caught_up = false;
+    loop {
+        match try_fresh_key(node, agent, submission, previous_key).await {
+            Err(r) if !caught_up && lag_could_explain(&r) => {
+                let known = visibility(node).owner(&submission)?;
+                super::catch_up(node, crate::cluster::RETRIEVAL_STATE, partition_of(node, previous_key, known.as_ref()))
+                    .await?;
+                caught_up = true;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn try_fresh_key(
     node: &Node,
     agent: &Agent<'_>,
     submission: uuid::Uuid,
@@ -200,7 +289,7 @@ pub async fn fresh_key(
     let t = (node.clock)();
     let ttl = node.settings.sites.get(&owner.site_id).map(|s| s.retrieve_key_ttl_secs).unwrap_or(60);
     let record = node.detokenizer.record(&submission).map_err(detok)?;
-    let key = OtkSecret::generate(&mut rand::rngs::StdRng::from_os_rng());
+    let key = OtkSecret::generate_for(&mut rand::rngs::StdRng::from_os_rng(), node.partition_of(&owner.conversation_id));
     let ready = FormReady {
         header: EventHeader::new(
             EventKind::FormReady,
@@ -225,6 +314,16 @@ pub async fn fresh_key(
         tracing::error!(%error, "could not record a fresh retrieve key; check the data directory's disk");
         return Err(Refusal::Unavailable);
     }
+    // Read-your-writes: the key is returned once this node's retrieval projection has it, so it
+    // works as soon as the caller holds it.
+    let deadline = std::time::Instant::now() + crate::cluster::CATCH_UP_WAIT;
+    while !node.detokenizer.was_issued(&owner.site_id, &submission, &ready.retrieve_key).map_err(detok)? {
+        if std::time::Instant::now() >= deadline {
+            tracing::warn!(submission_id = %submission, "a fresh retrieve key was recorded but not yet applied here; answered 503 (the agent asks again). Check the audit relay and consumer_lag in /metrics");
+            return Err(Refusal::CatchingUp);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     Ok(FreshKey { retrieve_key: ready.retrieve_key, retrieve_expires_at: ready.retrieve_expires_at })
 }
 
@@ -236,6 +335,8 @@ pub async fn history(node: &Node, agent: &Agent<'_>, conversation: &str) -> Resu
         return Err(Refusal::NotAManager);
     }
     let with_answers = may_view_responses_in_history(agent.permissions);
+    // Complete as of now: everything the brokers hold for the conversation is applied first.
+    super::catch_up(node, &["visibility", "tokenizer"], Some(node.partition_of(conversation))).await?;
     let view = visibility(node);
     let mut entries = Vec::new();
     for submission in view.submissions_in(agent.site, conversation)? {

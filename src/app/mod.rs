@@ -30,6 +30,9 @@ pub enum Refusal {
     NotAManager,
     /// The node cannot read or write its state store.
     Unavailable,
+    /// The node has not caught up with what the requester can have seen (after a restart, or a
+    /// partition that just moved here); answering now could refuse a valid key.
+    CatchingUp,
     /// The audit record could not be written, so nothing was returned.
     AuditUnavailable,
     /// The submission could not be opened (key ring, corrupt record).
@@ -45,7 +48,7 @@ impl Refusal {
             | Refusal::PreviousKeyNotIssued
             | Refusal::SessionStillOpen
             | Refusal::NotAManager => 403,
-            Refusal::Unavailable | Refusal::AuditUnavailable => 503,
+            Refusal::Unavailable | Refusal::AuditUnavailable | Refusal::CatchingUp => 503,
             Refusal::Internal => 500,
         }
     }
@@ -59,6 +62,7 @@ impl Refusal {
             Refusal::SessionStillOpen => "wrong_session",
             Refusal::NotAManager => "not_a_manager",
             Refusal::Unavailable => "unavailable",
+            Refusal::CatchingUp => "catching_up",
             Refusal::AuditUnavailable => "audit_unavailable",
             Refusal::Internal => "internal_error",
         }
@@ -80,10 +84,26 @@ impl Refusal {
             Refusal::Unavailable => {
                 "this node cannot read its state store; retry after the Retry-After seconds".into()
             }
+            Refusal::CatchingUp => {
+                "this node is catching up with this conversation's events; retry after the Retry-After seconds".into()
+            }
             Refusal::AuditUnavailable => {
                 "the request could not be audited, so nothing was returned; try again shortly with the same key".into()
             }
             Refusal::Internal => "the submission could not be opened".into(),
+        }
+    }
+}
+
+/// Waits until this node's `handlers` have caught up on `partition` (see [`crate::cluster::catch_up`]):
+/// a refusal decided before that could be false.
+pub(crate) async fn catch_up(node: &crate::node::Node, handlers: &[&str], partition: Option<i32>) -> Result<(), Refusal> {
+    match crate::cluster::catch_up(node, handlers, partition).await {
+        Ok(()) => Ok(()),
+        Err(crate::cluster::CatchUpError::Store(error)) => Err(Refusal::from(error)),
+        Err(error) => {
+            tracing::warn!(%error, "answered 503: this node has not caught up with the request's partition");
+            Err(Refusal::CatchingUp)
         }
     }
 }

@@ -40,6 +40,8 @@ pub enum VisitorRefusal {
     TemplateGone,
     /// The node cannot read its state, or cannot make the request durable.
     Unavailable,
+    /// The node has not caught up with the form's events yet (after a restart or a move).
+    CatchingUp,
 }
 
 impl VisitorRefusal {
@@ -51,7 +53,7 @@ impl VisitorRefusal {
             VisitorRefusal::TooMany => 429,
             VisitorRefusal::UnknownField(_) => 400,
             VisitorRefusal::Invalid { .. } => 422,
-            VisitorRefusal::TemplateGone | VisitorRefusal::Unavailable => 503,
+            VisitorRefusal::TemplateGone | VisitorRefusal::Unavailable | VisitorRefusal::CatchingUp => 503,
         }
     }
 }
@@ -60,7 +62,9 @@ impl VisitorRefusal {
 /// request at a time per form, and the per-form rate limit (counted only for a valid key, so a
 /// stranger without it cannot use up the visitor's allowance).
 pub struct Gateway {
-    overlay: DashMap<Vec<u8>, FormState>,
+    /// Form key state this node wrote, with the ownership epoch it was written in: an entry from an
+    /// earlier epoch is ignored (the form's partition may have been served elsewhere since).
+    overlay: DashMap<Vec<u8>, (u64, FormState)>,
     locks: DashMap<Vec<u8>, Arc<tokio::sync::Mutex<()>>>,
     per_form: DefaultKeyedRateLimiter<String>,
 }
@@ -72,10 +76,21 @@ impl Gateway {
         Gateway { overlay: DashMap::new(), locks: DashMap::new(), per_form: RateLimiter::keyed(quota) }
     }
 
+    /// The form's key state this node wrote in the current ownership epoch, if any: the latest there
+    /// is, since only the owner of its partition writes it.
+    fn written_here(&self, node: &Node, site: &str, form: &str) -> Option<FormState> {
+        let epoch = node.ownership.epoch();
+        self.overlay.get(&form_key(site, form)).filter(|e| e.0 == epoch).map(|e| e.1.clone())
+    }
+
+    fn remember(&self, node: &Node, site: &str, form: &str, state: FormState) {
+        self.overlay.insert(form_key(site, form), (node.ownership.epoch(), state));
+    }
+
     /// The form's key state: this node's latest writes, else the projection.
     fn form(&self, node: &Node, site: &str, form: &str) -> Result<Option<FormState>, VisitorRefusal> {
-        if let Some(s) = self.overlay.get(&form_key(site, form)) {
-            return Ok(Some(s.clone()));
+        if let Some(s) = self.written_here(node, site, form) {
+            return Ok(Some(s));
         }
         GatewayView::new(node.gateway.clone()).form(site, form).map_err(|error| {
             tracing::error!(%error, site_id = %site, form_id = %form, "cannot read the form's key state; check the data directory's disk");
@@ -90,6 +105,17 @@ impl Gateway {
     fn limited(&self, site: &str, form: &str) -> bool {
         self.per_form.check_key(&format!("{site}/{form}")).is_err()
     }
+}
+
+/// Waits until this node's gateway state has caught up on the form's partition (the one its key
+/// names, else its conversation's, else every partition this node owns); 503 if it cannot in time.
+async fn caught_up(node: &Node, key: Option<&OtkSecret>, state: Option<&FormState>) -> Result<(), VisitorRefusal> {
+    let partition =
+        key.and_then(|k| k.partition()).or_else(|| state.map(|s| node.partition_of(&s.conversation_id)));
+    crate::cluster::catch_up(node, crate::cluster::VISITOR_STATE, partition).await.map_err(|error| {
+        tracing::warn!(%error, "a visitor's request got 503: this node has not caught up with the form's partition");
+        VisitorRefusal::CatchingUp
+    })
 }
 
 /// Where a request came from, for audit records: a hash of the address, never the address.
@@ -146,7 +172,7 @@ pub struct LinkPage {
 
 /// The link in the chat: checks the key and spends nothing. `audit` is false for HEAD requests,
 /// which must change nothing.
-pub fn look(
+pub async fn look(
     node: &Node,
     gw: &Gateway,
     site: &str,
@@ -155,7 +181,12 @@ pub fn look(
     client: &str,
     audit: bool,
 ) -> Result<LinkPage, VisitorRefusal> {
-    let current = gw.form(node, site, form)?;
+    let mut current = gw.form(node, site, form)?;
+    if check_open(current.as_ref(), site, form, key, (node.clock)()).is_err() {
+        // A link is good as soon as the chat bus has it: catch up before refusing it.
+        caught_up(node, key, current.as_ref()).await?;
+        current = gw.form(node, site, form)?;
+    }
     match check_open(current.as_ref(), site, form, key, (node.clock)()) {
         Ok(checked) => {
             let title =
@@ -192,8 +223,18 @@ async fn admit(
     client: &str,
 ) -> Result<Admitted, VisitorRefusal> {
     let held = gw.lock(site, form).lock_owned().await;
+    // Unless this node wrote the form's latest state itself, it first applies everything the
+    // brokers hold for the form's partition: a key spent on another node (before a restart or a
+    // move) is spent here too, and a link the chat bus just got is known.
+    let current = match gw.written_here(node, site, form) {
+        Some(s) => Some(s),
+        None => {
+            let projected = gw.form(node, site, form)?;
+            caught_up(node, key, projected.as_ref()).await?;
+            gw.form(node, site, form)?
+        }
+    };
     let now = (node.clock)();
-    let current = gw.form(node, site, form)?;
     let check = if purpose == Purpose::Submit { check_submit } else { check_open };
     let state = match check(current.as_ref(), site, form, key, now) {
         Ok(checked) => checked.state.clone(),
@@ -228,7 +269,7 @@ pub async fn open(
     let Admitted { _held, now, state: mut fs, template } =
         admit(node, gw, site, form, key, Purpose::Open, client).await?;
     let submit_ttl = node.settings.sites.get(site).map(|s| s.submit_key_ttl_secs).unwrap_or(1800);
-    let submit_key = OtkSecret::generate(&mut rand::rngs::StdRng::from_os_rng());
+    let submit_key = OtkSecret::generate_for(&mut rand::rngs::StdRng::from_os_rng(), node.partition_of(&fs.conversation_id));
     let opened = FormOpened {
         header: EventHeader::new(EventKind::FormOpened, uuid::Uuid::new_v4(), now, site, &fs.conversation_id, form),
         form_id: form.to_string(),
@@ -241,7 +282,7 @@ pub async fn open(
         return Err(VisitorRefusal::Unavailable);
     }
     fs.opened(&opened);
-    gw.overlay.insert(form_key(site, form), fs);
+    gw.remember(node, site, form, fs);
     node.metrics.otk("open", "accepted");
     Ok(Opened { template, submit_key })
 }
@@ -284,7 +325,7 @@ pub async fn submit(
         Ok(id) => {
             node.metrics.otk("submit", "accepted");
             fs.submitted = true;
-            gw.overlay.insert(form_key(site, form), fs);
+            gw.remember(node, site, form, fs);
             Ok(id)
         }
         Err(error) => {

@@ -5,6 +5,7 @@
 //! moved anywhere else fails to open. Wrapped data keys live on the compacted keys topic (durable
 //! beyond one disk) and in the node's key ring; destroying one makes everything it sealed unreadable.
 
+pub mod hop;
 pub mod keyring;
 pub mod mac;
 

@@ -49,11 +49,31 @@ impl OtkSecret {
         OtkSecret(s)
     }
 
-    /// Wraps a key presented by a client. Anything that is not exactly 22 URL-safe base64 characters
-    /// cannot be a key we issued.
+    /// A key for a form of the conversation on `partition`: 128 random bits, then `.` and the
+    /// partition number. Any node reads where to route a request that carries the key without
+    /// asking anyone (ADR 22); the number says nothing about the conversation but which of a few
+    /// partitions it is on, and it is part of what the stored hash covers, so it cannot be changed.
+    pub fn generate_for(rng: &mut impl RngCore, partition: i32) -> OtkSecret {
+        let mut k = OtkSecret::generate(rng);
+        k.0.push_str(&format!(".{}", partition.max(0)));
+        k
+    }
+
+    /// Wraps a key presented by a client. Anything that is not 22 URL-safe base64 characters,
+    /// optionally followed by `.` and a partition number, cannot be a key we issued.
     pub fn parse(s: &str) -> Option<OtkSecret> {
-        let ok = s.len() == 22 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        ok.then(|| OtkSecret(s.to_string()))
+        let (random, hint) = match s.split_once('.') {
+            Some((r, h)) => (r, Some(h)),
+            None => (s, None),
+        };
+        let random_ok = random.len() == 22 && random.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        let hint_ok = hint.is_none_or(|h| (1..=5).contains(&h.len()) && h.bytes().all(|b| b.is_ascii_digit()));
+        (random_ok && hint_ok).then(|| OtkSecret(s.to_string()))
+    }
+
+    /// The partition a key names (routing hint), if it names one.
+    pub fn partition(&self) -> Option<i32> {
+        self.0.split_once('.').and_then(|(_, h)| h.parse().ok())
     }
 
     pub fn expose(&self) -> &str {
@@ -110,6 +130,25 @@ mod tests {
     fn malformed_keys_are_not_keys() {
         for s in ["", "short", "!!!!!!!!!!!!!!!!!!!!!!", "aaaaaaaaaaaaaaaaaaaaaaa"] {
             assert!(OtkSecret::parse(s).is_none(), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn a_key_can_name_its_partition_and_the_name_is_part_of_the_key() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let k = OtkSecret::generate_for(&mut rng, 4);
+        assert_eq!(k.partition(), Some(4));
+        let parsed = OtkSecret::parse(k.expose()).expect("a key we issued parses");
+        assert_eq!(parsed.partition(), Some(4));
+        let stored = k.hash(Purpose::Open, "acme", "f1");
+        assert!(parsed.verify(&stored, Purpose::Open, "acme", "f1"));
+        // Another partition number on the same random part is another key.
+        let (random, _) = k.expose().split_once('.').unwrap();
+        let moved = OtkSecret::parse(&format!("{random}.5")).unwrap();
+        assert!(!moved.verify(&stored, Purpose::Open, "acme", "f1"));
+        assert_eq!(OtkSecret::generate(&mut rng).partition(), None, "keys without a hint still parse");
+        for bad in [format!("{random}."), format!("{random}.x"), format!("{random}.123456"), format!("{random}.-1")] {
+            assert!(OtkSecret::parse(&bad).is_none(), "{bad:?}");
         }
     }
 

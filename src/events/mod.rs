@@ -93,6 +93,7 @@ events! {
     FormTemplateDefined => "form_template_defined.avsc", v 1, Templates;
     DataKeyCreated => "data_key_created.avsc", v 1, Keys;
     DataKeyDestroyed => "data_key_destroyed.avsc", v 1, Keys;
+    NodeAnnounced => "node_announced.avsc", v 1, Nodes;
     DeadLetter => "dead_letter.avsc", v 2, DeadLetters;
 }
 
@@ -155,6 +156,7 @@ impl Event {
             Event::FormTemplateDefined(t) => format!("{}/{}", t.header.site_id, t.template_id),
             Event::DataKeyCreated(k) => k.key_id.clone(),
             Event::DataKeyDestroyed(k) => k.key_id.clone(),
+            Event::NodeAnnounced(n) => n.node_id.clone(),
             other => other.header().conversation_id.clone(),
         }
     }

@@ -221,3 +221,14 @@ pub struct DeadLetter {
     #[serde(default)]
     pub source_mac: Option<String>,
 }
+
+/// A node says where other nodes reach it and which conversation partitions it owns now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAnnounced {
+    pub header: EventHeader,
+    pub node_id: String,
+    pub url: String,
+    pub partitions: Vec<i32>,
+    pub partition_count: i32,
+    pub leaving: bool,
+}

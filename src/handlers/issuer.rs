@@ -72,7 +72,7 @@ impl Handler for Issuer {
                 if sent.form_id.is_empty() || sent.header.conversation_id.is_empty() {
                     return Err(ApplyError::Unprocessable("FormSent needs a form_id and a conversation_id".into()));
                 }
-                let open_key = OtkSecret::generate(&mut self.rng);
+                let open_key = OtkSecret::generate_for(&mut self.rng, meta.partition);
                 let outcome = decide(
                     &self.sites,
                     &IssueInput { sent, now_ms, open_key: &open_key, public_url: &self.public_url },

@@ -1,6 +1,7 @@
 //! Event handlers: adapters that put the pure domain decisions on the consumer runtime. One file per
 //! handler, named after it.
 
+pub mod directory;
 pub mod gateway;
 pub mod issuer;
 pub mod keys;

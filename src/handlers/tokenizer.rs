@@ -101,7 +101,7 @@ impl Handler for Tokenizer {
         &mut self,
         tx: &mut Tx<'_>,
         event: &Event,
-        _meta: &RecordMeta,
+        meta: &RecordMeta,
         now_ms: i64,
     ) -> Result<Vec<Event>, ApplyError> {
         match event {
@@ -150,7 +150,7 @@ impl Handler for Tokenizer {
                     .get(&s.header.site_id)
                     .map(|c| c.retrieve_key_ttl_secs)
                     .unwrap_or(DEFAULT_RETRIEVE_TTL_SECS);
-                let retrieve_key = OtkSecret::generate(&mut self.rng);
+                let retrieve_key = OtkSecret::generate_for(&mut self.rng, meta.partition);
                 let h = &s.header;
                 let ready = FormReady {
                     header: EventHeader::new(

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod listener;
 pub mod openapi;
 pub mod pages;
+pub mod route;
 pub mod visitor;
 
 use std::num::NonZeroU32;
@@ -54,6 +55,8 @@ pub struct AppState {
     pub api_per_agent: DefaultKeyedRateLimiter<String>,
     pub https: bool,
     pub auth: auth::AgentAuth,
+    /// Forwards requests to the node that owns their conversation (`route`).
+    pub forwarder: reqwest::Client,
 }
 
 impl AppState {
@@ -74,6 +77,7 @@ impl AppState {
         let limits = node.settings.rate_limits.clone();
         Ok(Arc::new(AppState {
             auth,
+            forwarder: route::forwarder(&node.settings)?,
             node,
             gateway: crate::app::visitor::Gateway::new(limits.visitor_per_form),
             per_client: RateLimiter::keyed(quota(limits.visitor_per_client)),
@@ -114,6 +118,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], openapi::json()) }))
         .fallback(visitor::not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn_with_state(state.clone(), route::route))
         .layer(middleware::from_fn(framework_errors))
         .layer(middleware::from_fn_with_state(state.clone(), security_headers))
         .layer(middleware::from_fn_with_state(state.clone(), record_latency))

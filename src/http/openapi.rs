@@ -110,12 +110,21 @@ pub async fn ops_readyz(
     ready_response(&node)
 }
 
+/// 200 `ready` or 503, then the conversation partitions this node owns (`owns 0,1,2`; `owns none`
+/// on a node of a cluster with more nodes than partitions, which forwards everything).
 fn ready_response(node: &crate::node::Node) -> axum::response::Response {
     use axum::response::IntoResponse;
-    if node.metrics.is_ready() {
-        (axum::http::StatusCode::OK, "ready").into_response()
+    let owned = node.ownership.owned();
+    let owns = if owned.is_empty() {
+        "none".to_string()
     } else {
-        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "catching up with the topics").into_response()
+        owned.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",")
+    };
+    if node.metrics.is_ready() {
+        (axum::http::StatusCode::OK, format!("ready\nowns {owns}\n")).into_response()
+    } else {
+        (axum::http::StatusCode::SERVICE_UNAVAILABLE, format!("catching up with the topics\nowns {owns}\n"))
+            .into_response()
     }
 }
 

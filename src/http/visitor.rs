@@ -136,7 +136,7 @@ pub async fn link(
     }
     let presented = query.get("k").and_then(|k| OtkSecret::parse(k));
     let audit = method != axum::http::Method::HEAD;
-    match app::look(&state.node, &state.gateway, &site, &form, presented.as_ref(), &app::client_ref(&addr), audit) {
+    match app::look(&state.node, &state.gateway, &site, &form, presented.as_ref(), &app::client_ref(&addr), audit).await {
         Ok(page) => html(
             StatusCode::OK,
             OpenPage::new(
@@ -325,7 +325,9 @@ fn refused(
         VisitorRefusal::TemplateGone => {
             message(status, "This form is not available", &["Ask your agent in the chat to send the form again."])
         }
-        VisitorRefusal::Unavailable => try_again_shortly("The form cannot be used right now"),
+        VisitorRefusal::Unavailable | VisitorRefusal::CatchingUp => {
+            try_again_shortly("The form cannot be used right now")
+        }
     }
 }
 

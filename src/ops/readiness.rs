@@ -38,14 +38,20 @@ pub fn watermarks(settings: &KafkaSettings, topics: &[Topic]) -> Result<Watermar
     Ok(out)
 }
 
-/// Per handler, topic and partition: the next offset it will apply (its position).
+/// Per handler, topic and partition it is responsible for on this node (every partition for state
+/// every node reads whole, the owned ones for conversation-keyed state): the next offset it will
+/// apply (its position).
 pub fn positions(node: &Node, marks: &Watermarks) -> Result<BTreeMap<(&'static str, String, i32), i64>, KafkaError> {
     let mut out = BTreeMap::new();
+    let owned = node.ownership.owned();
     for h in &node.handlers {
         let group = &h.group;
+        let mine = |p: i32| h.scope == crate::kafka::runtime::Scope::EveryNode || owned.contains(&p);
         for t in &h.topics {
             let name = node.kafka.names.name(*t);
-            for ((topic, p), (low, _)) in marks.range((name.clone(), i32::MIN)..=(name.clone(), i32::MAX)) {
+            for ((topic, p), (low, _)) in
+                marks.range((name.clone(), i32::MIN)..=(name.clone(), i32::MAX)).filter(|((_, p), _)| mine(*p))
+            {
                 let pos = stored_offset(&h.store, group, topic, *p)?.unwrap_or(*low).max(*low);
                 out.insert((h.name, topic.clone(), *p), pos);
             }
@@ -57,6 +63,20 @@ pub fn positions(node: &Node, marks: &Watermarks) -> Result<BTreeMap<(&'static s
 /// Whether every position has reached the high watermark it is compared with.
 pub fn caught_up(positions: &BTreeMap<(&'static str, String, i32), i64>, marks: &Watermarks) -> bool {
     positions.iter().all(|((_, topic, p), pos)| marks.get(&(topic.clone(), *p)).is_none_or(|(_, high)| pos >= high))
+}
+
+/// The handlers not yet holding what they should: an every-node handler without its partitions, or
+/// the owners consumer without an assignment from its group (an empty one counts: a node of a
+/// cluster with more nodes than partitions owns nothing and forwards everything).
+fn holding(node: &Node) -> Vec<&'static str> {
+    node.handlers
+        .iter()
+        .filter(|h| match h.scope {
+            crate::kafka::runtime::Scope::EveryNode => node.metrics.assigned(h.name) == 0,
+            crate::kafka::runtime::Scope::Partitioned => !node.ownership.is_assigned(),
+        })
+        .map(|h| h.name)
+        .collect()
 }
 
 fn node_topics(node: &Node) -> Vec<Topic> {
@@ -103,7 +123,7 @@ pub async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) -> Result<(),
             let high = start_marks.get(&(topic.clone(), *p)).map(|(_, h)| *h).unwrap_or(*at);
             node.metrics.set_lag(handler, topic, *p, (high - at).max(0));
         }
-        let holding = node.handlers.iter().all(|h| node.metrics.assigned(h.name) > 0);
+        let holding = holding(&node).is_empty();
         if holding && caught_up(&pos, &start_marks) {
             node.metrics.set_ready();
             tracing::info!(ms = started.elapsed().as_millis() as u64, "projections caught up; ready");
@@ -147,8 +167,7 @@ pub async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) -> Result<(),
                 }
             }
         }
-        let idle: Vec<&str> =
-            node.handlers.iter().filter(|h| node.metrics.assigned(h.name) == 0).map(|h| h.name).collect();
+        let idle = holding(&node);
         let ready = brokers_answer && idle.is_empty();
         if ready != node.metrics.is_ready() {
             if ready {

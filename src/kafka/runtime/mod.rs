@@ -170,6 +170,12 @@ impl Ownership {
         self.assigned.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// Counts the changes of ownership: state a node kept in memory for a partition is good only
+    /// within the epoch it was written in (the partition may have been elsewhere in between).
+    pub fn epoch(&self) -> u64 {
+        *self.changes.borrow()
+    }
+
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
     }
