@@ -233,10 +233,12 @@ fn bench_sites() -> Arc<BTreeMap<String, SiteConfig>> {
 fn bench_tokenizer() -> Tokenizer {
     let master = secureforms::crypto::MasterKey::from_base64(&secureforms::crypto::MasterKey::generate_base64())
         .expect("a generated master key parses");
+    let keys = secureforms::crypto::KeyDeriver::new(&secureforms::crypto::IntegrityKey::from_master(&master));
     Tokenizer::new(
         bench_sites(),
         Arc::new(secureforms::crypto::KeyRing::new(master)),
         Arc::new(secureforms::metrics::Metrics::new()),
+        Arc::new(keys),
     )
 }
 
@@ -470,6 +472,7 @@ async fn retrieve_latency(
             .map_err(|e| bench_err(e.to_string()))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let client =
         reqwest::Client::builder().pool_max_idle_per_host(256).build().map_err(|e| bench_err(e.to_string()))?;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));

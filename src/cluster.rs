@@ -108,7 +108,11 @@ pub async fn catch_up(node: &Node, handlers: &[&str], partition: Option<i32>) ->
         }
         if std::time::Instant::now() >= deadline {
             node.metrics.caught_up("timed_out");
-            tracing::warn!(?partitions, ms = started.elapsed().as_millis() as u64, "a request waited for this node to catch up and got 503; if this repeats, check consumer_lag in /metrics");
+            tracing::warn!(
+                ?partitions,
+                ms = started.elapsed().as_millis() as u64,
+                "a request waited for this node to catch up and got 503; if this repeats, check consumer_lag in /metrics"
+            );
             return Err(CatchUpError::Behind { partitions, ms: started.elapsed().as_millis() });
         }
         tokio::time::sleep(Duration::from_millis(5)).await;

@@ -323,8 +323,9 @@ impl Service {
         let (stop, stop_rx) = watch::channel(false);
         let sites = Arc::new(settings.sites.clone());
         let keys_handler = KeysHandler::new(ring.clone());
-        let issuer = Issuer::new(sites.clone(), settings.public_url.clone());
-        let tokenizer = Tokenizer::new(sites, ring.clone(), metrics.clone());
+        let keys = Arc::new(crate::crypto::KeyDeriver::new(&integrity));
+        let issuer = Issuer::new(sites.clone(), settings.public_url.clone(), keys.clone());
+        let tokenizer = Tokenizer::new(sites, ring.clone(), metrics.clone(), keys);
         let info = |h: &dyn Handler| HandlerInfo {
             name: h.name(),
             group: kafka.handler_group(h.name(), h.scope()),

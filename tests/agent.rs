@@ -165,8 +165,7 @@ async fn submitted_form_in(
         .text()
         .await
         .unwrap();
-    let at = page.find("name=\"k\" value=\"").unwrap() + 16;
-    let submit_key = page[at..at + 22].to_string();
+    let submit_key = submit_key_in(&page);
     let body = serde_urlencoded::to_string([
         ("k", submit_key.as_str()),
         ("cardholder", "Ada"),

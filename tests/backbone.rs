@@ -63,7 +63,10 @@ async fn form_sent_becomes_form_issued_or_form_rejected_with_a_reason() {
             (Event::FormIssued(i), None) => {
                 assert!(i.link.starts_with("http://127.0.0.1:8080/f/acme/f-ok?k="), "{}", i.link);
                 let key = i.link.split("k=").nth(1).unwrap();
-                assert_eq!(key.len(), 22, "128-bit key, base64url");
+                let (random, partition) = key.split_once('.').expect("the key names its partition");
+                assert_eq!(random.len(), 22, "128-bit key, base64url");
+                // The partition of the conversation, as the Java client places it (routing hint).
+                assert_eq!(partition, secureforms::topics::partition_for(b"conv-f-ok", 6).to_string());
                 assert!(!i.open_key_hash.contains(key));
                 assert_eq!(i.header.conversation_id, "conv-f-ok");
             }

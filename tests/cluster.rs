@@ -127,3 +127,230 @@ async fn each_node_purges_what_it_holds_and_the_receipts_reach_every_owner() {
     a.stop().await;
     b.stop().await;
 }
+
+const SECRET: &str = "cluster-test-secret-for-agent-tokens";
+
+fn token(agent: &str, perms: &[&str], roles: &[&str], sid: &str) -> String {
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    let claims = secureforms::http::auth::AgentClaims {
+        sub: agent.into(),
+        site: "acme".into(),
+        roles: roles.iter().map(|r| r.to_string()).collect(),
+        permissions: perms.iter().map(|p| p.to_string()).collect(),
+        sid: sid.into(),
+        exp: now_ms() / 1000 + 600,
+        nbf: None,
+    };
+    encode(&Header::default(), &claims, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap()
+}
+
+/// A node with its gateway on a free loopback port, as `serve` runs one.
+async fn web_node(prefix: &str, dir: &std::path::Path, id: &str, master: &std::path::Path) -> Service {
+    let secret = dir.join("jwt.secret");
+    write_private(&secret, SECRET.as_bytes());
+    let mut s = settings(prefix, dir);
+    s.node_id = id.into();
+    s.master_key_file = Some(master.to_path_buf());
+    s.http_listen = Some("127.0.0.1:0".into());
+    s.agent_auth.jwt_secret_file = Some(secret);
+    let service = Service::start(s, brokers(), system_clock()).await.expect("node starts");
+    service.wait_ready(WAIT).await.expect("ready");
+    service
+}
+
+/// Waits until the nodes own every conversation partition between them, each exactly once, and
+/// every node's directory names the owner each partition really has.
+async fn settled(nodes: &[&Service]) {
+    use secureforms::handlers::directory::DirectoryView;
+    let partitions = nodes[0].partitions;
+    until("the nodes own every partition once and every directory agrees", || {
+        let owners: Vec<Vec<usize>> = (0..partitions)
+            .map(|p| nodes.iter().enumerate().filter(|(_, n)| n.ownership.owns(p)).map(|(i, _)| i).collect())
+            .collect();
+        owners.iter().all(|o| o.len() == 1)
+            && nodes.iter().all(|n| {
+                let view = DirectoryView::new(n.directory.clone());
+                (0..partitions).all(|p| {
+                    view.owner_of(p).unwrap().map(|e| e.node_id)
+                        == Some(nodes[owners[p as usize][0]].settings.node_id.clone())
+                })
+            })
+    })
+    .await;
+}
+
+fn owner_of(nodes: &[&Service], conversation: &str) -> usize {
+    let p = nodes[0].partition_of(conversation);
+    nodes.iter().position(|n| n.ownership.owns(p)).expect("an owner")
+}
+
+async fn text(r: reqwest::Response) -> (u16, String) {
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// Three nodes, requests spread with no sticky routing: every request type sent to a node that does
+/// not own the conversation is answered as the owner answers it, as soon as what it refers to exists
+/// (a link as soon as FormIssued is on the topic, a FormReady key as soon as it is, a fresh key as
+/// soon as it is returned). Off-the-record answers are held by the owner, so a retrieval through any
+/// node finds them. A request that claims to be forwarded without the deployment's key is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_answer_every_request_sent_to_a_node_that_does_not_own_it() {
+    use rdkafka::message::Message;
+    use secureforms::events::{Codec, FormIssued, FormReady};
+    use secureforms::topics::Topic;
+    use serde_json::{Value, json};
+
+    let prefix = unique_prefix("cluster3");
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let master = master_key_file(dirs[0].path());
+    let mut a = web_node(&prefix, dirs[0].path(), "node-a", &master).await;
+    let mut b = web_node(&prefix, dirs[1].path(), "node-b", &master).await;
+    let mut c = web_node(&prefix, dirs[2].path(), "node-c", &master).await;
+    let nodes = [&a, &b, &c];
+    settled(&nodes).await;
+    let base = |i: usize| format!("http://{}", nodes[i].http_addr.unwrap());
+    let client = reqwest::Client::new();
+    let chat = producer(&prefix).await;
+    let mut links = TopicReader::new(&prefix, Topic::FormLinks).await;
+    let mut ready = TopicReader::new(&prefix, Topic::AgentEvents).await;
+    let sender = token("alice", &["use_secure_form"], &["agent"], "s-alice");
+    let manager = token(
+        "mona",
+        &["use_secure_form", secureforms::domain::access::VIEW_RESPONSES_IN_HISTORY],
+        &[secureforms::domain::access::MANAGER_ROLE],
+        "s-mona",
+    );
+
+    for owner in 0..3 {
+        let (entry, third) = ((owner + 1) % 3, (owner + 2) % 3);
+        let conv = (0..).map(|i| format!("conv-{owner}-{i}")).find(|c| owner_of(&nodes, c) == owner).unwrap();
+        let form = format!("form-{owner}");
+        eprintln!(
+            "conversation {conv}: owned by {}, asked through {}",
+            nodes[owner].settings.node_id, nodes[entry].settings.node_id
+        );
+        chat.send(&form_sent("acme", &conv, &form, "alice", "agent", "card-payment")).await.unwrap();
+        let issued = |r: &[rdkafka::message::OwnedMessage]| {
+            r.iter().find_map(|m| match m.payload().map(|p| Codec::get().decode(p)) {
+                Some(Ok(Event::FormIssued(i))) if i.form_id == form => Some(i),
+                _ => None,
+            })
+        };
+        assert!(links.read_until(WAIT, |r| issued(r).is_some()).await, "FormIssued for {form}");
+        let FormIssued { link, .. } = issued(&links.records).unwrap();
+        let path = link.trim_start_matches("http://127.0.0.1:8080").to_string();
+        let (form_path, open_key) = path.split_once("?k=").unwrap();
+        assert!(open_key.ends_with(&format!(".{}", nodes[0].partition_of(&conv))), "the key names its partition");
+
+        // The link, as soon as the chat bus has it, through a node that does not own it.
+        let (status, page) = text(client.get(format!("{}{path}", base(entry))).send().await.unwrap()).await;
+        assert_eq!(status, 200, "the link works at once through a non-owner: {page}");
+        let opened = client
+            .post(format!("{}{form_path}/open", base(entry)))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("k={open_key}"))
+            .send()
+            .await
+            .unwrap();
+        let (status, page) = text(opened).await;
+        assert_eq!(status, 200, "open through a non-owner: {page}");
+        let submit_key = submit_key_in(&page);
+        let pan = luhn_pan(900 + owner as u64);
+        let body = serde_urlencoded::to_string([
+            ("k", submit_key.as_str()),
+            ("cardholder", "Ada"),
+            ("pan", pan.as_str()),
+            ("expiry", "12/39"),
+            ("cvv", "737"),
+        ])
+        .unwrap();
+        let submitted = client
+            .post(format!("{}{form_path}", base(entry)))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(submitted.status().as_u16(), 200, "submit through a non-owner");
+
+        // The FormReady key, as soon as the workspace has it, through a non-owner.
+        let readied = |r: &[rdkafka::message::OwnedMessage]| {
+            r.iter().find_map(|m| match m.payload().map(|p| Codec::get().decode(p)) {
+                Some(Ok(Event::FormReady(f))) if f.form_id == form => Some(f),
+                _ => None,
+            })
+        };
+        assert!(ready.read_until(WAIT, |r| readied(r).is_some()).await, "FormReady for {form}");
+        let FormReady { submission_id, retrieve_key, .. } = readied(&ready.records).unwrap();
+        let retrieve = |node: usize, key: String| {
+            let (client, url, sender) =
+                (client.clone(), format!("{}/api/v1/submissions/{submission_id}/retrieve", base(node)), sender.clone());
+            async move {
+                let r = client.post(url).bearer_auth(sender).json(&json!({ "key": key })).send().await.unwrap();
+                (r.status().as_u16(), r.json::<Value>().await.unwrap_or(Value::Null))
+            }
+        };
+        let (status, got) = retrieve(entry, retrieve_key.clone()).await;
+        assert_eq!(status, 200, "retrieve through a non-owner: {got}");
+        assert_eq!(got["answers"]["pan"], pan.as_str());
+        assert_eq!(got["off_record"]["state"], "present", "the owner that took the submit holds the CVV: {got}");
+        assert_eq!(got["off_record"]["answers"]["cvv"], "737");
+        // The key is spent on the owner, whichever node is asked.
+        let (status, again) = retrieve(third, retrieve_key.clone()).await;
+        assert_eq!((status, again["error"].as_str()), (403, Some("key_spent")), "{again}");
+
+        // A fresh key, usable through any node as soon as it is returned.
+        let fresh = client
+            .post(format!("{}/api/v1/submissions/{submission_id}/retrieve-key", base(third)))
+            .bearer_auth(&sender)
+            .json(&json!({ "previous_key": retrieve_key }))
+            .send()
+            .await
+            .unwrap();
+        let status = fresh.status().as_u16();
+        let fresh: Value = fresh.json().await.unwrap();
+        assert_eq!(status, 201, "fresh key through a non-owner: {fresh}");
+        let (status, got) = retrieve(entry, fresh["retrieve_key"].as_str().unwrap().to_string()).await;
+        assert_eq!(status, 200, "the fresh key works at once through another node: {got}");
+        assert_eq!(got["off_record"]["state"], "expired", "off-the-record answers are read once");
+
+        // The manager's history, complete, through a non-owner.
+        let history = client
+            .get(format!("{}/api/v1/conversations/{conv}/history", base(entry)))
+            .bearer_auth(&manager)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(history.status().as_u16(), 200);
+        let history: Value = history.json().await.unwrap();
+        let forms = history["secure_forms"].as_array().unwrap();
+        assert_eq!(forms.len(), 1, "{history}");
+        assert_eq!(forms[0]["submission_id"], submission_id.as_str());
+
+        let forwarded = nodes[entry]
+            .metrics
+            .forwarded
+            .get_or_create(&[
+                ("route", "/api/v1/submissions/{id}/retrieve".to_string()),
+                ("outcome", "2xx".to_string()),
+            ])
+            .get();
+        assert!(forwarded >= 1, "node {} counted its forwarded retrievals", nodes[entry].settings.node_id);
+    }
+
+    // A request that claims to come from another node without the deployment's key.
+    let forged = client
+        .get(format!("{}/api/v1/conversations/conv-0-0/history", base(0)))
+        .bearer_auth(&manager)
+        .header("x-secureforms-hop", format!("node-b;{};203.0.113.7;{}", now_ms(), "00".repeat(32)))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = text(forged).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("invalid_hop"), "{body}");
+
+    c.stop().await;
+    b.stop().await;
+    a.stop().await;
+}

@@ -396,10 +396,7 @@ async fn metrics_counters_move_during_a_run_and_readyz_says_ready() {
         let r = client.get(format!("http://{addr}/readyz")).send().await.unwrap();
         // One node owns every conversation partition.
         let owns: Vec<String> = (0..6).map(|p| p.to_string()).collect();
-        assert_eq!(
-            (r.status().as_u16(), r.text().await.unwrap()),
-            (200, format!("ready\nowns {}\n", owns.join(",")))
-        );
+        assert_eq!((r.status().as_u16(), r.text().await.unwrap()), (200, format!("ready\nowns {}\n", owns.join(","))));
     }
     assert_eq!(
         client.get(format!("http://{web}/metrics")).send().await.unwrap().status(),

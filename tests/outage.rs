@@ -114,8 +114,8 @@ async fn a_broker_outage_longer_than_the_delivery_timeout_is_ridden_out_without_
     let r = open(&client, &base, &after).await;
     assert_eq!(r.status().as_u16(), 200, "the service serves again without a restart");
     let page = r.text().await.unwrap();
-    let at = page.find("name=\"k\" value=\"").unwrap() + 16;
-    let k = &page[at..at + 22];
+    let k = submit_key_in(&page);
+    let k = k.as_str();
     let body = serde_urlencoded::to_string([
         ("k", k),
         ("cardholder", "Ada"),
@@ -163,8 +163,7 @@ async fn visit(client: &reqwest::Client, base: &str, link: &str, pan: &str) -> (
     if seen.last() != Some(&200) {
         return (seen, retry_after);
     }
-    let at = page.find("name=\"k\" value=\"").unwrap() + 16;
-    let k = page[at..at + 22].to_string();
+    let k = submit_key_in(&page);
     let body = serde_urlencoded::to_string([
         ("k", k.as_str()),
         ("cardholder", "Ada"),

@@ -157,8 +157,7 @@ fn is_issued(m: &rdkafka::message::OwnedMessage, form: &str) -> bool {
 
 /// The submit key from the form page.
 fn submit_key(page: &str) -> String {
-    let at = page.find("name=\"k\" value=\"").expect("page carries a submit key") + 16;
-    page[at..at + 22].to_string()
+    submit_key_in(page)
 }
 
 const PAN: &str = "4111 1111 1111 1111";

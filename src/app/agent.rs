@@ -114,16 +114,16 @@ fn lag_could_explain(r: &Refusal) -> bool {
     matches!(
         r,
         Refusal::Access(Denial::UnknownSubmission | Denial::NotSender)
-            | Refusal::Key(crate::vault::detokenize::Refusal::UnknownSubmission | crate::vault::detokenize::Refusal::InvalidKey)
+            | Refusal::Key(
+                crate::vault::detokenize::Refusal::UnknownSubmission | crate::vault::detokenize::Refusal::InvalidKey
+            )
             | Refusal::PreviousKeyNotIssued
     )
 }
 
 /// The partition a request is about: the one its key names, else its conversation's.
 fn partition_of(node: &Node, key: &str, owner: Option<&SubmissionOwner>) -> Option<i32> {
-    OtkSecret::parse(key)
-        .and_then(|k| k.partition())
-        .or_else(|| owner.map(|o| node.partition_of(&o.conversation_id)))
+    OtkSecret::parse(key).and_then(|k| k.partition()).or_else(|| owner.map(|o| node.partition_of(&o.conversation_id)))
 }
 
 /// Retrieve a submission's answers with its one-time key: only the sender, with the permission,
@@ -243,8 +243,12 @@ pub async fn fresh_key(
         match try_fresh_key(node, agent, submission, previous_key).await {
             Err(r) if !caught_up && lag_could_explain(&r) => {
                 let known = visibility(node).owner(&submission)?;
-                super::catch_up(node, crate::cluster::RETRIEVAL_STATE, partition_of(node, previous_key, known.as_ref()))
-                    .await?;
+                super::catch_up(
+                    node,
+                    crate::cluster::RETRIEVAL_STATE,
+                    partition_of(node, previous_key, known.as_ref()),
+                )
+                .await?;
                 caught_up = true;
             }
             other => return other,
@@ -289,7 +293,8 @@ async fn try_fresh_key(
     let t = (node.clock)();
     let ttl = node.settings.sites.get(&owner.site_id).map(|s| s.retrieve_key_ttl_secs).unwrap_or(60);
     let record = node.detokenizer.record(&submission).map_err(detok)?;
-    let key = OtkSecret::generate_for(&mut rand::rngs::StdRng::from_os_rng(), node.partition_of(&owner.conversation_id));
+    let key =
+        OtkSecret::generate_for(&mut rand::rngs::StdRng::from_os_rng(), node.partition_of(&owner.conversation_id));
     let ready = FormReady {
         header: EventHeader::new(
             EventKind::FormReady,

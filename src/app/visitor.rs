@@ -110,8 +110,7 @@ impl Gateway {
 /// Waits until this node's gateway state has caught up on the form's partition (the one its key
 /// names, else its conversation's, else every partition this node owns); 503 if it cannot in time.
 async fn caught_up(node: &Node, key: Option<&OtkSecret>, state: Option<&FormState>) -> Result<(), VisitorRefusal> {
-    let partition =
-        key.and_then(|k| k.partition()).or_else(|| state.map(|s| node.partition_of(&s.conversation_id)));
+    let partition = key.and_then(|k| k.partition()).or_else(|| state.map(|s| node.partition_of(&s.conversation_id)));
     crate::cluster::catch_up(node, crate::cluster::VISITOR_STATE, partition).await.map_err(|error| {
         tracing::warn!(%error, "a visitor's request got 503: this node has not caught up with the form's partition");
         VisitorRefusal::CatchingUp
@@ -269,7 +268,8 @@ pub async fn open(
     let Admitted { _held, now, state: mut fs, template } =
         admit(node, gw, site, form, key, Purpose::Open, client).await?;
     let submit_ttl = node.settings.sites.get(site).map(|s| s.submit_key_ttl_secs).unwrap_or(1800);
-    let submit_key = OtkSecret::generate_for(&mut rand::rngs::StdRng::from_os_rng(), node.partition_of(&fs.conversation_id));
+    let submit_key =
+        OtkSecret::generate_for(&mut rand::rngs::StdRng::from_os_rng(), node.partition_of(&fs.conversation_id));
     let opened = FormOpened {
         header: EventHeader::new(EventKind::FormOpened, uuid::Uuid::new_v4(), now, site, &fs.conversation_id, form),
         form_id: form.to_string(),

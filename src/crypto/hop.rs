@@ -43,7 +43,9 @@ pub struct Hop {
 pub enum HopError {
     #[error("the {HEADER} header is not node;time;client_ip;mac")]
     Malformed,
-    #[error("the forwarded request is {0} ms away from this node's clock (allowed {WINDOW_MS}); check the nodes' clocks (NTP)")]
+    #[error(
+        "the forwarded request is {0} ms away from this node's clock (allowed {WINDOW_MS}); check the nodes' clocks (NTP)"
+    )]
     Stale(i64),
     #[error("the forwarded request's MAC does not verify: not from a node of this deployment (or another master key)")]
     BadMac,
@@ -72,14 +74,7 @@ impl HopSigner {
     }
 
     /// Checks a forwarded request's header against the request. Constant-time MAC comparison.
-    pub fn verify(
-        &self,
-        header: &str,
-        now_ms: i64,
-        method: &str,
-        path: &str,
-        body: &[u8],
-    ) -> Result<Hop, HopError> {
+    pub fn verify(&self, header: &str, now_ms: i64, method: &str, path: &str, body: &[u8]) -> Result<Hop, HopError> {
         let mut parts = header.rsplitn(4, ';');
         let (Some(tag), Some(client), Some(at), Some(from)) = (parts.next(), parts.next(), parts.next(), parts.next())
         else {
@@ -117,7 +112,10 @@ mod tests {
         assert_eq!(b.verify(&h, 1_000_500, "POST", "/f/acme/f2", b"k=x"), Err(HopError::BadMac), "another path");
         assert_eq!(b.verify(&h, 1_000_500, "POST", "/f/acme/f1", b"k=y"), Err(HopError::BadMac), "another body");
         assert_eq!(b.verify(&h, 1_000_500, "GET", "/f/acme/f1", b"k=x"), Err(HopError::BadMac), "another method");
-        assert!(matches!(b.verify(&h, 1_000_000 + WINDOW_MS + 1, "POST", "/f/acme/f1", b"k=x"), Err(HopError::Stale(_))));
+        assert!(matches!(
+            b.verify(&h, 1_000_000 + WINDOW_MS + 1, "POST", "/f/acme/f1", b"k=x"),
+            Err(HopError::Stale(_))
+        ));
         // The client address is covered: a relay cannot make the owner blame someone else.
         let forged = h.replace("203.0.113.9", "198.51.100.1");
         assert_eq!(b.verify(&forged, 1_000_500, "POST", "/f/acme/f1", b"k=x"), Err(HopError::BadMac));

@@ -309,6 +309,48 @@ pub fn answer_ad_bound<'a>(
     ]
 }
 
+/// Derives the one-time keys handlers issue (a link's open key, a FormReady's retrieve key) from the
+/// event that causes them: HMAC-SHA256 under a key derived from the integrity key, over the purpose
+/// and the causing event's id. A node that takes over a partition and applies again a record whose
+/// output the dead owner had already sent makes the very same key, so the link a visitor holds and
+/// the key an agent's workspace kept stay the ones the service honours (ADR 22). Nobody without the
+/// integrity key can compute a key; the keys are in the events anyway.
+pub struct KeyDeriver {
+    key: Zeroizing<[u8; 32]>,
+}
+
+impl fmt::Debug for KeyDeriver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeyDeriver(..)")
+    }
+}
+
+impl KeyDeriver {
+    pub fn new(integrity: &IntegrityKey) -> KeyDeriver {
+        KeyDeriver { key: integrity.derive(b"secureforms-otk-derive-v1") }
+    }
+
+    /// The key of `purpose` that the event `cause_event_id` gives, naming `partition`.
+    pub fn otk(
+        &self,
+        purpose: crate::domain::otk::Purpose,
+        cause_event_id: &str,
+        partition: i32,
+    ) -> crate::domain::otk::OtkSecret {
+        use hmac::{Hmac, Mac};
+        let mut mac =
+            <Hmac<sha2::Sha256> as Mac>::new_from_slice(self.key.as_ref()).expect("HMAC takes any key length");
+        for part in [purpose.as_str().as_bytes(), cause_event_id.as_bytes()] {
+            mac.update(&(part.len() as u64).to_be_bytes());
+            mac.update(part);
+        }
+        let tag = mac.finalize().into_bytes();
+        let mut bits = [0u8; 16];
+        bits.copy_from_slice(&tag[..16]);
+        crate::domain::otk::OtkSecret::from_bits(bits, partition)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

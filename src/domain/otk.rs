@@ -49,6 +49,13 @@ impl OtkSecret {
         OtkSecret(s)
     }
 
+    /// A key made of 128 bits the caller derived (see `crypto::KeyDeriver`), naming `partition`.
+    pub fn from_bits(mut bits: [u8; 16], partition: i32) -> OtkSecret {
+        let s = format!("{}.{}", URL_SAFE_NO_PAD.encode(bits), partition.max(0));
+        bits.zeroize();
+        OtkSecret(s)
+    }
+
     /// A key for a form of the conversation on `partition`: 128 random bits, then `.` and the
     /// partition number. Any node reads where to route a request that carries the key without
     /// asking anyone (ADR 22); the number says nothing about the conversation but which of a few
@@ -66,7 +73,8 @@ impl OtkSecret {
             Some((r, h)) => (r, Some(h)),
             None => (s, None),
         };
-        let random_ok = random.len() == 22 && random.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        let random_ok =
+            random.len() == 22 && random.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         let hint_ok = hint.is_none_or(|h| (1..=5).contains(&h.len()) && h.bytes().all(|b| b.is_ascii_digit()));
         (random_ok && hint_ok).then(|| OtkSecret(s.to_string()))
     }

@@ -4,13 +4,10 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use rand::SeedableRng;
-use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
 use crate::config::SiteConfig;
 use crate::domain::issue::{IssueInput, decide};
-use crate::domain::otk::OtkSecret;
 use crate::events::Event;
 use crate::kafka::{ApplyError, Handler, RecordMeta};
 use crate::store::Tx;
@@ -30,12 +27,18 @@ pub struct IssuedForm {
 pub struct Issuer {
     sites: Arc<BTreeMap<String, SiteConfig>>,
     public_url: String,
-    rng: StdRng,
+    keys: Arc<crate::crypto::KeyDeriver>,
 }
 
 impl Issuer {
-    pub fn new(sites: Arc<BTreeMap<String, SiteConfig>>, public_url: String) -> Issuer {
-        Issuer { sites, public_url, rng: StdRng::from_os_rng() }
+    /// `keys` derives each link's open key from its FormSent, so applying a FormSent again (on the
+    /// node that takes over its partition) gives the same link.
+    pub fn new(
+        sites: Arc<BTreeMap<String, SiteConfig>>,
+        public_url: String,
+        keys: Arc<crate::crypto::KeyDeriver>,
+    ) -> Issuer {
+        Issuer { sites, public_url, keys }
     }
 }
 
@@ -72,7 +75,7 @@ impl Handler for Issuer {
                 if sent.form_id.is_empty() || sent.header.conversation_id.is_empty() {
                     return Err(ApplyError::Unprocessable("FormSent needs a form_id and a conversation_id".into()));
                 }
-                let open_key = OtkSecret::generate_for(&mut self.rng, meta.partition);
+                let open_key = self.keys.otk(crate::domain::otk::Purpose::Open, &sent.header.event_id, meta.partition);
                 let outcome = decide(
                     &self.sites,
                     &IssueInput { sent, now_ms, open_key: &open_key, public_url: &self.public_url },
@@ -119,7 +122,9 @@ mod tests {
     fn issuer() -> Issuer {
         let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/secureforms.example.toml");
         let settings = crate::config::Settings::load(Some(&example), &serde_json::json!({})).unwrap();
-        Issuer::new(Arc::new(settings.sites), "https://forms.example".into())
+        let master = crate::crypto::MasterKey::from_base64(&crate::crypto::MasterKey::generate_base64()).unwrap();
+        let keys = crate::crypto::KeyDeriver::new(&crate::crypto::IntegrityKey::from_master(&master));
+        Issuer::new(Arc::new(settings.sites), "https://forms.example".into(), Arc::new(keys))
     }
 
     fn sent(site: &str, form: &str, template: &str) -> Event {

@@ -10,12 +10,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use rand::SeedableRng;
-use rand::rngs::StdRng;
-
 use crate::config::SiteConfig;
 use crate::crypto::KeyRing;
-use crate::domain::otk::OtkSecret;
 use crate::events::{Event, EventHeader, EventKind, FormReady, derived_event_id};
 use crate::kafka::{ApplyError, Handler, RecordMeta};
 use crate::metrics::Metrics;
@@ -32,12 +28,19 @@ pub struct Tokenizer {
     sites: Arc<BTreeMap<String, SiteConfig>>,
     ring: Arc<KeyRing>,
     metrics: Arc<Metrics>,
-    rng: StdRng,
+    /// Derives each FormReady's retrieve key from its FormSubmitted: applying a submission again (on
+    /// the node that takes over its partition) gives the key the workspace already has.
+    keys: Arc<crate::crypto::KeyDeriver>,
 }
 
 impl Tokenizer {
-    pub fn new(sites: Arc<BTreeMap<String, SiteConfig>>, ring: Arc<KeyRing>, metrics: Arc<Metrics>) -> Tokenizer {
-        Tokenizer { sites, ring, metrics, rng: StdRng::from_os_rng() }
+    pub fn new(
+        sites: Arc<BTreeMap<String, SiteConfig>>,
+        ring: Arc<KeyRing>,
+        metrics: Arc<Metrics>,
+        keys: Arc<crate::crypto::KeyDeriver>,
+    ) -> Tokenizer {
+        Tokenizer { sites, ring, metrics, keys }
     }
 
     fn retention_months(&self, site: &str) -> u32 {
@@ -150,8 +153,8 @@ impl Handler for Tokenizer {
                     .get(&s.header.site_id)
                     .map(|c| c.retrieve_key_ttl_secs)
                     .unwrap_or(DEFAULT_RETRIEVE_TTL_SECS);
-                let retrieve_key = OtkSecret::generate_for(&mut self.rng, meta.partition);
                 let h = &s.header;
+                let retrieve_key = self.keys.otk(crate::domain::otk::Purpose::Retrieve, &h.event_id, meta.partition);
                 let ready = FormReady {
                     header: EventHeader::new(
                         EventKind::FormReady,
@@ -220,9 +223,42 @@ mod tests {
     use crate::vault::detokenize::Detokenizer;
     use crate::vault::offrecord::OffRecordStore;
 
+    use crate::domain::otk::OtkSecret;
+
     fn tokenizer() -> Tokenizer {
         let master = crate::crypto::MasterKey::from_base64(&crate::crypto::MasterKey::generate_base64()).unwrap();
-        Tokenizer::new(Arc::new(BTreeMap::new()), Arc::new(KeyRing::new(master)), Arc::new(Metrics::new()))
+        tokenizer_of(master)
+    }
+
+    fn tokenizer_of(master: crate::crypto::MasterKey) -> Tokenizer {
+        let keys = crate::crypto::KeyDeriver::new(&crate::crypto::IntegrityKey::from_master(&master));
+        Tokenizer::new(
+            Arc::new(BTreeMap::new()),
+            Arc::new(KeyRing::new(master)),
+            Arc::new(Metrics::new()),
+            Arc::new(keys),
+        )
+    }
+
+    #[test]
+    fn a_node_that_applies_a_submission_again_sends_the_retrieve_key_the_first_one_sent() {
+        // Two nodes of one deployment (one master key), each applying the same FormSubmitted from
+        // empty state, as the node taking over a dead node's partition does.
+        let text = crate::crypto::MasterKey::generate_base64();
+        let node = || Given::new(tokenizer_of(crate::crypto::MasterKey::from_base64(&text).unwrap()));
+        let s = Event::FormSubmitted(submitted("f1", uuid::Uuid::new_v4()));
+        let ready = |out: Vec<Event>| match out.as_slice() {
+            [Event::FormReady(r)] => (r.header.event_id.clone(), r.retrieve_key.clone()),
+            other => panic!("one FormReady, got {other:?}"),
+        };
+        let (first, second) = (ready(node().when(&s).unwrap()), ready(node().when(&s).unwrap()));
+        assert_eq!(first, second, "same event id, same key");
+        // Another submission, another key; another deployment, another key for the same event.
+        assert_ne!(
+            ready(node().when(&Event::FormSubmitted(submitted("f2", uuid::Uuid::new_v4()))).unwrap()).1,
+            first.1
+        );
+        assert_ne!(ready(Given::new(tokenizer()).when(&s).unwrap()).1, first.1);
     }
 
     fn submitted(form: &str, id: uuid::Uuid) -> FormSubmitted {

@@ -64,7 +64,11 @@ pub struct Target {
 }
 
 fn form_field(body: &[u8], name: &str) -> Option<String> {
-    serde_urlencoded::from_bytes::<Vec<(String, String)>>(body).ok()?.into_iter().find(|(k, _)| k == name).map(|(_, v)| v)
+    serde_urlencoded::from_bytes::<Vec<(String, String)>>(body)
+        .ok()?
+        .into_iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v)
 }
 
 fn json_field(body: &[u8], name: &str) -> Option<String> {
@@ -249,13 +253,26 @@ async fn dispatch(
             Ok(_) => {}
             Err(error) => {
                 tracing::error!(%error, "cannot read the node directory; check the data directory's disk");
-                return unavailable(api, "unavailable", "the service cannot route this request now; retry shortly", false);
+                return unavailable(
+                    api,
+                    "unavailable",
+                    "the service cannot route this request now; retry shortly",
+                    false,
+                );
             }
         }
         if std::time::Instant::now() >= deadline {
             node.metrics.forwarded(t.route, "no_owner");
-            tracing::warn!(partition = t.partition, "no node owns this conversation's partition yet; the request got 503 (a rebalance is in progress, or no node runs the handlers)");
-            return unavailable(api, "no_owner", "the service is moving this conversation between nodes; retry shortly", false);
+            tracing::warn!(
+                partition = t.partition,
+                "no node owns this conversation's partition yet; the request got 503 (a rebalance is in progress, or no node runs the handlers)"
+            );
+            return unavailable(
+                api,
+                "no_owner",
+                "the service is moving this conversation between nodes; retry shortly",
+                false,
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -280,7 +297,13 @@ fn hop_by_hop(name: &header::HeaderName) -> bool {
 }
 
 /// Sends a request to the owner and turns its answer into ours.
-async fn forward(state: &AppState, base: &str, parts: &Parts, body: &Bytes, client: IpAddr) -> Result<Response, reqwest::Error> {
+async fn forward(
+    state: &AppState,
+    base: &str,
+    parts: &Parts,
+    body: &Bytes,
+    client: IpAddr,
+) -> Result<Response, reqwest::Error> {
     let node = &state.node;
     let path_q = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let mut request = state.forwarder.request(parts.method.clone(), format!("{base}{path_q}"));
@@ -312,7 +335,10 @@ mod tests {
         assert_eq!(t("POST", "/f/acme/f1/open", None, &format!("k={key}")), Some(4));
         assert_eq!(t("POST", "/f/acme/f1", None, &format!("card=4111&k={key}")), Some(4));
         assert_eq!(t("POST", "/api/v1/submissions/x/retrieve", None, &format!(r#"{{"key":"{key}"}}"#)), Some(4));
-        assert_eq!(t("POST", "/api/v1/submissions/x/retrieve-key", None, &format!(r#"{{"previous_key":"{key}"}}"#)), Some(4));
+        assert_eq!(
+            t("POST", "/api/v1/submissions/x/retrieve-key", None, &format!(r#"{{"previous_key":"{key}"}}"#)),
+            Some(4)
+        );
         // The history path names the conversation: murmur2, as the Java client places it.
         let vectors = include_str!("../../tests/vectors/kafka-partitions.txt");
         let line = vectors.lines().find(|l| l.starts_with("conv-42 6 ")).expect("a vector for conv-42");

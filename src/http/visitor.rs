@@ -136,7 +136,8 @@ pub async fn link(
     }
     let presented = query.get("k").and_then(|k| OtkSecret::parse(k));
     let audit = method != axum::http::Method::HEAD;
-    match app::look(&state.node, &state.gateway, &site, &form, presented.as_ref(), &app::client_ref(&addr), audit).await {
+    match app::look(&state.node, &state.gateway, &site, &form, presented.as_ref(), &app::client_ref(&addr), audit).await
+    {
         Ok(page) => html(
             StatusCode::OK,
             OpenPage::new(

@@ -163,6 +163,14 @@ pub fn settings(prefix: &str, data_dir: &Path) -> Settings {
     s
 }
 
+/// The submit key a form page carries (`<input name="k" value="...">`), read to its closing quote
+/// as any HTML client would: keys end in their partition (`.p`).
+pub fn submit_key_in(page: &str) -> String {
+    let at = page.find("name=\"k\" value=\"").expect("the page carries a submit key") + 16;
+    let end = page[at..].find('"').expect("the value attribute ends") + at;
+    page[at..end].to_string()
+}
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
 }

@@ -80,9 +80,12 @@ impl OffsetsFromStore {
                 None => o.release(),
             }
         }
-        self.metrics.set_owned(&self.group, tpl.map_or(0, |t| {
-            t.elements().iter().map(|e| e.partition()).collect::<std::collections::BTreeSet<_>>().len()
-        }));
+        self.metrics.set_owned(
+            &self.group,
+            tpl.map_or(0, |t| {
+                t.elements().iter().map(|e| e.partition()).collect::<std::collections::BTreeSet<_>>().len()
+            }),
+        );
     }
 }
 
