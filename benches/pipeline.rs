@@ -36,6 +36,23 @@ pub struct BenchOptions {
     pub latency_secs: u64,
     pub retrieve_rate: u32,
     pub retrieve_secs: u64,
+    /// Forms per cluster size in the cluster phase (0: no cluster phase).
+    pub cluster_forms: usize,
+}
+
+/// The cluster phase: visitors' open + submit through the nodes in turn (no sticky routing), until
+/// every FormReady is out, with 1, 2 and 3 nodes; and the agent retrieve through the owner next to
+/// through another node (the cost of forwarding).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClusterReport {
+    pub forms: usize,
+    /// (nodes, forms submitted -> FormReady per second).
+    pub throughput: Vec<(usize, f64)>,
+    pub retrieve_requests: usize,
+    pub owner_p50_ms: f64,
+    pub owner_p99_ms: f64,
+    pub forwarded_p50_ms: f64,
+    pub forwarded_p99_ms: f64,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -67,6 +84,7 @@ pub struct BenchReport {
     pub purge_large_vault: usize,
     pub purge_small_ms: f64,
     pub purge_large_ms: f64,
+    pub cluster: Option<ClusterReport>,
 }
 
 fn names(prefix: &str) -> TopicNames {
@@ -503,6 +521,226 @@ async fn retrieve_latency(
     Ok((samples, ok))
 }
 
+const CLUSTER_SECRET: &str = "bench-shared-secret-of-at-least-32-bytes";
+
+/// Starts `n` nodes of one deployment (one master key, their own ids and data directories, gateways
+/// on free loopback ports) and waits until they own every partition between them and each node's
+/// directory names every owner.
+async fn cluster_nodes(
+    brokers: &str,
+    root: &std::path::Path,
+    n: usize,
+) -> anyhow::Result<Vec<secureforms::service::Service>> {
+    use secureforms::service::Service;
+    let p = format!("bench-{}-c{n}.", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    std::fs::create_dir_all(root)?;
+    write_private(&root.join("master.key"), secureforms::crypto::MasterKey::generate_base64().as_bytes())?;
+    write_private(&root.join("jwt.secret"), CLUSTER_SECRET.as_bytes())?;
+    let mut nodes = Vec::new();
+    for i in 0..n {
+        let mut s: Settings = toml::from_str(BENCH_SITE)?;
+        s.brokers = Some(brokers.to_string());
+        s.topic_prefix = p.clone();
+        s.group_prefix = p.trim_end_matches('.').to_string();
+        s.node_id = format!("bench-node-{i}");
+        s.data_dir = root.join(format!("node-{i}"));
+        s.master_key_file = Some(root.join("master.key"));
+        s.http_listen = Some("127.0.0.1:0".into());
+        s.metrics_listen = None;
+        s.purge_interval_secs = 0;
+        s.public_url = "http://bench.invalid".into();
+        s.agent_auth.jwt_secret_file = Some(root.join("jwt.secret"));
+        let node = Service::start(s, brokers.to_string(), system_clock()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        node.wait_ready(Duration::from_secs(120)).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        nodes.push(node);
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let partitions = nodes[0].partitions;
+        let owner = |p: i32| nodes.iter().position(|x| x.ownership.owns(p));
+        let settled = (0..partitions).all(|p| {
+            let Some(o) = owner(p) else { return false };
+            nodes.iter().filter(|x| x.ownership.owns(p)).count() == 1
+                && nodes.iter().all(|x| {
+                    secureforms::handlers::directory::DirectoryView::new(x.directory.clone())
+                        .owner_of(p)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|e| e.node_id == nodes[o].settings.node_id)
+                })
+        }) && nodes.iter().all(|x| !x.ownership.owned().is_empty() || nodes.len() > partitions as usize);
+        if settled {
+            return Ok(nodes);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{n} nodes did not settle their partitions within 120 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One cluster size: `forms` visitors open and submit through the nodes in turn (16 at a time);
+/// returns forms per second (first open to last FormReady), and the nodes, the FormReady keys and
+/// the submission ids for the retrieve measurement.
+async fn cluster_flow(
+    brokers: &str,
+    root: &std::path::Path,
+    n: usize,
+    forms: usize,
+) -> anyhow::Result<(f64, Vec<secureforms::service::Service>, Vec<(String, String, String)>)> {
+    let nodes = cluster_nodes(brokers, root, n).await?;
+    let k = kafka_settings(&nodes[0].settings, brokers.to_string(), "bench");
+    let links = reader(&k, &k.names.name(Topic::FormLinks), nodes[0].partitions)?;
+    let ready = reader(&k, &k.names.name(Topic::AgentEvents), nodes[0].partitions)?;
+    let sends: Vec<Event> = (0..forms)
+        .map(|c| {
+            Event::FormSent(secureforms::events::FormSent {
+                header: secureforms::events::EventHeader::new(
+                    secureforms::events::EventKind::FormSent,
+                    uuid::Uuid::new_v4(),
+                    system_clock()(),
+                    "bench",
+                    &format!("cconv-{c}"),
+                    &format!("cf-{c}"),
+                ),
+                form_id: format!("cf-{c}"),
+                agent_id: format!("bench-agent-{c}"),
+                agent_profile: "agent".into(),
+                template_id: "card-payment".into(),
+                visitor_ref: None,
+                agent_session_id: None,
+            })
+        })
+        .collect();
+    for r in futures::future::join_all(sends.iter().map(|e| nodes[0].producer.send(e))).await {
+        r?;
+    }
+    let mut paths: BTreeMap<String, String> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while paths.len() < forms {
+        anyhow::ensure!(Instant::now() < deadline, "{} of {forms} FormIssued within 120 s", paths.len());
+        if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(1), links.recv()).await
+            && let Some(Ok(Event::FormIssued(i))) = m.payload().map(|p| Codec::get().decode(p))
+        {
+            paths.insert(i.form_id, i.link.trim_start_matches("http://bench.invalid").to_string());
+        }
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder().pool_max_idle_per_host(64).build()?;
+    let bases: Vec<String> = nodes.iter().map(|x| format!("http://{}", x.http_addr.expect("a gateway"))).collect();
+    let started = Instant::now();
+    let gate = Arc::new(tokio::sync::Semaphore::new(16));
+    let mut visits = Vec::new();
+    for (i, path) in paths.values().enumerate() {
+        let (client, base, path, gate) = (client.clone(), bases[i % n].clone(), path.clone(), gate.clone());
+        visits.push(tokio::spawn(async move {
+            let _permit = gate.acquire_owned().await?;
+            let (form_path, key) = path.split_once("?k=").ok_or_else(|| anyhow::anyhow!("a link with a key"))?;
+            let page = client
+                .post(format!("{base}{form_path}/open"))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(format!("k={key}"))
+                .send()
+                .await?
+                .text()
+                .await?;
+            let at = page.find("name=\"k\" value=\"").ok_or_else(|| anyhow::anyhow!("an opened form"))? + 16;
+            let end = page[at..].find('"').ok_or_else(|| anyhow::anyhow!("a submit key"))? + at;
+            let body = format!("k={}&pan=4111111111111111&expiry=12%2F39&cvv=123", &page[at..end]);
+            let r = client
+                .post(format!("{base}{form_path}"))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(body)
+                .send()
+                .await?;
+            anyhow::ensure!(r.status().is_success(), "submit answered {}", r.status());
+            anyhow::Ok(())
+        }));
+    }
+    for v in visits {
+        v.await??;
+    }
+    let mut keys: BTreeMap<String, (String, String)> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while keys.len() < forms {
+        anyhow::ensure!(Instant::now() < deadline, "{} of {forms} FormReady within 120 s", keys.len());
+        if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(1), ready.recv()).await
+            && let Some(Ok(Event::FormReady(r))) = m.payload().map(|p| Codec::get().decode(p))
+        {
+            keys.insert(r.header.conversation_id.clone(), (r.submission_id, r.retrieve_key));
+        }
+    }
+    let per_sec = forms as f64 / started.elapsed().as_secs_f64();
+    let keyed = keys.into_iter().map(|(conv, (id, key))| (conv, id, key)).collect();
+    Ok((per_sec, nodes, keyed))
+}
+
+/// Retrieve latency through the owner and through a node that forwards to it, alternating, at 100
+/// requests/s (one agent per conversation, so the per-agent limit is not what is measured).
+async fn forwarding_cost(
+    nodes: &[secureforms::service::Service],
+    keyed: &[(String, String, String)],
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let client = reqwest::Client::builder().pool_max_idle_per_host(64).build()?;
+    let (mut owner, mut forwarded) = (Vec::new(), Vec::new());
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    for (i, (conv, id, key)) in keyed.iter().enumerate() {
+        tick.tick().await;
+        let c: usize = conv.trim_start_matches("cconv-").parse()?;
+        let claims = secureforms::http::auth::AgentClaims {
+            sub: format!("bench-agent-{c}"),
+            site: "bench".into(),
+            roles: vec!["agent".into()],
+            permissions: vec!["use_secure_form".into()],
+            sid: format!("bench-{c}"),
+            exp: system_clock()() / 1000 + 3600,
+            nbf: None,
+        };
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(CLUSTER_SECRET.as_bytes()),
+        )?;
+        let p = nodes[0].partition_of(conv);
+        let o = nodes.iter().position(|x| x.ownership.owns(p)).ok_or_else(|| anyhow::anyhow!("no owner of {p}"))?;
+        let via_owner = i % 2 == 0;
+        let node = if via_owner { o } else { (o + 1) % nodes.len() };
+        let url = format!("http://{}/api/v1/submissions/{id}/retrieve", nodes[node].http_addr.expect("a gateway"));
+        let start = Instant::now();
+        let r = client.post(url).bearer_auth(token).json(&serde_json::json!({ "key": key })).send().await?;
+        anyhow::ensure!(r.status().is_success(), "retrieve answered {}", r.status());
+        r.bytes().await?;
+        let ms = start.elapsed().as_secs_f64() * 1000.0;
+        if via_owner { owner.push(ms) } else { forwarded.push(ms) }
+    }
+    owner.sort_by(|a, b| a.total_cmp(b));
+    forwarded.sort_by(|a, b| a.total_cmp(b));
+    Ok((owner, forwarded))
+}
+
+async fn cluster_phase(brokers: &str, dir: &std::path::Path, forms: usize) -> anyhow::Result<ClusterReport> {
+    let mut throughput = Vec::new();
+    let mut cost = (Vec::new(), Vec::new());
+    for n in 1..=3 {
+        let (per_sec, nodes, keyed) = cluster_flow(brokers, &dir.join(format!("cluster-{n}")), n, forms).await?;
+        throughput.push((n, per_sec));
+        if n == 2 {
+            cost = forwarding_cost(&nodes, &keyed).await?;
+        }
+        for mut node in nodes {
+            node.stop().await;
+        }
+    }
+    let (owner, forwarded) = cost;
+    Ok(ClusterReport {
+        forms,
+        throughput,
+        retrieve_requests: owner.len() + forwarded.len(),
+        owner_p50_ms: percentile(&owner, 0.50),
+        owner_p99_ms: percentile(&owner, 0.99),
+        forwarded_p50_ms: percentile(&forwarded, 0.50),
+        forwarded_p99_ms: percentile(&forwarded, 0.99),
+    })
+}
+
 const BENCH_SITE: &str = r#"
 [sites.bench]
 enabled = true
@@ -549,6 +787,8 @@ async fn run_bench(settings: &Settings, brokers: &str, opts: &BenchOptions) -> a
     let (expired, small, large) = (PURGE_EXPIRED, PURGE_SMALL, PURGE_SMALL * 10);
     let purge_small_ms = purge_scan(dir.path(), small, expired)?;
     let purge_large_ms = purge_scan(dir.path(), large, expired)?;
+    let cluster =
+        if opts.cluster_forms > 0 { Some(cluster_phase(brokers, dir.path(), opts.cluster_forms).await?) } else { None };
     let broker_kind = secureforms::kafka::admin::Admin::new(&fresh(settings, brokers, "kind"))?.broker_kind().await?;
     Ok(BenchReport {
         brokers: brokers.to_string(),
@@ -575,6 +815,7 @@ async fn run_bench(settings: &Settings, brokers: &str, opts: &BenchOptions) -> a
         purge_large_vault: large,
         purge_small_ms,
         purge_large_ms,
+        cluster,
     })
 }
 
@@ -629,6 +870,24 @@ fn tempfile_dir() -> anyhow::Result<ScratchDir> {
 
 impl BenchReport {
     pub fn render(&self) -> String {
+        let mut out = self.render_node();
+        if let Some(c) = &self.cluster {
+            out.push_str(&format!(
+                "cluster: {} visitors (open + submit over HTTP, nodes in turn, 16 at a time) until every FormReady:\n",
+                c.forms
+            ));
+            for (n, per_sec) in &c.throughput {
+                out.push_str(&format!("\x20 {n} node(s)  {per_sec:>9.0} forms/s\n"));
+            }
+            out.push_str(&format!(
+                "\x20 agent retrieve with 2 nodes, {} requests at 100/s: through the owner p50 {:.2} ms p99 {:.2} ms; through the other node (forwarded) p50 {:.2} ms p99 {:.2} ms\n",
+                c.retrieve_requests, c.owner_p50_ms, c.owner_p99_ms, c.forwarded_p50_ms, c.forwarded_p99_ms
+            ));
+        }
+        out
+    }
+
+    fn render_node(&self) -> String {
         format!(
             "secureforms bench against {} ({}), client properties over the shipped ones: {:?}\n\
              records: {} FormSubmitted of {} bytes each\n\
@@ -715,6 +974,9 @@ struct Args {
     /// Duration of the agent retrieve phase (seconds).
     #[arg(long, default_value_t = 5)]
     retrieve_secs: u64,
+    /// Forms per cluster size in the cluster phase (1, 2 and 3 nodes); 0 skips it.
+    #[arg(long, default_value_t = 300)]
+    cluster_forms: usize,
     /// Run with the client settings from before the latency tuning (linger.ms=2, Nagle on,
     /// fetch.wait.max.ms=20 on every broker), to
     /// compare: the report of a run with and one without says what the tuning buys.
@@ -752,6 +1014,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             latency_secs: args.latency_secs,
             retrieve_rate: args.retrieve_rate,
             retrieve_secs: args.retrieve_secs,
+            cluster_forms: args.cluster_forms,
         },
     )
     .await?;

@@ -403,6 +403,12 @@ impl Service {
         if !together.is_empty() {
             // One consumer for all conversation-keyed state: partition p of every such topic has
             // one owner (ADR 22).
+            // Owning nothing is normal only while other nodes own every partition.
+            let (directory, me, partitions) = (node.directory.clone(), node.settings.node_id.clone(), node.partitions);
+            node.ownership.set_covered_elsewhere(Box::new(move || {
+                let view = crate::handlers::directory::DirectoryView::new(directory.clone());
+                (0..partitions).all(|p| view.owner_of(p).ok().flatten().is_some_and(|e| e.node_id != me))
+            }));
             service.spawn(together, node.kafka.group_id(OWNERS), Some(node.ownership.clone()), &stop_rx);
         }
         {

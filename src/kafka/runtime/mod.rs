@@ -137,13 +137,15 @@ impl Member {
 /// Which partitions of the conversation-keyed topics this node's owner consumer holds: partition p
 /// of every such topic together (the topics are co-partitioned and the range assignor gives one
 /// member the same partition numbers of each). Routing, read-your-writes and readiness read it.
-#[derive(Debug)]
 pub struct Ownership {
     owned: std::sync::RwLock<std::collections::BTreeSet<i32>>,
     /// Bumped on every change; the node's announcer waits on it.
     changes: watch::Sender<u64>,
     /// Whether the group has given this node an assignment (possibly empty) since it joined.
     assigned: std::sync::atomic::AtomicBool,
+    /// Whether other nodes are known to own every partition (the node directory): only then is an
+    /// empty assignment an assignment and not a broken group membership.
+    covered_elsewhere: std::sync::OnceLock<Box<dyn Fn() -> bool + Send + Sync>>,
 }
 
 impl Default for Ownership {
@@ -152,7 +154,14 @@ impl Default for Ownership {
             owned: Default::default(),
             changes: watch::channel(0).0,
             assigned: std::sync::atomic::AtomicBool::new(false),
+            covered_elsewhere: std::sync::OnceLock::new(),
         }
+    }
+}
+
+impl std::fmt::Debug for Ownership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ownership").field("owned", &self.owned()).field("assigned", &self.is_assigned()).finish()
     }
 }
 
@@ -165,9 +174,18 @@ impl Ownership {
         self.owned.read().map(|o| o.iter().copied().collect()).unwrap_or_default()
     }
 
-    /// Whether the group has assigned this node its share (it may be no partition at all).
+    /// Whether the group has assigned this node its share. No partition at all is a share only
+    /// while other nodes are known to own them all (a cluster with more nodes than partitions); else
+    /// an empty assignment is a broken membership (seen on tansu 0.6.0, where a stale static member
+    /// kept every partition), and the consumer rejoins.
     pub fn is_assigned(&self) -> bool {
         self.assigned.load(std::sync::atomic::Ordering::SeqCst)
+            && (!self.owned().is_empty() || self.covered_elsewhere.get().is_some_and(|f| f()))
+    }
+
+    /// Tells how to know that other nodes own every partition (from the node directory).
+    pub fn set_covered_elsewhere(&self, f: Box<dyn Fn() -> bool + Send + Sync>) {
+        let _ = self.covered_elsewhere.set(f);
     }
 
     /// Counts the changes of ownership: state a node kept in memory for a partition is good only
@@ -249,10 +267,12 @@ pub async fn run_together(
         metrics: metrics.clone(),
         ownership: ownership.clone(),
         awaiting: std::sync::atomic::AtomicBool::new(true),
+        held: std::sync::atomic::AtomicUsize::new(0),
         static_member,
     };
     let label = shares.first().map(|s| s.name).unwrap_or("none");
-    let mut consumer = subscribe(&settings, &group, label, context(true), &topic_names)?;
+    // A shadow replica is a passing process: a static membership would outlive it in the group.
+    let mut consumer = subscribe(&settings, &group, label, context(!shadow), &topic_names)?;
     tracing::info!(%group, topics = ?topic_names, handlers = ?shares.iter().map(|s| s.name).collect::<Vec<_>>(), "consumer started");
     let mut watchdog = tokio::time::interval(WATCHDOG_INTERVAL);
     watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -272,9 +292,15 @@ pub async fn run_together(
                 // A consumer left without an assignment for long (revoked, or never given one) is
                 // re-created as a fresh, dynamic member (no group.instance.id). Seen on tansu 0.6.0: a
                 // static member that replaced one of a stopped or killed process was revoked and never
-                // reassigned, and joining again under the same instance id did not help. An empty
-                // assignment (more nodes than partitions) is an assignment: no rejoin.
-                if !consumer.context().awaiting.load(std::sync::atomic::Ordering::SeqCst) {
+                // reassigned, and joining again under the same instance id did not help; and a
+                // member that joined beside such a stale one was given nothing. An empty assignment
+                // is an assignment only when other nodes own every partition (more nodes than
+                // partitions): see `Ownership::is_assigned`.
+                let ctx = consumer.context();
+                let holding = !ctx.awaiting.load(std::sync::atomic::Ordering::SeqCst)
+                    && (ctx.held.load(std::sync::atomic::Ordering::SeqCst) > 0
+                        || ownership.as_ref().is_some_and(|o| o.is_assigned()));
+                if holding {
                     waiting_since = None;
                 } else if waiting_since.get_or_insert_with(std::time::Instant::now).elapsed() >= REJOIN_AFTER {
                     tracing::warn!(%group, secs = REJOIN_AFTER.as_secs(), "consumer had no assignment; re-creating it as a new dynamic member to rejoin the group (check the broker if this repeats)");

@@ -40,6 +40,8 @@ pub(super) struct OffsetsFromStore {
     pub(super) ownership: Option<std::sync::Arc<super::Ownership>>,
     /// True from joining (or a revocation) until the group assigns partitions.
     pub(super) awaiting: std::sync::atomic::AtomicBool,
+    /// Topic-partitions the consumer holds.
+    pub(super) held: std::sync::atomic::AtomicUsize,
     pub(super) static_member: bool,
 }
 
@@ -70,6 +72,7 @@ pub(super) fn held_offsets(shares: &[super::Share], held: &TopicPartitionList) -
 
 impl OffsetsFromStore {
     fn report(&self, tpl: Option<&TopicPartitionList>) {
+        self.held.store(tpl.map_or(0, |t| t.count()), std::sync::atomic::Ordering::SeqCst);
         for s in &self.shares {
             let n = tpl.map_or(0, |t| t.elements().iter().filter(|e| s.topics.iter().any(|n| n == e.topic())).count());
             self.metrics.set_assigned(s.name, n);
