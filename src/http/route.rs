@@ -116,7 +116,8 @@ fn unavailable(api: bool, code: &str, message: &str, not_owner: bool) -> Respons
     let mut r = if api {
         super::agent::api_error(StatusCode::SERVICE_UNAVAILABLE, code, message)
     } else {
-        super::visitor::error_page(StatusCode::SERVICE_UNAVAILABLE, message)
+        // The visitor gets the same page as for any trouble on our side: not their link's fault.
+        super::visitor::try_again_shortly("The form cannot be used right now")
     };
     r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     if not_owner {

@@ -128,14 +128,17 @@ impl ConsumerContext for OffsetsFromStore {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 // The loop applies, commits and produces a whole batch before it polls again, so
                 // nothing is in flight here. The next owner learns what was emitted from the offsets
-                // committed now (ADR 7), so they are committed synchronously before release.
+                // committed now (ADR 7). Asynchronously: this runs on the loop's thread, and a
+                // revocation during a broker outage must not hold it (nor the HTTP server sharing the
+                // runtime) for a request timeout. If the commit is lost, the next owner sends some
+                // outputs again: same event ids and, for the keys handlers issue, the same keys.
                 tracing::info!(group = %self.group, partitions = tpl.count(), "partitions revoked");
                 self.report(None);
                 let held = held_offsets(&self.shares, tpl);
                 if held.count() > 0
-                    && let Err(error) = consumer.commit(&held, CommitMode::Sync)
+                    && let Err(error) = consumer.commit(&held, CommitMode::Async)
                 {
-                    tracing::warn!(%error, group = %self.group, "offset commit on revocation failed; the next owner may send outputs of replayed records again (same event ids; consumers dedupe them)");
+                    tracing::warn!(%error, group = %self.group, "offset commit on revocation failed; the next owner may send outputs of replayed records again (same event ids and keys; consumers dedupe them)");
                 }
                 if let Err(error) = consumer.unassign() {
                     tracing::error!(%error, group = %self.group, "unassign failed");
