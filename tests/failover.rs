@@ -18,6 +18,11 @@ use secureforms::topics::Topic;
 
 const WAIT: Duration = Duration::from_secs(90);
 
+/// Why these run on Apache Kafka only: see `tests/cluster.rs` (tansu 0.6.0 keeps ghost members in a
+/// consumer group after a rejoin and gives them partitions), and tansu was seen refusing every
+/// request after a kill -9 (ADR 13).
+const TANSU_GROUPS: &str = "nodes killed, restarted and sharing one owners group";
+
 /// An HTTP client for the visitors (rustls needs its crypto provider chosen first).
 fn http_client() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -353,6 +358,9 @@ async fn check(c: &Cluster, visits: &BTreeMap<String, Visit>) {
 /// from the kill to the first request served for a partition the dead node owned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_mid_burst_loses_nothing_and_its_partitions_are_served_again() {
+    if !needs_kafka(TANSU_GROUPS) {
+        return;
+    }
     let client = http_client();
     let mut c = Cluster::new("failover", 3);
     c.settled(&client).await;
@@ -420,6 +428,9 @@ async fn a_node_killed_mid_burst_loses_nothing_and_its_partitions_are_served_aga
 /// refused a valid key (503 with Retry-After during a move is allowed: they retry), nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_under_load_refuses_no_visitor() {
+    if !needs_kafka(TANSU_GROUPS) {
+        return;
+    }
     let client = http_client();
     let mut c = Cluster::new("rolling", 3);
     c.settled(&client).await;
@@ -448,6 +459,9 @@ async fn a_rolling_restart_under_load_refuses_no_visitor() {
 /// never 200, and the topic holds one submission per form.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_submit_retried_across_a_restart_is_never_stored_twice() {
+    if !needs_kafka(TANSU_GROUPS) {
+        return;
+    }
     let client = http_client();
     let mut c = Cluster::new("rewindow", 1);
     c.settled(&client).await;
