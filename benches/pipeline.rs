@@ -550,6 +550,10 @@ async fn cluster_nodes(
         s.purge_interval_secs = 0;
         s.public_url = "http://bench.invalid".into();
         s.agent_auth.jwt_secret_file = Some(root.join("jwt.secret"));
+        // Every bench visitor comes from 127.0.0.1: the per-client limit is not what is measured.
+        let unlimited = secureforms::config::Rate { per_minute: 10_000_000, burst: 100_000 };
+        s.rate_limits.visitor_per_client = unlimited;
+        s.rate_limits.api_per_client = unlimited;
         let node = Service::start(s, brokers.to_string(), system_clock()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
         node.wait_ready(Duration::from_secs(120)).await.map_err(|e| anyhow::anyhow!("{e}"))?;
         nodes.push(node);
