@@ -198,6 +198,8 @@ pub struct Service {
     stop: watch::Sender<bool>,
     tasks: JoinSet<(&'static str, Result<(), TaskError>)>,
     shadow: bool,
+    /// A node that serves (gateway and workers), not a passing process (replay, operations).
+    serving: bool,
 }
 
 /// The consumer group of the conversation-keyed handlers (`<group_prefix>-owners`): its members own
@@ -376,6 +378,7 @@ impl Service {
             stop,
             tasks: JoinSet::new(),
             shadow: options.shadow,
+            serving: options.node_tasks && !options.shadow,
         };
         let handlers: Vec<Box<dyn Handler>> = vec![
             Box::new(keys_handler),
@@ -403,12 +406,18 @@ impl Service {
         if !together.is_empty() {
             // One consumer for all conversation-keyed state: partition p of every such topic has
             // one owner (ADR 22).
-            // Owning nothing is normal only while other nodes own every partition.
-            let (directory, me, partitions) = (node.directory.clone(), node.settings.node_id.clone(), node.partitions);
-            node.ownership.set_covered_elsewhere(Box::new(move || {
-                let view = crate::handlers::directory::DirectoryView::new(directory.clone());
-                (0..partitions).all(|p| view.owner_of(p).ok().flatten().is_some_and(|e| e.node_id != me))
-            }));
+            if options.node_tasks {
+                // A serving node: owning nothing is normal only while other nodes own every partition.
+                let (directory, me, partitions) =
+                    (node.directory.clone(), node.settings.node_id.clone(), node.partitions);
+                node.ownership.set_covered_elsewhere(Box::new(move || {
+                    let view = crate::handlers::directory::DirectoryView::new(directory.clone());
+                    (0..partitions).all(|p| view.owner_of(p).ok().flatten().is_some_and(|e| e.node_id != me))
+                }));
+            } else {
+                // Replay and operations replicas rebuild everything: they must hold every partition.
+                node.ownership.expect_all(node.partitions);
+            }
             service.spawn(together, node.kafka.group_id(OWNERS), Some(node.ownership.clone()), &stop_rx);
         }
         {
@@ -522,6 +531,7 @@ impl Service {
             metrics: n.metrics.clone(),
             shadow: self.shadow,
             verify_with,
+            static_membership: self.serving && n.kafka.kind == Some(crate::kafka::BrokerKind::Kafka),
         };
         let (k, p, r) = (n.kafka.clone(), n.producer.clone(), stop.clone());
         self.tasks.spawn(async move {

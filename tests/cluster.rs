@@ -14,12 +14,6 @@ use secureforms::service::Service;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// Why the tests of several nodes sharing partitions run on Apache Kafka only (README, "Running a
-/// cluster"): seen on tansu 0.6.0, a consumer re-created after its static membership was revoked
-/// leaves its old member in the group, and the range assignor gives that ghost a share nobody
-/// serves. The data-keys-and-sessions test runs on both (per-node groups).
-const TANSU_GROUPS: &str = "several nodes in one owners group: tansu 0.6.0 leaves members of a rejoined consumer behind and assigns them partitions, which nobody then serves";
-
 async fn node(prefix: &str, dir: &std::path::Path, id: &str, master: &std::path::Path) -> Service {
     node_with_clock(prefix, dir, id, master, system_clock()).await
 }
@@ -92,9 +86,6 @@ async fn data_keys_and_ended_sessions_reach_every_node() {
 /// site landed on one partition, and the owners of the others kept the rows).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_node_purges_what_it_holds_and_the_receipts_reach_every_owner() {
-    if !needs_kafka(TANSU_GROUPS) {
-        return;
-    }
     use secureforms::domain::retention::{add_months, parse_as_of};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicI64, Ordering};
@@ -204,9 +195,6 @@ async fn text(r: reqwest::Response) -> (u16, String) {
 /// node finds them. A request that claims to be forwarded without the deployment's key is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_answer_every_request_sent_to_a_node_that_does_not_own_it() {
-    if !needs_kafka(TANSU_GROUPS) {
-        return;
-    }
     use rdkafka::message::Message;
     use secureforms::events::{Codec, FormIssued, FormReady};
     use secureforms::topics::Topic;

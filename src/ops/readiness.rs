@@ -46,7 +46,8 @@ pub fn positions(node: &Node, marks: &Watermarks) -> Result<BTreeMap<(&'static s
     let owned = node.ownership.owned();
     for h in &node.handlers {
         let group = &h.group;
-        let mine = |p: i32| h.scope == crate::kafka::runtime::Scope::EveryNode || owned.contains(&p);
+        let alone = node.ownership.is_alone();
+        let mine = |p: i32| h.scope == crate::kafka::runtime::Scope::EveryNode || alone || owned.contains(&p);
         for t in &h.topics {
             let name = node.kafka.names.name(*t);
             for ((topic, p), (low, _)) in

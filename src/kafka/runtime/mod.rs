@@ -111,11 +111,22 @@ pub struct RunContext {
     /// letter (`unauthenticated`). None accepts them unsigned: only for a deployment migrating
     /// topics written before MACs (`accept_unsigned_events`) and for tools.
     pub verify_with: Option<std::sync::Arc<crate::crypto::mac::EventSigner>>,
+    /// Join as a static member (`group.instance.id`): a restarted node takes its partitions back at
+    /// once instead of after its dead session times out. Only for the nodes that serve, and only on
+    /// Apache Kafka: passing processes (replay, operations replicas) would leave a membership behind,
+    /// and tansu 0.6.0 revokes a static member that returns (ADR 13, 22).
+    pub static_membership: bool,
 }
 
 impl RunContext {
     pub fn new(clock: Clock, verify_with: Option<std::sync::Arc<crate::crypto::mac::EventSigner>>) -> RunContext {
-        RunContext { clock, metrics: std::sync::Arc::new(crate::metrics::Metrics::new()), shadow: false, verify_with }
+        RunContext {
+            clock,
+            metrics: std::sync::Arc::new(crate::metrics::Metrics::new()),
+            shadow: false,
+            verify_with,
+            static_membership: false,
+        }
     }
 }
 
@@ -146,6 +157,9 @@ pub struct Ownership {
     /// Whether other nodes are known to own every partition (the node directory): only then is an
     /// empty assignment an assignment and not a broken group membership.
     covered_elsewhere: std::sync::OnceLock<Box<dyn Fn() -> bool + Send + Sync>>,
+    /// Set for a consumer that is alone in its group by design (replay, an operations replica): it
+    /// holds its share only when it holds all of these partitions.
+    expect_all: std::sync::OnceLock<i32>,
 }
 
 impl Default for Ownership {
@@ -155,6 +169,7 @@ impl Default for Ownership {
             changes: watch::channel(0).0,
             assigned: std::sync::atomic::AtomicBool::new(false),
             covered_elsewhere: std::sync::OnceLock::new(),
+            expect_all: std::sync::OnceLock::new(),
         }
     }
 }
@@ -179,8 +194,24 @@ impl Ownership {
     /// an empty assignment is a broken membership (seen on tansu 0.6.0, where a stale static member
     /// kept every partition), and the consumer rejoins.
     pub fn is_assigned(&self) -> bool {
-        self.assigned.load(std::sync::atomic::Ordering::SeqCst)
-            && (!self.owned().is_empty() || self.covered_elsewhere.get().is_some_and(|f| f()))
+        if !self.assigned.load(std::sync::atomic::Ordering::SeqCst) {
+            return false;
+        }
+        let owned = self.owned();
+        match self.expect_all.get() {
+            Some(n) => owned.len() == *n as usize,
+            None => !owned.is_empty() || self.covered_elsewhere.get().is_some_and(|f| f()),
+        }
+    }
+
+    /// Makes this a consumer that must hold every one of `partitions` (it is alone in its group).
+    pub fn expect_all(&self, partitions: i32) {
+        let _ = self.expect_all.set(partitions);
+    }
+
+    /// Whether this consumer must hold every partition (see [`Ownership::expect_all`]).
+    pub fn is_alone(&self) -> bool {
+        self.expect_all.get().is_some()
     }
 
     /// Tells how to know that other nodes own every partition (from the node directory).
@@ -244,7 +275,7 @@ pub async fn run_together(
     ctx: RunContext,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), KafkaError> {
-    let RunContext { clock, metrics, shadow, verify_with } = ctx;
+    let RunContext { clock, metrics, shadow, verify_with, static_membership } = ctx;
     // Outputs of batches committed before a crash go out before anything new is read.
     for m in &members {
         drain_outbox(&m.store, &producer, &m.state).await?;
@@ -271,8 +302,7 @@ pub async fn run_together(
         static_member,
     };
     let label = shares.first().map(|s| s.name).unwrap_or("none");
-    // A shadow replica is a passing process: a static membership would outlive it in the group.
-    let mut consumer = subscribe(&settings, &group, label, context(!shadow), &topic_names)?;
+    let mut consumer = subscribe(&settings, &group, label, context(static_membership), &topic_names)?;
     tracing::info!(%group, topics = ?topic_names, handlers = ?shares.iter().map(|s| s.name).collect::<Vec<_>>(), "consumer started");
     let mut watchdog = tokio::time::interval(WATCHDOG_INTERVAL);
     watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
