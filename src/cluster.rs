@@ -52,18 +52,17 @@ fn watermark_client(node: &Node) -> Result<Arc<BaseConsumer>, KafkaError> {
     Ok(node.watermarks.get_or_init(|| Arc::new(client)).clone())
 }
 
-/// Waits until `handlers` have applied, on `partition` (every partition this node owns when None),
-/// everything the brokers held when this was called: state that includes whatever the requester
-/// can have seen (a link on form-links, a FormReady on agent-events, a submission acknowledged by
-/// another node before the partition moved here). At most [`CATCH_UP_WAIT`]; then `Behind`,
-/// which requests answer with 503 and Retry-After, never with a refusal.
-pub async fn catch_up(node: &Node, handlers: &[&str], partition: Option<i32>) -> Result<(), CatchUpError> {
+/// Waits until `handlers` have applied, on `partition`, everything the brokers held when this was
+/// called: state that includes whatever the requester can have seen (a link on form-links, a
+/// FormReady on agent-events, a submission acknowledged by another node before the partition moved
+/// here). At most [`CATCH_UP_WAIT`]; then `Behind`, which requests answer with 503 and
+/// Retry-After, never with a refusal. A request that names no partition (no key we issued, no
+/// known form) does not wait: nothing it could have seen is missing, and a stranger's garbage must
+/// not cost broker round trips.
+pub async fn catch_up(node: &Node, handlers: &[&str], partition: i32) -> Result<(), CatchUpError> {
     let started = std::time::Instant::now();
     let infos: Vec<_> = node.handlers.iter().filter(|h| handlers.contains(&h.name)).cloned().collect();
-    let partitions = match partition {
-        Some(p) => vec![p],
-        None => node.ownership.owned(),
-    };
+    let partitions = vec![partition];
     let mut wanted: Vec<(String, i32)> = Vec::new();
     for h in &infos {
         for t in &h.topics {

@@ -96,12 +96,13 @@ impl Refusal {
 }
 
 /// Waits until this node's `handlers` have caught up on `partition` (see [`crate::cluster::catch_up`]):
-/// a refusal decided before that could be false.
+/// a refusal decided before that could be false. No partition (the request names none): no wait.
 pub(crate) async fn catch_up(
     node: &crate::node::Node,
     handlers: &[&str],
     partition: Option<i32>,
 ) -> Result<(), Refusal> {
+    let Some(partition) = partition else { return Ok(()) };
     match crate::cluster::catch_up(node, handlers, partition).await {
         Ok(()) => Ok(()),
         Err(crate::cluster::CatchUpError::Store(error)) => Err(Refusal::from(error)),

@@ -108,9 +108,11 @@ impl Gateway {
 }
 
 /// Waits until this node's gateway state has caught up on the form's partition (the one its key
-/// names, else its conversation's, else every partition this node owns); 503 if it cannot in time.
+/// names, else its conversation's; neither: no wait); 503 if it cannot in time.
 async fn caught_up(node: &Node, key: Option<&OtkSecret>, state: Option<&FormState>) -> Result<(), VisitorRefusal> {
     let partition = key.and_then(|k| k.partition()).or_else(|| state.map(|s| node.partition_of(&s.conversation_id)));
+    // No key we issued and no known form: nothing the visitor can have seen is missing here.
+    let Some(partition) = partition else { return Ok(()) };
     crate::cluster::catch_up(node, crate::cluster::VISITOR_STATE, partition).await.map_err(|error| {
         tracing::warn!(%error, "a visitor's request got 503: this node has not caught up with the form's partition");
         VisitorRefusal::CatchingUp
