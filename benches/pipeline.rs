@@ -393,26 +393,8 @@ async fn retrieve_latency(
     // One agent per conversation, as in a contact centre: the agent API's per-agent rate limit
     // (ten requests a second each) is not what this phase measures.
     let conversations = 500;
-    let sends: Vec<Event> = (0..conversations)
-        .map(|c| {
-            Event::FormSent(secureforms::events::FormSent {
-                header: secureforms::events::EventHeader::new(
-                    secureforms::events::EventKind::FormSent,
-                    uuid::Uuid::new_v4(),
-                    system_clock()(),
-                    "bench",
-                    &format!("conv-{c}"),
-                    &format!("f-{c}"),
-                ),
-                form_id: format!("f-{c}"),
-                agent_id: format!("bench-agent-{c}"),
-                agent_profile: "agent".into(),
-                template_id: "card-payment".into(),
-                visitor_ref: None,
-                agent_session_id: None,
-            })
-        })
-        .collect();
+    let sends: Vec<Event> =
+        (0..conversations).map(|c| bench_form_sent(&format!("conv-{c}"), &format!("f-{c}"), c)).collect();
     for r in futures::future::join_all(sends.iter().map(|e| service.producer.send(e))).await {
         r?;
     }
@@ -471,25 +453,7 @@ async fn retrieve_latency(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let tokens = (0..conversations)
-        .map(|c| {
-            let claims = secureforms::http::auth::AgentClaims {
-                sub: format!("bench-agent-{c}"),
-                site: "bench".into(),
-                roles: vec!["agent".into()],
-                permissions: vec!["use_secure_form".into()],
-                sid: format!("bench-{c}"),
-                exp: system_clock()() / 1000 + 3600,
-                nbf: None,
-            };
-            jsonwebtoken::encode(
-                &jsonwebtoken::Header::default(),
-                &claims,
-                &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-            )
-            .map_err(|e| bench_err(e.to_string()))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let tokens = (0..conversations).map(|c| bench_token(c, secret)).collect::<anyhow::Result<Vec<_>>>()?;
     let _ = rustls::crypto::ring::default_provider().install_default();
     let client =
         reqwest::Client::builder().pool_max_idle_per_host(256).build().map_err(|e| bench_err(e.to_string()))?;
@@ -519,6 +483,44 @@ async fn retrieve_latency(
     }
     service.stop().await;
     Ok((samples, ok))
+}
+
+/// A FormSent of the bench site: agent `bench-agent-<agent>`, one per conversation.
+fn bench_form_sent(conversation: &str, form: &str, agent: usize) -> Event {
+    Event::FormSent(secureforms::events::FormSent {
+        header: secureforms::events::EventHeader::new(
+            secureforms::events::EventKind::FormSent,
+            uuid::Uuid::new_v4(),
+            system_clock()(),
+            "bench",
+            conversation,
+            form,
+        ),
+        form_id: form.to_string(),
+        agent_id: format!("bench-agent-{agent}"),
+        agent_profile: "agent".into(),
+        template_id: "card-payment".into(),
+        visitor_ref: None,
+        agent_session_id: None,
+    })
+}
+
+/// The token of agent `bench-agent-<agent>` (session `bench-<agent>`), signed with `secret`.
+fn bench_token(agent: usize, secret: &str) -> anyhow::Result<String> {
+    let claims = secureforms::http::auth::AgentClaims {
+        sub: format!("bench-agent-{agent}"),
+        site: "bench".into(),
+        roles: vec!["agent".into()],
+        permissions: vec!["use_secure_form".into()],
+        sid: format!("bench-{agent}"),
+        exp: system_clock()() / 1000 + 3600,
+        nbf: None,
+    };
+    Ok(jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )?)
 }
 
 const CLUSTER_SECRET: &str = "bench-shared-secret-of-at-least-32-bytes";
@@ -594,26 +596,7 @@ async fn cluster_flow(
     let k = kafka_settings(&nodes[0].settings, brokers.to_string(), "bench");
     let links = reader(&k, &k.names.name(Topic::FormLinks), nodes[0].partitions)?;
     let ready = reader(&k, &k.names.name(Topic::AgentEvents), nodes[0].partitions)?;
-    let sends: Vec<Event> = (0..forms)
-        .map(|c| {
-            Event::FormSent(secureforms::events::FormSent {
-                header: secureforms::events::EventHeader::new(
-                    secureforms::events::EventKind::FormSent,
-                    uuid::Uuid::new_v4(),
-                    system_clock()(),
-                    "bench",
-                    &format!("cconv-{c}"),
-                    &format!("cf-{c}"),
-                ),
-                form_id: format!("cf-{c}"),
-                agent_id: format!("bench-agent-{c}"),
-                agent_profile: "agent".into(),
-                template_id: "card-payment".into(),
-                visitor_ref: None,
-                agent_session_id: None,
-            })
-        })
-        .collect();
+    let sends: Vec<Event> = (0..forms).map(|c| bench_form_sent(&format!("cconv-{c}"), &format!("cf-{c}"), c)).collect();
     for r in futures::future::join_all(sends.iter().map(|e| nodes[0].producer.send(e))).await {
         r?;
     }
@@ -689,20 +672,7 @@ async fn forwarding_cost(
     for (i, (conv, id, key)) in keyed.iter().enumerate() {
         tick.tick().await;
         let c: usize = conv.trim_start_matches("cconv-").parse()?;
-        let claims = secureforms::http::auth::AgentClaims {
-            sub: format!("bench-agent-{c}"),
-            site: "bench".into(),
-            roles: vec!["agent".into()],
-            permissions: vec!["use_secure_form".into()],
-            sid: format!("bench-{c}"),
-            exp: system_clock()() / 1000 + 3600,
-            nbf: None,
-        };
-        let token = jsonwebtoken::encode(
-            &jsonwebtoken::Header::default(),
-            &claims,
-            &jsonwebtoken::EncodingKey::from_secret(CLUSTER_SECRET.as_bytes()),
-        )?;
+        let token = bench_token(c, CLUSTER_SECRET)?;
         let p = nodes[0].partition_of(conv);
         let o = nodes.iter().position(|x| x.ownership.owns(p)).ok_or_else(|| anyhow::anyhow!("no owner of {p}"))?;
         let via_owner = i % 2 == 0;
