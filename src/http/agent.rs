@@ -227,7 +227,7 @@ fn parse_json<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &Bytes)
         (status = 413, description = "body_too_large: the body is over 64 KiB", body = ApiError),
         (status = 415, description = "Not application/json", body = ApiError),
         (status = 429, description = "rate_limited: too many requests from this client or for this agent; see Retry-After", body = ApiError),
-        (status = 503, description = "not_ready or unavailable: the node is catching up or cannot record the audit; retry after Retry-After", body = ApiError),
+        (status = 503, description = "not_ready, catching_up, unavailable, audit_unavailable, owner_unavailable or no_owner: the node (or the node that owns the conversation) is catching up, moving, not answering, or cannot record the audit; retry after Retry-After", body = ApiError),
     ))]
 pub async fn retrieve(
     State(state): State<Arc<AppState>>,
@@ -307,7 +307,7 @@ pub struct FreshKeyRequest {
         (status = 415, description = "Not application/json", body = ApiError),
         (status = 404, description = "unknown_submission", body = ApiError),
         (status = 429, description = "rate_limited: too many requests from this client or for this agent; see Retry-After", body = ApiError),
-        (status = 503, description = "not_ready or unavailable: the node is catching up or cannot record the audit; retry after Retry-After", body = ApiError),
+        (status = 503, description = "not_ready, catching_up, unavailable, audit_unavailable, owner_unavailable or no_owner: the node (or the node that owns the conversation) is catching up, moving, not answering, or cannot record the audit; retry after Retry-After", body = ApiError),
     ))]
 pub async fn fresh_key(
     State(state): State<Arc<AppState>>,
@@ -351,9 +351,9 @@ pub async fn fresh_key(
     responses(
         (status = 200, description = "The conversation's secure forms", body = History),
         (status = 401, description = "Token refused", body = ApiError),
-        (status = 403, description = "not_a_manager", body = ApiError),
+        (status = 403, description = "not_a_manager; invalid_hop: the request claims to be forwarded by another node and its x-secureforms-hop header does not verify", body = ApiError),
         (status = 429, description = "rate_limited: too many requests from this client or for this agent; see Retry-After", body = ApiError),
-        (status = 503, description = "not_ready or unavailable: the node is catching up or cannot record the audit; retry after Retry-After", body = ApiError),
+        (status = 503, description = "not_ready, catching_up, unavailable, audit_unavailable, owner_unavailable or no_owner: the node (or the node that owns the conversation) is catching up, moving, not answering, or cannot record the audit; retry after Retry-After", body = ApiError),
     ))]
 pub async fn history(
     State(state): State<Arc<AppState>>,
