@@ -27,8 +27,8 @@ pub const RETRIEVAL_STATE: &[&str] = &["visibility", "tokenizer", "retrieval"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatchUpError {
-    #[error("this node has not applied partition {partitions:?} up to what the brokers hold within {ms} ms")]
-    Behind { partitions: Vec<i32>, ms: u128 },
+    #[error("this node has not applied partition {partition} up to what the brokers hold within {ms} ms")]
+    Behind { partition: i32, ms: u128 },
     #[error(transparent)]
     Kafka(#[from] KafkaError),
     #[error(transparent)]
@@ -61,44 +61,35 @@ fn watermark_client(node: &Node) -> Result<Arc<BaseConsumer>, KafkaError> {
 /// not cost broker round trips.
 pub async fn catch_up(node: &Node, handlers: &[&str], partition: i32) -> Result<(), CatchUpError> {
     let started = std::time::Instant::now();
-    let infos: Vec<_> = node.handlers.iter().filter(|h| handlers.contains(&h.name)).cloned().collect();
-    let partitions = vec![partition];
-    let mut wanted: Vec<(String, i32)> = Vec::new();
-    for h in &infos {
-        for t in &h.topics {
-            for p in &partitions {
-                let k = (node.kafka.names.name(*t), *p);
-                if !wanted.contains(&k) {
-                    wanted.push(k);
-                }
-            }
-        }
-    }
-    if wanted.is_empty() {
+    // Each (handler, topic) the request's answer depends on.
+    let reads: Vec<(&crate::node::HandlerInfo, String)> = node
+        .handlers
+        .iter()
+        .filter(|h| handlers.contains(&h.name))
+        .flat_map(|h| h.topics.iter().map(move |t| (h, node.kafka.names.name(*t))))
+        .collect();
+    if reads.is_empty() {
         return Ok(());
     }
+    let mut topics: Vec<String> = reads.iter().map(|(_, t)| t.clone()).collect();
+    topics.sort();
+    topics.dedup();
     let client = watermark_client(node)?;
-    let asked = wanted.clone();
-    let marks = tokio::task::spawn_blocking(move || {
-        asked
+    let highs: std::collections::HashMap<String, i64> = tokio::task::spawn_blocking(move || {
+        topics
             .into_iter()
-            .map(|(t, p)| client.fetch_watermarks(&t, p, ADMIN_TIMEOUT).map(|(_, high)| ((t, p), high)))
-            .collect::<Result<Vec<_>, _>>()
+            .map(|t| client.fetch_watermarks(&t, partition, ADMIN_TIMEOUT).map(|(_, high)| (t, high)))
+            .collect::<Result<_, _>>()
     })
     .await?
     .map_err(|e| node.kafka.client_error(e))?;
     let deadline = started + CATCH_UP_WAIT;
     loop {
         let mut behind = false;
-        'handlers: for h in &infos {
-            for t in &h.topics {
-                let name = node.kafka.names.name(*t);
-                for ((topic, p), high) in marks.iter().filter(|((topic, _), _)| *topic == name) {
-                    if stored_offset(&h.store, &h.group, topic, *p)?.unwrap_or(0) < *high {
-                        behind = true;
-                        break 'handlers;
-                    }
-                }
+        for (h, topic) in &reads {
+            if stored_offset(&h.store, &h.group, topic, partition)?.unwrap_or(0) < highs[topic] {
+                behind = true;
+                break;
             }
         }
         if !behind {
@@ -108,11 +99,11 @@ pub async fn catch_up(node: &Node, handlers: &[&str], partition: i32) -> Result<
         if std::time::Instant::now() >= deadline {
             node.metrics.caught_up("timed_out");
             tracing::warn!(
-                ?partitions,
+                partition,
                 ms = started.elapsed().as_millis() as u64,
                 "a request waited for this node to catch up and got 503; if this repeats, check consumer_lag in /metrics"
             );
-            return Err(CatchUpError::Behind { partitions, ms: started.elapsed().as_millis() });
+            return Err(CatchUpError::Behind { partition, ms: started.elapsed().as_millis() });
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

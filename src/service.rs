@@ -328,26 +328,28 @@ impl Service {
         let keys = Arc::new(crate::crypto::KeyDeriver::new(&integrity));
         let issuer = Issuer::new(sites.clone(), settings.public_url.clone(), keys.clone());
         let tokenizer = Tokenizer::new(sites, ring.clone(), metrics.clone(), keys);
-        let info = |h: &dyn Handler| HandlerInfo {
-            name: h.name(),
-            group: kafka.handler_group(h.name(), h.scope()),
-            topics: h.topics(),
-            store: stores[h.name()].clone(),
-            scope: h.scope(),
-        };
-        let running: Vec<HandlerInfo> = [
-            info(&keys_handler),
-            info(&issuer),
-            info(&tokenizer),
-            info(&RetrievalProjection),
-            info(&GatewayProjection),
-            info(&VisibilityProjection),
-            info(&SessionsProjection),
-            info(&DirectoryProjection),
-        ]
-        .into_iter()
-        .filter(|h| options.runs(h.name))
-        .collect();
+        // Every handler, once: what the node reports on (readiness, lag) and what it runs.
+        let handlers: Vec<Box<dyn Handler>> = vec![
+            Box::new(keys_handler),
+            Box::new(issuer),
+            Box::new(tokenizer),
+            Box::new(RetrievalProjection),
+            Box::new(GatewayProjection),
+            Box::new(VisibilityProjection),
+            Box::new(SessionsProjection),
+            Box::new(DirectoryProjection),
+        ];
+        let handlers: Vec<Box<dyn Handler>> = handlers.into_iter().filter(|h| options.runs(h.name())).collect();
+        let running: Vec<HandlerInfo> = handlers
+            .iter()
+            .map(|h| HandlerInfo {
+                name: h.name(),
+                group: kafka.handler_group(h.name(), h.scope()),
+                topics: h.topics(),
+                store: stores[h.name()].clone(),
+                scope: h.scope(),
+            })
+            .collect();
         let node_id = settings.node_id.clone();
         let node = Arc::new(Node {
             settings,
@@ -380,18 +382,8 @@ impl Service {
             shadow: options.shadow,
             serving: options.node_tasks && !options.shadow,
         };
-        let handlers: Vec<Box<dyn Handler>> = vec![
-            Box::new(keys_handler),
-            Box::new(issuer),
-            Box::new(tokenizer),
-            Box::new(RetrievalProjection),
-            Box::new(GatewayProjection),
-            Box::new(VisibilityProjection),
-            Box::new(SessionsProjection),
-            Box::new(DirectoryProjection),
-        ];
         let (mut together, mut alone) = (Vec::new(), Vec::new());
-        for h in handlers.into_iter().filter(|h| options.runs(h.name())) {
+        for h in handlers {
             let store = stores[h.name()].clone();
             let member = runtime::Member::new(h, store, &node.kafka);
             match member.handler.scope() {
@@ -406,13 +398,16 @@ impl Service {
         if !together.is_empty() {
             // One consumer for all conversation-keyed state: partition p of every such topic has
             // one owner (ADR 22).
-            if options.node_tasks {
+            if service.serving {
                 // A serving node: owning nothing is normal only while other nodes own every partition.
                 let (directory, me, partitions) =
                     (node.directory.clone(), node.settings.node_id.clone(), node.partitions);
                 node.ownership.set_covered_elsewhere(Box::new(move || {
-                    let view = crate::handlers::directory::DirectoryView::new(directory.clone());
-                    (0..partitions).all(|p| view.owner_of(p).ok().flatten().is_some_and(|e| e.node_id != me))
+                    let Ok(nodes) = crate::handlers::directory::DirectoryView::new(directory.clone()).nodes() else {
+                        return false;
+                    };
+                    (0..partitions)
+                        .all(|p| crate::handlers::directory::owner_among(&nodes, p).is_some_and(|e| e.node_id != me))
                 }));
             } else {
                 // Replay and operations replicas rebuild everything: they must hold every partition.

@@ -183,8 +183,8 @@ pub async fn look(
     audit: bool,
 ) -> Result<LinkPage, VisitorRefusal> {
     let mut current = gw.form(node, site, form)?;
-    if check_open(current.as_ref(), site, form, key, (node.clock)()).is_err() {
-        // A link is good as soon as the chat bus has it: catch up before refusing it.
+    if matches!(check_open(current.as_ref(), site, form, key, (node.clock)()), Err(KeyRefusal::Invalid)) {
+        // A link is good as soon as the chat bus has it: catch up before refusing it as unknown.
         caught_up(node, key, current.as_ref()).await?;
         current = gw.form(node, site, form)?;
     }

@@ -104,13 +104,13 @@ impl DirectoryView {
 
     /// The node that announced `partition` last, unless it has left since.
     pub fn owner_of(&self, partition: i32) -> Result<Option<NodeEntry>, StoreError> {
-        Ok(owner_among(self.nodes()?, partition))
+        Ok(owner_among(&self.nodes()?, partition))
     }
 }
 
 /// Of the announcements, the latest to claim `partition`, if its node still holds it.
-pub fn owner_among(nodes: Vec<NodeEntry>, partition: i32) -> Option<NodeEntry> {
-    nodes.into_iter().filter(|n| !n.leaving && n.partitions.contains(&partition)).max_by_key(|n| n.offset)
+pub fn owner_among(nodes: &[NodeEntry], partition: i32) -> Option<NodeEntry> {
+    nodes.iter().filter(|n| !n.leaving && n.partitions.contains(&partition)).max_by_key(|n| n.offset).cloned()
 }
 
 #[cfg(test)]

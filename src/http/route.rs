@@ -106,10 +106,10 @@ pub fn target(partitions: i32, method: &str, path: &str, query: Option<&str>, bo
 
 /// Whether the body must be read before routing: only the POSTs whose key is in the body, and
 /// every forwarded request (its MAC covers the body).
-fn needs_body(request: &Request) -> bool {
-    request.headers().contains_key(HOP)
-        || (request.method() == axum::http::Method::POST
-            && (request.uri().path().starts_with("/f/") || request.uri().path().starts_with("/api/v1/submissions/")))
+fn needs_body(parts: &Parts) -> bool {
+    parts.headers.contains_key(HOP)
+        || (parts.method == axum::http::Method::POST
+            && (parts.uri.path().starts_with("/f/") || parts.uri.path().starts_with("/api/v1/submissions/")))
 }
 
 fn unavailable(api: bool, code: &str, message: &str, not_owner: bool) -> Response {
@@ -135,7 +135,7 @@ pub async fn route(State(state): State<Arc<AppState>>, request: Request, next: N
         return next.run(request).await;
     }
     let (mut parts, body) = request.into_parts();
-    let bytes = if needs_body(&Request::from_parts(parts.clone(), Body::empty())) {
+    let bytes = if needs_body(&parts) {
         match axum::body::to_bytes(body, BODY_LIMIT).await {
             Ok(b) => b,
             Err(_) => {
@@ -150,7 +150,7 @@ pub async fn route(State(state): State<Arc<AppState>>, request: Request, next: N
     } else {
         // Not read here: handed on untouched.
         let target = target(node.partitions, parts.method.as_str(), parts.uri.path(), parts.uri.query(), &[]);
-        return dispatch(&state, parts, Body::new(body), Bytes::new(), target, next, api).await;
+        return dispatch(&state, parts, body, Bytes::new(), target, next, api).await;
     };
     let path_q = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
     let target = target(node.partitions, parts.method.as_str(), parts.uri.path(), parts.uri.query(), &bytes);

@@ -43,10 +43,9 @@ pub fn watermarks(settings: &KafkaSettings, topics: &[Topic]) -> Result<Watermar
 /// apply (its position).
 pub fn positions(node: &Node, marks: &Watermarks) -> Result<BTreeMap<(&'static str, String, i32), i64>, KafkaError> {
     let mut out = BTreeMap::new();
-    let owned = node.ownership.owned();
+    let (owned, alone) = (node.ownership.owned(), node.ownership.is_alone());
     for h in &node.handlers {
         let group = &h.group;
-        let alone = node.ownership.is_alone();
         let mine = |p: i32| h.scope == crate::kafka::runtime::Scope::EveryNode || alone || owned.contains(&p);
         for t in &h.topics {
             let name = node.kafka.names.name(*t);
@@ -67,8 +66,8 @@ pub fn caught_up(positions: &BTreeMap<(&'static str, String, i32), i64>, marks: 
 }
 
 /// The handlers not yet holding what they should: an every-node handler without its partitions, or
-/// the owners consumer without an assignment from its group (an empty one counts: a node of a
-/// cluster with more nodes than partitions owns nothing and forwards everything).
+/// the owners consumer without its share (see `Ownership::is_assigned`: an empty share counts only
+/// while other nodes own every partition; a replay or operations replica needs them all).
 fn holding(node: &Node) -> Vec<&'static str> {
     node.handlers
         .iter()
