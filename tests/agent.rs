@@ -166,14 +166,7 @@ async fn submitted_form_in(
         .await
         .unwrap();
     let submit_key = submit_key_in(&page);
-    let body = serde_urlencoded::to_string([
-        ("k", submit_key.as_str()),
-        ("cardholder", "Ada"),
-        ("pan", "4111111111111111"),
-        ("expiry", "12/39"),
-        ("cvv", "737"),
-    ])
-    .unwrap();
+    let body = card_form_body(submit_key.as_str(), "4111111111111111");
     let r = e
         .client
         .post(format!("{}{}", e.base, path.split('?').next().unwrap()))

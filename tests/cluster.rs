@@ -256,14 +256,7 @@ async fn three_nodes_answer_every_request_sent_to_a_node_that_does_not_own_it() 
         assert_eq!(status, 200, "open through a non-owner: {page}");
         let submit_key = submit_key_in(&page);
         let pan = luhn_pan(900 + owner as u64);
-        let body = serde_urlencoded::to_string([
-            ("k", submit_key.as_str()),
-            ("cardholder", "Ada"),
-            ("pan", pan.as_str()),
-            ("expiry", "12/39"),
-            ("cvv", "737"),
-        ])
-        .unwrap();
+        let body = card_form_body(submit_key.as_str(), pan.as_str());
         let submitted = client
             .post(format!("{}{form_path}", base(entry)))
             .header("content-type", "application/x-www-form-urlencoded")

@@ -226,14 +226,7 @@ async fn visit(client: &reqwest::Client, bases: &[String], link: &str, pan: &str
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let body = serde_urlencoded::to_string([
-        ("k", submit_key.as_str()),
-        ("cardholder", "Ada"),
-        ("pan", pan),
-        ("expiry", "12/39"),
-        ("cvv", "737"),
-    ])
-    .unwrap();
+    let body = card_form_body(submit_key.as_str(), pan);
     loop {
         assert!(Instant::now() < deadline, "submit within {WAIT:?}: {v:?}");
         let r = client
@@ -476,14 +469,7 @@ async fn a_submit_retried_across_a_restart_is_never_stored_twice() {
             .text()
             .await
             .unwrap();
-        let body = serde_urlencoded::to_string([
-            ("k", submit_key_in(&page).as_str()),
-            ("cardholder", "Ada"),
-            ("pan", luhn_pan(9000 + i as u64).as_str()),
-            ("expiry", "12/39"),
-            ("cvv", "737"),
-        ])
-        .unwrap();
+        let body = card_form_body(submit_key_in(&page).as_str(), luhn_pan(9000 + i as u64).as_str());
         let post = || {
             client
                 .post(format!("{base}{form_path}"))

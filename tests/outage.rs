@@ -116,14 +116,7 @@ async fn a_broker_outage_longer_than_the_delivery_timeout_is_ridden_out_without_
     let page = r.text().await.unwrap();
     let k = submit_key_in(&page);
     let k = k.as_str();
-    let body = serde_urlencoded::to_string([
-        ("k", k),
-        ("cardholder", "Ada"),
-        ("pan", "4111111111111111"),
-        ("expiry", "12/39"),
-        ("cvv", "737"),
-    ])
-    .unwrap();
+    let body = card_form_body(k, "4111111111111111");
     let r = client
         .post(format!("{base}{}", after.split('?').next().unwrap()))
         .header("content-type", "application/x-www-form-urlencoded")
@@ -164,14 +157,7 @@ async fn visit(client: &reqwest::Client, base: &str, link: &str, pan: &str) -> (
         return (seen, retry_after);
     }
     let k = submit_key_in(&page);
-    let body = serde_urlencoded::to_string([
-        ("k", k.as_str()),
-        ("cardholder", "Ada"),
-        ("pan", pan),
-        ("expiry", "12/39"),
-        ("cvv", "737"),
-    ])
-    .unwrap();
+    let body = card_form_body(k.as_str(), pan);
     loop {
         let r = client
             .post(format!("{base}{}", link.split('?').next().unwrap()))

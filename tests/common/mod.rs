@@ -171,6 +171,19 @@ pub fn submit_key_in(page: &str) -> String {
     page[at..end].to_string()
 }
 
+/// The card-payment form's answers as the page posts them (urlencoded), with its submit key: the
+/// cardholder Ada, `pan`, expiry 12/39 and the CVV 737 (off the record).
+pub fn card_form_body(submit_key: &str, pan: &str) -> String {
+    serde_urlencoded::to_string([
+        ("k", submit_key),
+        ("cardholder", "Ada"),
+        ("pan", pan),
+        ("expiry", "12/39"),
+        ("cvv", "737"),
+    ])
+    .expect("urlencoded answers")
+}
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
 }
