@@ -200,6 +200,7 @@ async fn three_nodes_answer_every_request_sent_to_a_node_that_does_not_own_it() 
     use secureforms::topics::Topic;
     use serde_json::{Value, json};
 
+    let log = logs();
     let prefix = unique_prefix("cluster3");
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     let master = master_key_file(dirs[0].path());
@@ -221,6 +222,7 @@ async fn three_nodes_answer_every_request_sent_to_a_node_that_does_not_own_it() 
         "s-mona",
     );
 
+    let mut pans = Vec::new();
     for owner in 0..3 {
         let (entry, third) = ((owner + 1) % 3, (owner + 2) % 3);
         let conv = (0..).map(|i| format!("conv-{owner}-{i}")).find(|c| owner_of(&nodes, c) == owner).unwrap();
@@ -256,6 +258,7 @@ async fn three_nodes_answer_every_request_sent_to_a_node_that_does_not_own_it() 
         assert_eq!(status, 200, "open through a non-owner: {page}");
         let submit_key = submit_key_in(&page);
         let pan = luhn_pan(900 + owner as u64);
+        pans.push(pan.clone());
         let body = card_form_body(submit_key.as_str(), pan.as_str());
         let submitted = client
             .post(format!("{}{form_path}", base(entry)))
@@ -346,4 +349,24 @@ async fn three_nodes_answer_every_request_sent_to_a_node_that_does_not_own_it() 
     c.stop().await;
     b.stop().await;
     a.stop().await;
+
+    // The card numbers crossed nodes in forwarded requests: none is in any node's files, the
+    // broker's files or the logs, in any encoding.
+    let mut scanned = 0;
+    for file in all_files(&broker_dir()).into_iter().chain(dirs.iter().flat_map(|d| all_files(d.path()))) {
+        if file.file_name().is_some_and(|n| n == "master.key" || n == "jwt.secret") {
+            continue;
+        }
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        scanned += bytes.len();
+        for pan in &pans {
+            assert_eq!(hits(&bytes, &forms_of(pan)), 0, "a card number found in {}", file.display());
+        }
+    }
+    assert!(scanned > 100_000, "scanned the nodes' and the broker's files ({scanned} bytes)");
+    let log = log.lock().unwrap().clone();
+    assert!(log.len() > 1000, "logs were captured");
+    for pan in &pans {
+        assert_eq!(hits(&log, &forms_of(pan)), 0, "a card number found in the logs");
+    }
 }
