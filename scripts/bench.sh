@@ -19,6 +19,7 @@ case "$kind" in
   *) echo "bench.sh: --broker takes kafka or tansu, not '$kind'" >&2; exit 2 ;;
 esac
 cargo bench --locked --bench pipeline --no-run
+prune_build_cache release
 work=$(mktemp -d)
 trap 'stop_broker; rm -rf "$work"' EXIT
 start_broker "$kind" "$work/broker"

@@ -7,6 +7,11 @@
 
 # Build output lives outside the clone so fresh clones (CI) reuse it.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/secureforms/target}"
+# A fresh clone cannot reuse incremental state (its path is part of every unit's identity), so CI
+# builds without it instead of leaving gigabytes of it behind on every run.
+if [[ "${CI:-}" == "true" ]]; then
+  export CARGO_INCREMENTAL=0
+fi
 CARGO_HOME="${CARGO_HOME:-$HOME/.cargo}"
 TANSU="$CARGO_HOME/bin/tansu"
 SCRIPTS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -151,4 +156,28 @@ stop_broker() {
   done
   wait "$BROKER_PID" 2>/dev/null || true
   BROKER_PID=
+}
+
+# prune_build_cache debug|release: removes this workspace's build output in that profile that the
+# current tree does not use. Each fresh clone builds the workspace's own crates under new hashes
+# (the clone's path is part of them), which would otherwise pile up in the shared cache: gigabytes
+# per CI run. Asks cargo which artifacts the builds the scripts make use (up to date by now, so this
+# only lists them) and keeps those; dependencies are never touched.
+prune_build_cache() {
+  local profile=$1
+  local names=(secureforms pipeline)
+  local f
+  for f in tests/*.rs examples/*.rs; do
+    [[ -e "$f" ]] && names+=("$(basename "$f" .rs)")
+  done
+  {
+    if [[ "$profile" == release ]]; then
+      cargo bench --locked --bench pipeline --no-run --message-format=json
+    else
+      cargo build --locked --all-targets --message-format=json
+      cargo test --locked --no-run --message-format=json
+      cargo clippy --locked --all-targets --message-format=json
+    fi
+  } 2>/dev/null | python3 "$SCRIPTS_DIR/prune-build-cache.py" "$CARGO_TARGET_DIR/$profile" "${names[@]}" \
+    || echo "prune_build_cache: could not prune $CARGO_TARGET_DIR/$profile (the build itself is fine)" >&2
 }

@@ -43,6 +43,8 @@ cargo fmt --check
 cargo clippy --locked --all-targets -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --quiet
 cargo build --locked --all-targets
+cargo test --locked --no-run --quiet
+prune_build_cache debug
 
 status=0
 summaries=()
