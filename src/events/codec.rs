@@ -143,13 +143,15 @@ impl Codec {
         let mut writers = HashMap::new();
         for e in &entries {
             let reader_schema = entries[current[&e.kind]].schema;
+            // A record written with today's schema is read as it is; resolving it to the same schema
+            // would cost a second pass over every value for nothing.
+            let resolve_to = (!e.current).then_some(reader_schema);
             for fp in [e.fingerprint, e.legacy_fingerprint] {
-                readers.insert(
-                    fp,
-                    GenericDatumReader::builder(e.schema).maybe_reader_schema(Some(reader_schema)).build()?,
-                );
+                readers.insert(fp, GenericDatumReader::builder(e.schema).maybe_reader_schema(resolve_to).build()?);
             }
-            writers.insert(e.fingerprint, GenericDatumWriter::builder(e.schema).build()?);
+            // `encode_value` resolves every value to the schema first, which fails on one that does
+            // not fit; validating it again before writing would be a third pass.
+            writers.insert(e.fingerprint, GenericDatumWriter::builder(e.schema).validate(false).build()?);
         }
         Ok(Codec { entries, by_fingerprint, current, readers, writers })
     }
