@@ -1,7 +1,8 @@
 //! The pipeline benchmark (`scripts/bench.sh`, or `cargo bench --bench pipeline -- --brokers ...`):
 //! measures, in one run against the same broker,
 //! 1. raw passthrough: consume FormSubmitted-sized records and produce each to another topic
-//!    (same batching, same producer settings, no state, no durability);
+//!    (same batching, same producer settings, same delivery (one batch in flight while the next
+//!    is read), no state, no durability);
 //! 2. the tokenizer: consume FormSubmitted -> vault durable in sled -> FormReady produced -> offsets
 //!    durable, through the real consumer runtime;
 //! 3. latency from FormSubmitted produced to FormReady consumed, at a steady rate.
@@ -195,9 +196,12 @@ async fn wait_for(c: &StreamConsumer, n: usize) -> Instant {
     Instant::now()
 }
 
-/// Runs the copier (consume -> produce, no state) until `n` records moved.
+/// Runs the copier (consume -> produce, no state) until `n` records moved. Delivers as the runtime
+/// does: a batch's records go out on a task of their own while the next batch is read, and the next
+/// batch goes out once they are acknowledged (one batch in flight).
 async fn copy(consumer: &StreamConsumer, producer: &EventProducer, max_batch: usize, n: usize) -> anyhow::Result<()> {
     let mut moved = 0;
+    let mut in_flight: Option<tokio::task::JoinHandle<anyhow::Result<()>>> = None;
     while moved < n {
         let mut batch = Vec::new();
         if let Ok(m) = consumer.recv().await {
@@ -209,13 +213,23 @@ async fn copy(consumer: &StreamConsumer, producer: &EventProducer, max_batch: us
                 _ => break,
             }
         }
-        let sends = batch.iter().map(|m| {
-            producer.send_raw(Topic::AgentEvents, m.key().unwrap_or_default(), m.payload().unwrap_or_default())
-        });
-        for r in futures::future::join_all(sends).await {
-            r?;
+        if let Some(previous) = in_flight.take() {
+            previous.await??;
         }
         moved += batch.len();
+        let producer = producer.clone();
+        in_flight = Some(tokio::spawn(async move {
+            let sends = batch.iter().map(|m| {
+                producer.send_raw(Topic::AgentEvents, m.key().unwrap_or_default(), m.payload().unwrap_or_default())
+            });
+            for r in futures::future::join_all(sends).await {
+                r?;
+            }
+            Ok(())
+        }));
+    }
+    if let Some(last) = in_flight {
+        last.await??;
     }
     Ok(())
 }

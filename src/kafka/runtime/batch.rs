@@ -8,13 +8,14 @@ use rdkafka::message::{Message, OwnedMessage};
 use super::dead_letter::{dead_letter, record_mac};
 use super::failpoint::failpoint;
 use super::offsets::{offset_key, read_offset};
-use super::outbox::OutboxEntry;
+use super::outbox::{OutboxEntry, OutboxRow};
 use super::{ApplyError, Handler, RecordMeta};
 use crate::events::{Codec, Event};
 use crate::kafka::{KafkaError, KafkaSettings};
 use crate::store::{Store, Tx, trees};
 
-/// Applies a batch and commits it to sled. Returns the outbox keys it wrote, in order.
+/// Applies a batch and commits it to sled. Returns the outbox row it wrote (None when the batch
+/// caused no outputs).
 #[allow(clippy::too_many_arguments)] // the run loop's state, passed through as is
 pub(super) async fn process_batch<H: Handler + ?Sized>(
     settings: &KafkaSettings,
@@ -26,7 +27,7 @@ pub(super) async fn process_batch<H: Handler + ?Sized>(
     now_ms: i64,
     metrics: &crate::metrics::Metrics,
     verify_with: Option<&crate::crypto::mac::EventSigner>,
-) -> Result<Vec<(Vec<u8>, OutboxEntry)>, KafkaError> {
+) -> Result<Option<OutboxRow>, KafkaError> {
     let mut tx = store.begin();
     let mut outbox = Vec::new();
     for m in batch {
@@ -60,20 +61,22 @@ pub(super) async fn process_batch<H: Handler + ?Sized>(
         }
         // A replayed record's outputs were delivered by the run that first applied it: counted, not re-sent.
         let outputs = if replay { Vec::new() } else { outputs };
-        for (i, event) in outputs.iter().enumerate() {
+        for event in &outputs {
             let payload = Codec::get().encode(event)?;
-            let entry = OutboxEntry { topic: event.kind().topic(), key: event.record_key().into_bytes(), payload };
-            let mut k = okey.clone();
-            k.extend_from_slice(&m.offset().to_be_bytes());
-            k.extend_from_slice(&(i as u32).to_be_bytes());
-            tx.insert(trees::OUTBOX, k.clone(), entry.encode());
-            outbox.push((k, entry));
+            outbox.push(OutboxEntry { topic: event.kind().topic(), key: event.record_key().into_bytes(), payload });
         }
         tx.insert(trees::OFFSETS, okey, (m.offset() + 1).to_be_bytes().to_vec());
     }
+    let row = if outbox.is_empty() {
+        None
+    } else {
+        let key = OutboxRow::key(group, store.generate_id()?);
+        tx.insert(trees::OUTBOX, key.clone(), OutboxRow::encode_entries(&outbox));
+        Some(OutboxRow { key, entries: outbox })
+    };
     failpoint(handler.name(), "before-commit");
     store.commit(tx).await?;
-    Ok(outbox)
+    Ok(row)
 }
 
 fn apply_one<H: Handler + ?Sized>(

@@ -3,10 +3,12 @@
 //! Per batch of records:
 //! 1. each record is decoded and handed to the handler, which stages state writes in a [`Tx`] and
 //!    returns the events it causes; a record that cannot be decoded or applied becomes a DeadLetter;
-//! 2. the state, the outputs (in the outbox) and the next offset of every partition are committed
+//! 2. the state, the outputs (one outbox row) and the next offset of every partition are committed
 //!    to sled in one atomic, flushed write;
-//! 3. the outbox is produced (idempotent producer, acks=all) and emptied;
-//! 4. offsets are committed to Kafka too, for lag monitoring only.
+//! 3. the outbox row is produced (idempotent producer, acks=all) and removed, on a task of its own
+//!    while the loop reads and applies the next batch; the next batch's outputs go out only after
+//!    these are delivered, so outputs keep their causes' order per partition;
+//! 4. offsets of delivered batches are committed to Kafka too (lag monitoring, and what was emitted).
 //!
 //! sled's offsets are the truth: on assignment each partition starts at the offset sled holds (or at
 //! the beginning when this node has no state for it, which rebuilds the state by replay), and a
@@ -292,7 +294,12 @@ pub async fn run_together(
     let mut topic_names: Vec<String> = shares.iter().flat_map(|s| s.topics.iter().cloned()).collect();
     topic_names.sort();
     topic_names.dedup();
+    // Partition -> first offset whose outputs are on their way to the brokers (the last batch's,
+    // delivered while the next one is applied): the offsets committed to Kafka on a revocation or at
+    // stop stay below it, so the next owner sends those outputs again if this node never does.
+    let undelivered: Undelivered = Default::default();
     let context = |static_member| OffsetsFromStore {
+        undelivered: undelivered.clone(),
         shares: shares.clone(),
         group: group.clone(),
         metrics: metrics.clone(),
@@ -310,13 +317,25 @@ pub async fn run_together(
 
     // Partition -> first offset whose outputs were not yet delivered (from Kafka's committed offsets).
     let mut emitted: HashMap<(String, i32), i64> = HashMap::new();
-    // Offsets to commit to Kafka (for lag monitoring), at most once per COMMIT_INTERVAL.
+    // Offsets to commit to Kafka (for lag monitoring), at most once per COMMIT_INTERVAL: only of
+    // batches whose outputs were delivered.
     let mut to_commit: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    // The last batch's outputs, on their way while the next batch is read and applied.
+    let mut delivering: Option<Delivery> = None;
     let mut last_commit = std::time::Instant::now();
     loop {
         let first = tokio::select! {
             biased;
             _ = shutdown.changed() => break,
+            // Nothing else to read yet: finish the delivery in flight (its offsets become
+            // committable, and an idle node has nothing pending).
+            delivered = async { delivering.as_mut().expect("guarded").delivered().await },
+                if delivering.is_some() => {
+                if let Some(d) = delivering.take() {
+                    d.complete(delivered?, &undelivered, &mut to_commit);
+                }
+                continue;
+            }
             m = consumer.recv() => m,
             _ = watchdog.tick() => {
                 // A consumer left without an assignment for long (revoked, or never given one) is
@@ -363,15 +382,15 @@ pub async fn run_together(
         } else {
             learn_emitted_offsets(&consumer, &batch, &mut emitted);
         }
-        // Each member applies and commits its share; then all outputs go out.
-        let mut committed = Vec::with_capacity(members.len());
+        // Each member applies and commits its share.
+        let mut rows = Vec::with_capacity(members.len());
         for (member, share) in members.iter_mut().zip(&shares) {
             let mine: Vec<&rdkafka::message::OwnedMessage> =
                 batch.iter().filter(|m| share.topics.iter().any(|t| t == m.topic())).collect();
             if mine.is_empty() {
                 continue;
             }
-            let entries = process_batch(
+            let row = process_batch(
                 &settings,
                 &member.store,
                 member.handler.as_mut(),
@@ -384,26 +403,31 @@ pub async fn run_together(
             )
             .await?;
             failpoint(share.name, "after-commit");
-            committed.push((share, entries));
+            rows.extend(row.map(|r| (share.clone(), r)));
         }
-        for (share, entries) in &committed {
-            produce_outbox(&share.store, &producer, entries, &mut shutdown).await?;
-            failpoint(share.name, "after-produce");
+        // The previous batch's outputs were delivered while this one was applied; then this
+        // batch's go out (after them: per partition, outputs keep the order of their causes).
+        if let Some(mut previous) = delivering.take() {
+            let delivered = previous.delivered().await?;
+            previous.complete(delivered, &undelivered, &mut to_commit);
         }
-        for m in &batch {
-            let e = to_commit.entry((m.topic().to_string(), m.partition())).or_insert(0);
-            *e = (*e).max(m.offset() + 1);
-        }
+        delivering = Some(Delivery::start(&producer, rows, &batch, &undelivered, &shutdown));
         if last_commit.elapsed() >= COMMIT_INTERVAL {
             commit_to_kafka(&consumer, std::mem::take(&mut to_commit), CommitMode::Async);
             last_commit = std::time::Instant::now();
         }
     }
+    // Outputs in flight are delivered (or, when shutdown cut them short, left in the outbox for the
+    // next start) before the final commit.
+    if let Some(mut last) = delivering.take() {
+        let delivered = last.delivered().await?;
+        last.complete(delivered, &undelivered, &mut to_commit);
+    }
 
     if let Ok(assignment) = consumer.assignment() {
         // Final synchronous commit so lag reports are exact after a clean stop, and the next owner
         // of these partitions knows what was emitted.
-        let tpl = offsets::held_offsets(&shares, &assignment);
+        let tpl = offsets::held_offsets(&shares, &assignment, &undelivered);
         if tpl.count() > 0
             && let Err(error) = consumer.commit(&tpl, CommitMode::Sync)
         {
@@ -418,6 +442,81 @@ pub async fn run_together(
     }
     tracing::info!(%group, "consumer stopped");
     Ok(())
+}
+
+/// Partition -> the first offset whose outputs are not known to be delivered.
+pub(super) type Undelivered = std::sync::Arc<std::sync::Mutex<BTreeMap<(String, i32), i64>>>;
+
+/// One batch's outputs on their way to the brokers, on a task of their own, so the loop reads and
+/// applies the next batch meanwhile (the broker's round trip overlaps the next batch's work instead
+/// of adding to it). At most one is in flight: the next batch's outputs go out only after these are
+/// delivered, which keeps their order per partition across batches.
+struct Delivery {
+    task: Option<tokio::task::JoinHandle<Result<bool, KafkaError>>>,
+    /// The batch's next offset per partition, committed to Kafka once delivered.
+    next: BTreeMap<(String, i32), i64>,
+    shares: Vec<&'static str>,
+}
+
+impl Delivery {
+    fn start(
+        producer: &EventProducer,
+        rows: Vec<(Share, outbox::OutboxRow)>,
+        batch: &[rdkafka::message::OwnedMessage],
+        undelivered: &Undelivered,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Delivery {
+        let mut next = BTreeMap::new();
+        for m in batch {
+            let e = next.entry((m.topic().to_string(), m.partition())).or_insert(0);
+            *e = (*e).max(m.offset() + 1);
+        }
+        let shares = rows.iter().map(|(s, _)| s.name).collect();
+        if rows.is_empty() {
+            return Delivery { task: None, next, shares };
+        }
+        {
+            let mut u = undelivered.lock().unwrap_or_else(|p| p.into_inner());
+            for m in batch {
+                let e = u.entry((m.topic().to_string(), m.partition())).or_insert(m.offset());
+                *e = (*e).min(m.offset());
+            }
+        }
+        let (producer, mut shutdown) = (producer.clone(), shutdown.clone());
+        let rows: Vec<(Store, outbox::OutboxRow)> = rows.into_iter().map(|(s, r)| (s.store, r)).collect();
+        let task = tokio::spawn(async move { produce_outbox(&rows, &producer, &mut shutdown).await });
+        Delivery { task: Some(task), next, shares }
+    }
+
+    /// Waits until the outputs are delivered: true, or false when a shutdown came first (what is
+    /// left goes out at the next start). Cancel-safe: the task goes on, and a later call waits for it.
+    async fn delivered(&mut self) -> Result<bool, KafkaError> {
+        let Some(task) = self.task.as_mut() else { return Ok(true) };
+        let result = task.await;
+        self.task = None;
+        match result {
+            Ok(delivered) => delivered,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Cancelled: the runtime is shutting down; the outbox keeps what was not delivered.
+            Err(_) => Ok(false),
+        }
+    }
+
+    /// Marks the batch's offsets for the next commit to Kafka, once its outputs are delivered.
+    fn complete(self, delivered: bool, undelivered: &Undelivered, to_commit: &mut BTreeMap<(String, i32), i64>) {
+        if !delivered {
+            // The offsets committed to Kafka stay below what is left in the outbox.
+            return;
+        }
+        undelivered.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        for name in &self.shares {
+            failpoint(name, "after-produce");
+        }
+        for (k, o) in self.next {
+            let e = to_commit.entry(k).or_insert(0);
+            *e = (*e).max(o);
+        }
+    }
 }
 
 /// One member as the consumer context sees it.

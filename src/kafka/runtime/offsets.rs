@@ -34,6 +34,7 @@ pub fn stored_offset(store: &Store, group: &str, topic: &str, partition: i32) ->
 /// Consumer context: assigns each partition at the offset sled holds, and reports what the consumer
 /// holds (readiness, routing and the rejoin watchdog read it).
 pub(super) struct OffsetsFromStore {
+    pub(super) undelivered: super::Undelivered,
     pub(super) shares: Vec<super::Share>,
     pub(super) group: String,
     pub(super) metrics: std::sync::Arc<crate::metrics::Metrics>,
@@ -58,12 +59,18 @@ fn start_offset(shares: &[super::Share], topic: &str, partition: i32) -> Result<
     Ok(start.map_or(Offset::Beginning, Offset::Offset))
 }
 
-/// The offsets to commit to Kafka for partitions the consumer holds: what every member applied (and
-/// whose outputs were delivered: the run loop produces a batch's outputs before it polls again).
-pub(super) fn held_offsets(shares: &[super::Share], held: &TopicPartitionList) -> TopicPartitionList {
+/// The offsets to commit to Kafka for partitions the consumer holds: what every member applied and
+/// whose outputs were delivered (below the first record of a batch whose outputs are in flight).
+pub(super) fn held_offsets(
+    shares: &[super::Share],
+    held: &TopicPartitionList,
+    undelivered: &super::Undelivered,
+) -> TopicPartitionList {
+    let undelivered = undelivered.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let mut tpl = TopicPartitionList::new();
     for elem in held.elements() {
         if let Ok(Offset::Offset(o)) = start_offset(shares, elem.topic(), elem.partition()) {
+            let o = undelivered.get(&(elem.topic().to_string(), elem.partition())).map_or(o, |&u| u.min(o));
             let _ = tpl.add_partition_offset(elem.topic(), elem.partition(), Offset::Offset(o));
         }
     }
@@ -126,15 +133,14 @@ impl ConsumerContext for OffsetsFromStore {
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                // The loop applies, commits and produces a whole batch before it polls again, so
-                // nothing is in flight here. The next owner learns what was emitted from the offsets
-                // committed now (ADR 7). Asynchronously: this runs on the loop's thread, and a
+                // The next owner learns what was emitted from the offsets committed now (ADR 7):
+                // below the outputs still in flight, if a batch's are. Asynchronously: this runs on the loop's thread, and a
                 // revocation during a broker outage must not hold it (nor the HTTP server sharing the
                 // runtime) for a request timeout. If the commit is lost, the next owner sends some
                 // outputs again: same event ids and, for the keys handlers issue, the same keys.
                 tracing::info!(group = %self.group, partitions = tpl.count(), "partitions revoked");
                 self.report(None);
-                let held = held_offsets(&self.shares, tpl);
+                let held = held_offsets(&self.shares, tpl, &self.undelivered);
                 if held.count() > 0
                     && let Err(error) = consumer.commit(&held, CommitMode::Async)
                 {
