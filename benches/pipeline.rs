@@ -39,6 +39,8 @@ pub struct BenchOptions {
     pub retrieve_secs: u64,
     /// Forms per cluster size in the cluster phase (0: no cluster phase).
     pub cluster_forms: usize,
+    /// The broker's process, to report its CPU per record (scripts/bench.sh passes it).
+    pub broker_pid: Option<u32>,
 }
 
 /// The cluster phase: visitors' open + submit through the nodes in turn (no sticky routing), until
@@ -67,6 +69,13 @@ pub struct BenchReport {
     pub record_bytes: usize,
     pub passthrough_per_sec: f64,
     pub tokenizer_per_sec: f64,
+    /// CPU microseconds per record of the bench process (producing the input, consuming the output,
+    /// and the copier or the tokenizer) in each phase; the difference is what the durable path costs.
+    pub passthrough_cpu_us: f64,
+    pub tokenizer_cpu_us: f64,
+    /// The same for the broker process, when the bench knows its pid (`--broker-pid`).
+    pub passthrough_broker_cpu_us: Option<f64>,
+    pub tokenizer_broker_cpu_us: Option<f64>,
     pub ratio: f64,
     pub latency_rate: u32,
     pub latency_samples: usize,
@@ -86,6 +95,41 @@ pub struct BenchReport {
     pub purge_small_ms: f64,
     pub purge_large_ms: f64,
     pub cluster: Option<ClusterReport>,
+}
+
+/// CPU time used so far by this process (all threads), and by the broker process when its pid is
+/// known (Linux /proc; None elsewhere or when it cannot be read).
+#[derive(Clone, Copy)]
+struct CpuMark {
+    own: Duration,
+    broker: Option<Duration>,
+}
+
+fn cpu_mark(broker_pid: Option<u32>) -> CpuMark {
+    // SAFETY: getrusage writes into the struct it is given and reads nothing else.
+    let own = unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut u);
+        let tv = |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
+        tv(u.ru_utime) + tv(u.ru_stime)
+    };
+    let broker = broker_pid.and_then(|pid| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name (which may hold spaces) : utime is the 14th, stime the 15th.
+        let rest = stat.rsplit_once(')')?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        // SAFETY: sysconf reads a constant.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        (hz > 0).then(|| Duration::from_secs_f64(ticks as f64 / hz as f64))
+    });
+    CpuMark { own, broker }
+}
+
+/// CPU microseconds per record between two marks: (this process, the broker).
+fn cpu_per_record(from: CpuMark, to: CpuMark, records: usize) -> (f64, Option<f64>) {
+    let per = |d: Duration| d.as_secs_f64() * 1e6 / records as f64;
+    (per(to.own - from.own), from.broker.zip(to.broker).map(|(a, b)| per(b - a)))
 }
 
 fn names(prefix: &str) -> TopicNames {
@@ -236,7 +280,11 @@ async fn copy(consumer: &StreamConsumer, producer: &EventProducer, max_batch: us
 
 /// Passthrough: a consumer that copies each record to the output topic. Warmed with one record,
 /// then timed from the first produce to the last copy seen on the output.
-async fn passthrough(k: &KafkaSettings, events: &[(uuid::Uuid, Event)]) -> anyhow::Result<f64> {
+async fn passthrough(
+    k: &KafkaSettings,
+    events: &[(uuid::Uuid, Event)],
+    broker_pid: Option<u32>,
+) -> anyhow::Result<(f64, (f64, Option<f64>))> {
     apply_topics(k, 1).await?;
     let producer = EventProducer::new(k)?;
     let consumer = reader(k, &k.names.name(Topic::Submissions), Topic::Submissions.spec().partitions)?;
@@ -246,6 +294,7 @@ async fn passthrough(k: &KafkaSettings, events: &[(uuid::Uuid, Event)]) -> anyho
     let (copied, _) = tokio::join!(copy(&consumer, &producer, k.max_batch, 1), wait_for(&out_reader, 1));
     copied?;
     let n = events.len();
+    let cpu = cpu_mark(broker_pid);
     let start = Instant::now();
     let (produced, copied, end) = tokio::join!(
         produce_all(&producer, events),
@@ -254,7 +303,7 @@ async fn passthrough(k: &KafkaSettings, events: &[(uuid::Uuid, Event)]) -> anyho
     );
     produced?;
     copied?;
-    Ok(n as f64 / (end - start).as_secs_f64())
+    Ok((n as f64 / (end - start).as_secs_f64(), cpu_per_record(cpu, cpu_mark(broker_pid), n)))
 }
 
 fn bench_sites() -> Arc<BTreeMap<String, SiteConfig>> {
@@ -276,7 +325,12 @@ fn bench_tokenizer() -> Tokenizer {
 
 /// The tokenizer on the real runtime. Warmed with one record (group joined, partitions assigned),
 /// then timed like the passthrough.
-async fn tokenizer(k: &KafkaSettings, dir: &std::path::Path, events: &[(uuid::Uuid, Event)]) -> anyhow::Result<f64> {
+async fn tokenizer(
+    k: &KafkaSettings,
+    dir: &std::path::Path,
+    events: &[(uuid::Uuid, Event)],
+    broker_pid: Option<u32>,
+) -> anyhow::Result<(f64, (f64, Option<f64>))> {
     apply_topics(k, 1).await?;
     let signer = bench_signer();
     let producer = EventProducer::new(k)?.with_signer(signer.clone());
@@ -293,12 +347,14 @@ async fn tokenizer(k: &KafkaSettings, dir: &std::path::Path, events: &[(uuid::Uu
     ));
     produce_all(&producer, &submissions(1)).await?;
     wait_for(&out_reader, 1).await;
+    let cpu = cpu_mark(broker_pid);
     let start = Instant::now();
     let (produced, end) = tokio::join!(produce_all(&producer, events), wait_for(&out_reader, events.len()));
     produced?;
+    let used = cpu_per_record(cpu, cpu_mark(broker_pid), events.len());
     let _ = stop_tx.send(true);
     task.await??;
-    Ok(events.len() as f64 / (end - start).as_secs_f64())
+    Ok((events.len() as f64 / (end - start).as_secs_f64(), used))
 }
 
 async fn latency(k: &KafkaSettings, dir: &std::path::Path, rate: u32, secs: u64) -> anyhow::Result<Vec<f64>> {
@@ -766,8 +822,9 @@ async fn run_bench(settings: &Settings, brokers: &str, opts: &BenchOptions) -> a
     let events = submissions(opts.records);
     let record_bytes = Codec::get().encode(&events[0].1)?.len();
     let dir = tempfile_dir()?;
-    let pass = passthrough(&fresh(settings, brokers, "pass"), &events).await?;
-    let tok = tokenizer(&fresh(settings, brokers, "tok"), dir.path(), &submissions(opts.records)).await?;
+    let (pass, pass_cpu) = passthrough(&fresh(settings, brokers, "pass"), &events, opts.broker_pid).await?;
+    let (tok, tok_cpu) =
+        tokenizer(&fresh(settings, brokers, "tok"), dir.path(), &submissions(opts.records), opts.broker_pid).await?;
     let mut lat = latency(&fresh(settings, brokers, "lat"), dir.path(), opts.latency_rate, opts.latency_secs).await?;
     lat.sort_by(|a, b| a.total_cmp(b));
     let (mut ret, retrieve_ok) = retrieve_latency(brokers, dir.path(), opts.retrieve_rate, opts.retrieve_secs).await?;
@@ -786,6 +843,10 @@ async fn run_bench(settings: &Settings, brokers: &str, opts: &BenchOptions) -> a
         record_bytes,
         passthrough_per_sec: pass,
         tokenizer_per_sec: tok,
+        passthrough_cpu_us: pass_cpu.0,
+        tokenizer_cpu_us: tok_cpu.0,
+        passthrough_broker_cpu_us: pass_cpu.1,
+        tokenizer_broker_cpu_us: tok_cpu.1,
         ratio: tok / pass,
         latency_rate: opts.latency_rate,
         latency_samples: lat.len(),
@@ -876,12 +937,17 @@ impl BenchReport {
     }
 
     fn render_node(&self) -> String {
+        let cpu = |own: f64, broker: Option<f64>| match broker {
+            Some(b) => format!("{own:.0} / {b:.0} us"),
+            None => format!("{own:.0} us / -"),
+        };
         format!(
             "secureforms bench against {} ({}), client properties over the shipped ones: {:?}\n\
              records: {} FormSubmitted of {} bytes each\n\
              passthrough (consume -> produce)                                  {:>9.0} records/s\n\
              tokenizer   (consume -> vault durable -> FormReady -> offsets)    {:>9.0} records/s\n\
              ratio tokenizer / passthrough                                     {:>9.2}   (goal >= 0.90)\n\
+             CPU per record, bench process / broker: passthrough {}, tokenizer {}\n\
              latency FormSubmitted produced -> FormReady consumed, {} records/s, {} samples:\n\
              \x20 p50 {:.1} ms   p99 {:.1} ms   max {:.1} ms   (goal p99 <= 20 ms)\n\
              agent retrieve over HTTP (JWT, access rules, detokenize, audit durable), {} requests/s, {} requests, {} granted:\n\
@@ -895,6 +961,8 @@ impl BenchReport {
             self.passthrough_per_sec,
             self.tokenizer_per_sec,
             self.ratio,
+            cpu(self.passthrough_cpu_us, self.passthrough_broker_cpu_us),
+            cpu(self.tokenizer_cpu_us, self.tokenizer_broker_cpu_us),
             self.latency_rate,
             self.latency_samples,
             self.latency_p50_ms,
@@ -965,6 +1033,9 @@ struct Args {
     /// Forms per cluster size in the cluster phase (1, 2 and 3 nodes); 0 skips it.
     #[arg(long, default_value_t = 300)]
     cluster_forms: usize,
+    /// Pid of a broker on this machine, to report its CPU time per record too.
+    #[arg(long)]
+    broker_pid: Option<u32>,
     /// Run with the client settings from before the latency tuning (linger.ms=2, Nagle on,
     /// fetch.wait.max.ms=20 on every broker), to
     /// compare: the report of a run with and one without says what the tuning buys.
@@ -1003,6 +1074,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             retrieve_rate: args.retrieve_rate,
             retrieve_secs: args.retrieve_secs,
             cluster_forms: args.cluster_forms,
+            broker_pid: args.broker_pid,
         },
     )
     .await?;

@@ -24,4 +24,4 @@ work=$(mktemp -d)
 trap 'stop_broker; rm -rf "$work"' EXIT
 start_broker "$kind" "$work/broker"
 echo "bench broker: $kind on $BROKER"
-cargo bench --locked --bench pipeline -- --brokers "$BROKER" --broker-kind "$kind" "$@"
+cargo bench --locked --bench pipeline -- --brokers "$BROKER" --broker-kind "$kind" --broker-pid "$BROKER_PID" "$@"
