@@ -370,3 +370,121 @@ async fn three_nodes_answer_every_request_sent_to_a_node_that_does_not_own_it() 
         assert_eq!(hits(&log, &forms_of(pan)), 0, "a card number found in the logs");
     }
 }
+
+/// A certificate authority of the deployment's own and one server certificate it signs for
+/// 127.0.0.1, written as PEM files: (CA certificate, server certificate, server key).
+fn cluster_pki(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    ca.distinguished_name.push(DnType::CommonName, "secureforms test cluster CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let server_key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    let server_cert = server.signed_by(&server_key, &issuer).unwrap();
+    let paths = (dir.join("cluster-ca.pem"), dir.join("node.pem"), dir.join("node.key"));
+    std::fs::write(&paths.0, ca_cert.pem()).unwrap();
+    std::fs::write(&paths.1, server_cert.pem()).unwrap();
+    write_private(&paths.2, server_key.serialize_pem().as_bytes());
+    (paths.0, paths.1, paths.2)
+}
+
+/// Nodes that serve HTTPS forward to each other over HTTPS and check the owner's certificate
+/// against `cluster_ca_file`: with it, a visitor's link works through the node that does not own
+/// it; without it (only the system's roots, which do not know the deployment's CA), the forwarding
+/// node refuses to talk to the owner and answers 503 with Retry-After, never over plain HTTP and
+/// never from its own state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_forward_over_https_and_only_to_an_owner_whose_certificate_they_trust() {
+    use secureforms::events::{Codec, FormIssued};
+    use secureforms::topics::Topic;
+
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let prefix = unique_prefix("cluster-tls");
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let master = master_key_file(dirs[0].path());
+    let (ca, cert, key) = cluster_pki(dirs[0].path());
+    let tls_node = |i: usize, id: &'static str, trusts_the_ca: bool| {
+        let (dir, master, ca, cert, key, prefix) =
+            (dirs[i].path().to_path_buf(), master.clone(), ca.clone(), cert.clone(), key.clone(), prefix.clone());
+        async move {
+            let mut s = settings(&prefix, &dir);
+            s.node_id = id.into();
+            s.master_key_file = Some(master);
+            s.http_listen = Some("127.0.0.1:0".into());
+            s.tls_cert = Some(cert);
+            s.tls_key = Some(key);
+            s.cluster_ca_file = trusts_the_ca.then_some(ca);
+            let service = Service::start(s, brokers(), system_clock()).await.expect("node starts");
+            service.wait_ready(WAIT).await.expect("ready");
+            service
+        }
+    };
+    let mut a = tls_node(0, "node-a", true).await;
+    let mut b = tls_node(1, "node-b", false).await;
+    let nodes = [&a, &b];
+    settled(&nodes).await;
+    let view = secureforms::handlers::directory::DirectoryView::new(a.directory.clone());
+    for p in 0..a.partitions {
+        let url = view.owner_of(p).unwrap().expect("an owner").url;
+        assert!(url.starts_with("https://127.0.0.1:"), "nodes serving HTTPS advertise an https URL: {url}");
+    }
+
+    let visitor = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&ca).unwrap()).unwrap())
+        .build()
+        .unwrap();
+    let base = |i: usize| format!("https://{}", nodes[i].http_addr.unwrap());
+    let chat = producer(&prefix).await;
+    let mut links = TopicReader::new(&prefix, Topic::FormLinks).await;
+    // The path of a link (FormIssued) for a new form in a conversation `owner` owns.
+    async fn link_owned_by(
+        owner: usize,
+        nodes: &[&Service],
+        chat: &secureforms::kafka::EventProducer,
+        links: &mut TopicReader,
+    ) -> String {
+        let conv = (0..).map(|i| format!("conv-tls-{owner}-{i}")).find(|c| owner_of(nodes, c) == owner).unwrap();
+        let form = format!("form-tls-{owner}");
+        chat.send(&form_sent("acme", &conv, &form, "alice", "agent", "card-payment")).await.unwrap();
+        let issued = |r: &[rdkafka::message::OwnedMessage]| {
+            r.iter().find_map(|m| match rdkafka::message::Message::payload(m).map(|p| Codec::get().decode(p)) {
+                Some(Ok(Event::FormIssued(i))) if i.form_id == form => Some(i),
+                _ => None,
+            })
+        };
+        assert!(links.read_until(WAIT, |r| issued(r).is_some()).await, "FormIssued for {form}");
+        let FormIssued { link, .. } = issued(&links.records).unwrap();
+        link.trim_start_matches("http://127.0.0.1:8080").to_string()
+    }
+
+    // Owned by b, asked through a, which trusts the deployment's CA: forwarded over HTTPS.
+    let path = link_owned_by(1, &nodes, &chat, &mut links).await;
+    let r = visitor.get(format!("{}{path}", base(0))).send().await.unwrap();
+    let (status, page) = text(r).await;
+    assert_eq!(status, 200, "the link works through the node that does not own it: {page}");
+    let forwarded = |n: &Service, outcome: &str| {
+        n.metrics
+            .forwarded
+            .get_or_create(&[("route", "/f/{site}/{form}".to_string()), ("outcome", outcome.to_string())])
+            .get()
+    };
+    assert!(forwarded(&a, "2xx") >= 1, "node-a forwarded the link to node-b");
+
+    // Owned by a, asked through b, which cannot verify a's certificate: refused, 503 with
+    // Retry-After, and not answered from b's own state either.
+    let path = link_owned_by(0, &nodes, &chat, &mut links).await;
+    let r = visitor.get(format!("{}{path}", base(1))).send().await.unwrap();
+    let retry_after = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+    let (status, page) = text(r).await;
+    assert_eq!(status, 503, "a node that cannot verify the owner does not forward: {page}");
+    assert!(retry_after.is_some_and(|s| s.parse::<u64>().is_ok()), "the visitor is told when to retry");
+    assert!(forwarded(&b, "unreachable") >= 1, "node-b counted the owner it could not reach");
+    assert_eq!(forwarded(&b, "2xx"), 0, "node-b forwarded nothing successfully");
+
+    b.stop().await;
+    a.stop().await;
+}
