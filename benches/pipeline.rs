@@ -41,6 +41,8 @@ pub struct BenchOptions {
     pub cluster_forms: usize,
     /// The broker's process, to report its CPU per record (scripts/bench.sh passes it).
     pub broker_pid: Option<u32>,
+    /// Records through the passthrough and the tokenizer, untimed, before measuring (0: none).
+    pub warmup_records: usize,
 }
 
 /// The cluster phase: visitors' open + submit through the nodes in turn (no sticky routing), until
@@ -67,6 +69,8 @@ pub struct BenchReport {
     pub client_properties: BTreeMap<String, String>,
     pub records: usize,
     pub record_bytes: usize,
+    /// Records through each path, untimed, before measuring.
+    pub warmup_records: usize,
     pub passthrough_per_sec: f64,
     pub tokenizer_per_sec: f64,
     /// CPU microseconds per record of the bench process (producing the input, consuming the output,
@@ -822,6 +826,14 @@ async fn run_bench(settings: &Settings, brokers: &str, opts: &BenchOptions) -> a
     let events = submissions(opts.records);
     let record_bytes = Codec::get().encode(&events[0].1)?.len();
     let dir = tempfile_dir()?;
+    // A broker started for the bench is cold: Apache Kafka's JVM compiles its produce and fetch
+    // paths while the first phases run, which cost it 45-85 us of CPU per record instead of 8-15 us
+    // warm, so the phases measured the JIT. Untimed runs of both paths first.
+    if opts.warmup_records > 0 {
+        let warm = submissions(opts.warmup_records);
+        passthrough(&fresh(settings, brokers, "warm-pass"), &warm, None).await?;
+        tokenizer(&fresh(settings, brokers, "warm-tok"), &dir.path().join("warm"), &warm, None).await?;
+    }
     let (pass, pass_cpu) = passthrough(&fresh(settings, brokers, "pass"), &events, opts.broker_pid).await?;
     let (tok, tok_cpu) =
         tokenizer(&fresh(settings, brokers, "tok"), dir.path(), &submissions(opts.records), opts.broker_pid).await?;
@@ -841,6 +853,7 @@ async fn run_bench(settings: &Settings, brokers: &str, opts: &BenchOptions) -> a
         client_properties: settings.kafka_properties.clone(),
         records: opts.records,
         record_bytes,
+        warmup_records: opts.warmup_records,
         passthrough_per_sec: pass,
         tokenizer_per_sec: tok,
         passthrough_cpu_us: pass_cpu.0,
@@ -943,7 +956,7 @@ impl BenchReport {
         };
         format!(
             "secureforms bench against {} ({}), client properties over the shipped ones: {:?}\n\
-             records: {} FormSubmitted of {} bytes each\n\
+             records: {} FormSubmitted of {} bytes each, after {} untimed through each path (broker warm-up)\n\
              passthrough (consume -> produce)                                  {:>9.0} records/s\n\
              tokenizer   (consume -> vault durable -> FormReady -> offsets)    {:>9.0} records/s\n\
              ratio tokenizer / passthrough                                     {:>9.2}   (goal >= 0.90)\n\
@@ -958,6 +971,7 @@ impl BenchReport {
             self.client_properties,
             self.records,
             self.record_bytes,
+            self.warmup_records,
             self.passthrough_per_sec,
             self.tokenizer_per_sec,
             self.ratio,
@@ -1036,6 +1050,10 @@ struct Args {
     /// Pid of a broker on this machine, to report its CPU time per record too.
     #[arg(long)]
     broker_pid: Option<u32>,
+    /// Records sent through the passthrough and the tokenizer, untimed, before measuring: a freshly
+    /// started JVM broker spends its first tens of thousands of records compiling (0: no warm-up).
+    #[arg(long, default_value_t = 30_000)]
+    warmup_records: usize,
     /// Run with the client settings from before the latency tuning (linger.ms=2, Nagle on,
     /// fetch.wait.max.ms=20 on every broker), to
     /// compare: the report of a run with and one without says what the tuning buys.
@@ -1075,6 +1093,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             retrieve_secs: args.retrieve_secs,
             cluster_forms: args.cluster_forms,
             broker_pid: args.broker_pid,
+            warmup_records: args.warmup_records,
         },
     )
     .await?;
@@ -1085,6 +1104,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The service's allocator (src/main.rs), so the bench measures the runtime as `serve` runs it.
+/// The service's allocator (src/main.rs), so the bench measures the runtime as `serve` runs it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     use clap::Parser;
