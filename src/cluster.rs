@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use tokio::sync::watch;
 
 use crate::events::{Event, EventHeader, EventKind, NodeAnnounced};
@@ -37,21 +37,6 @@ pub enum CatchUpError {
     Join(#[from] tokio::task::JoinError),
 }
 
-fn watermark_client(node: &Node) -> Result<Arc<BaseConsumer>, KafkaError> {
-    if let Some(c) = node.watermarks.get() {
-        return Ok(c.clone());
-    }
-    let client: BaseConsumer = node
-        .kafka
-        .client_config()
-        .set("group.id", format!("{}-watermarks", node.kafka.group_prefix))
-        .set("enable.auto.commit", "false")
-        .create()
-        .map_err(|e| node.kafka.client_error(e))?;
-    // Two requests racing here make two clients; one is kept.
-    Ok(node.watermarks.get_or_init(|| Arc::new(client)).clone())
-}
-
 /// Waits until `handlers` have applied, on `partition`, everything the brokers held when this was
 /// called: state that includes whatever the requester can have seen (a link on form-links, a
 /// FormReady on agent-events, a submission acknowledged by another node before the partition moved
@@ -74,7 +59,7 @@ pub async fn catch_up(node: &Node, handlers: &[&str], partition: i32) -> Result<
     let mut topics: Vec<String> = reads.iter().map(|(_, t)| t.clone()).collect();
     topics.sort();
     topics.dedup();
-    let client = watermark_client(node)?;
+    let client = node.watermark_client()?;
     let highs: std::collections::HashMap<String, i64> = tokio::task::spawn_blocking(move || {
         topics
             .into_iter()

@@ -72,7 +72,8 @@ pub struct Node {
     pub directory: Store,
     /// Signs and checks requests forwarded between nodes (`crypto::hop`).
     pub hop: Arc<crate::crypto::hop::HopSigner>,
-    /// A client for high watermarks (read-your-writes, `cluster::catch_up`), made on first use.
+    /// A client for watermarks (readiness and lag, replay's progress, read-your-writes in
+    /// `cluster::catch_up`), made on first use: see [`Node::watermark_client`].
     pub watermarks: std::sync::OnceLock<Arc<rdkafka::consumer::BaseConsumer>>,
 }
 
@@ -89,6 +90,23 @@ pub struct HandlerInfo {
 }
 
 impl Node {
+    /// The node's one client for topic watermarks, made on first use (no group membership: it only
+    /// reads metadata and watermarks).
+    pub fn watermark_client(&self) -> Result<Arc<rdkafka::consumer::BaseConsumer>, crate::kafka::KafkaError> {
+        if let Some(c) = self.watermarks.get() {
+            return Ok(c.clone());
+        }
+        let client: rdkafka::consumer::BaseConsumer = self
+            .kafka
+            .client_config()
+            .set("group.id", format!("{}-watermarks", self.kafka.group_prefix))
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(|e| self.kafka.client_error(e))?;
+        // Two callers racing here make two clients; one is kept.
+        Ok(self.watermarks.get_or_init(|| Arc::new(client)).clone())
+    }
+
     /// The partition of a conversation's events (murmur2, as the Java client places them).
     pub fn partition_of(&self, conversation_id: &str) -> i32 {
         crate::topics::partition_for(conversation_id.as_bytes(), self.partitions)

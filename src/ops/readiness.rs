@@ -6,25 +6,22 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use tokio::sync::watch;
 
 use crate::kafka::runtime::stored_offset;
-use crate::kafka::{ADMIN_TIMEOUT, KafkaError, KafkaSettings};
+use crate::kafka::{ADMIN_TIMEOUT, KafkaError};
 use crate::node::Node;
 use crate::topics::Topic;
 
 /// (topic name, partition) -> (low, high) watermarks.
 pub type Watermarks = BTreeMap<(String, i32), (i64, i64)>;
 
-/// Reads the watermarks of every partition of `topics` (blocking calls; run off the async threads).
-pub fn watermarks(settings: &KafkaSettings, topics: &[Topic]) -> Result<Watermarks, KafkaError> {
-    let consumer: BaseConsumer = settings
-        .client_config()
-        .set("group.id", format!("{}-watermarks", settings.group_prefix))
-        .set("enable.auto.commit", "false")
-        .create()
-        .map_err(|e| settings.client_error(e))?;
+/// Reads the watermarks of every partition of `topics` with the node's watermark client (blocking
+/// calls; run off the async threads).
+pub fn watermarks(node: &Node, topics: &[Topic]) -> Result<Watermarks, KafkaError> {
+    let consumer = node.watermark_client()?;
+    let settings = &node.kafka;
     let mut out = BTreeMap::new();
     for topic in topics {
         let name = settings.names.name(*topic);
@@ -96,8 +93,8 @@ pub enum ReadinessError {
 }
 
 async fn read_marks(node: &Arc<Node>) -> Result<Watermarks, ReadinessError> {
-    let (kafka, topics) = (node.kafka.clone(), node_topics(node));
-    Ok(tokio::task::spawn_blocking(move || watermarks(&kafka, &topics)).await??)
+    let (node, topics) = (node.clone(), node_topics(node));
+    Ok(tokio::task::spawn_blocking(move || watermarks(&node, &topics)).await??)
 }
 
 /// Marks the node ready once caught up with the watermarks read at start, then keeps lag gauges

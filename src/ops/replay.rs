@@ -110,10 +110,12 @@ async fn run_phase(
             .map_err(|e| OpsError::Invalid(e.to_string()))?;
     let node = service.node.clone();
     let topics: Vec<_> = node.handlers.iter().flat_map(|h| h.topics.clone()).collect();
-    let kafka = node.kafka.clone();
-    let marks = tokio::task::spawn_blocking(move || watermarks(&kafka, &topics))
-        .await
-        .map_err(|e| OpsError::Invalid(e.to_string()))??;
+    let marks = tokio::task::spawn_blocking({
+        let node = node.clone();
+        move || watermarks(&node, &topics)
+    })
+    .await
+    .map_err(|e| OpsError::Invalid(e.to_string()))??;
     let at_start = positions(&node, &marks)?;
     let start: u64 = at_start.values().map(|p| *p as u64).sum();
     let total: u64 = at_start
