@@ -204,6 +204,17 @@ pub(super) fn commit_to_kafka(
     next: BTreeMap<(String, i32), i64>,
     mode: CommitMode,
 ) {
+    // Only partitions the consumer holds now: a partition revoked since its batch was delivered has
+    // an owner that commits its own marks, and a stale one from here would move them back (the
+    // group protocol accepts a member's commit for any partition).
+    let held: std::collections::BTreeSet<(String, i32)> = match consumer.assignment() {
+        Ok(a) => a.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect(),
+        Err(error) => {
+            tracing::debug!(%error, "cannot read the assignment; offsets not committed to kafka this time");
+            return;
+        }
+    };
+    let next = still_held(next, &held);
     if next.is_empty() {
         return;
     }
@@ -216,9 +227,27 @@ pub(super) fn commit_to_kafka(
     }
 }
 
+/// The offsets of `next` whose partitions are in `held`.
+fn still_held(
+    mut next: BTreeMap<(String, i32), i64>,
+    held: &std::collections::BTreeSet<(String, i32)>,
+) -> BTreeMap<(String, i32), i64> {
+    next.retain(|k, _| held.contains(k));
+    next
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn offsets_of_partitions_no_longer_held_are_not_committed() {
+        let next: BTreeMap<(String, i32), i64> =
+            [(("t".to_string(), 0), 10), (("t".to_string(), 1), 20), (("u".to_string(), 0), 30)].into();
+        let held = [("t".to_string(), 1), ("u".to_string(), 0), ("u".to_string(), 5)].into();
+        let kept = still_held(next, &held);
+        assert_eq!(kept, [(("t".to_string(), 1), 20), (("u".to_string(), 0), 30)].into());
+    }
 
     #[test]
     fn offset_keys_separate_groups_topics_and_partitions() {
