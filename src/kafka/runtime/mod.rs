@@ -383,7 +383,7 @@ pub async fn run_together(
             learn_emitted_offsets(&consumer, &batch, &mut emitted);
         }
         // Each member applies and commits its share.
-        let mut rows = Vec::with_capacity(members.len());
+        let (mut rows, mut names) = (Vec::with_capacity(members.len()), Vec::with_capacity(members.len()));
         for (member, share) in members.iter_mut().zip(&shares) {
             let mine: Vec<&rdkafka::message::OwnedMessage> =
                 batch.iter().filter(|m| share.topics.iter().any(|t| t == m.topic())).collect();
@@ -403,15 +403,17 @@ pub async fn run_together(
             )
             .await?;
             failpoint(share.name, "after-commit");
-            rows.extend(row.map(|r| (share.clone(), r)));
+            if let Some(row) = row {
+                rows.push((member.store.clone(), row));
+                names.push(share.name);
+            }
         }
         // The previous batch's outputs were delivered while this one was applied; then this
         // batch's go out (after them: per partition, outputs keep the order of their causes).
-        if let Some(mut previous) = delivering.take() {
-            let delivered = previous.delivered().await?;
-            previous.complete(delivered, &undelivered, &mut to_commit);
+        if let Some(previous) = delivering.take() {
+            previous.finish(&undelivered, &mut to_commit).await?;
         }
-        delivering = Some(Delivery::start(&producer, rows, &batch, &undelivered, &shutdown));
+        delivering = Some(Delivery::start(&producer, rows, names, &batch, &undelivered, &shutdown));
         if last_commit.elapsed() >= COMMIT_INTERVAL {
             commit_to_kafka(&consumer, std::mem::take(&mut to_commit), CommitMode::Async);
             last_commit = std::time::Instant::now();
@@ -419,9 +421,8 @@ pub async fn run_together(
     }
     // Outputs in flight are delivered (or, when shutdown cut them short, left in the outbox for the
     // next start) before the final commit.
-    if let Some(mut last) = delivering.take() {
-        let delivered = last.delivered().await?;
-        last.complete(delivered, &undelivered, &mut to_commit);
+    if let Some(last) = delivering.take() {
+        last.finish(&undelivered, &mut to_commit).await?;
     }
 
     if let Ok(assignment) = consumer.assignment() {
@@ -455,37 +456,39 @@ struct Delivery {
     task: Option<tokio::task::JoinHandle<Result<bool, KafkaError>>>,
     /// The batch's next offset per partition, committed to Kafka once delivered.
     next: BTreeMap<(String, i32), i64>,
-    shares: Vec<&'static str>,
+    /// The members whose rows these are.
+    names: Vec<&'static str>,
 }
 
 impl Delivery {
+    /// Sends `rows` (each with its member's store, `names` their members) on a task of its own.
     fn start(
         producer: &EventProducer,
-        rows: Vec<(Share, outbox::OutboxRow)>,
+        rows: Vec<(Store, outbox::OutboxRow)>,
+        names: Vec<&'static str>,
         batch: &[rdkafka::message::OwnedMessage],
         undelivered: &Undelivered,
         shutdown: &watch::Receiver<bool>,
     ) -> Delivery {
-        let mut next = BTreeMap::new();
+        // Per partition: the batch's first offset and the offset after its last.
+        let mut span: BTreeMap<(String, i32), (i64, i64)> = BTreeMap::new();
         for m in batch {
-            let e = next.entry((m.topic().to_string(), m.partition())).or_insert(0);
-            *e = (*e).max(m.offset() + 1);
+            let e = span.entry((m.topic().to_string(), m.partition())).or_insert((m.offset(), m.offset() + 1));
+            *e = (e.0.min(m.offset()), e.1.max(m.offset() + 1));
         }
-        let shares = rows.iter().map(|(s, _)| s.name).collect();
+        let next = span.iter().map(|(k, (_, after))| (k.clone(), *after)).collect();
         if rows.is_empty() {
-            return Delivery { task: None, next, shares };
+            return Delivery { task: None, next, names };
         }
         {
             let mut u = undelivered.lock().unwrap_or_else(|p| p.into_inner());
-            for m in batch {
-                let e = u.entry((m.topic().to_string(), m.partition())).or_insert(m.offset());
-                *e = (*e).min(m.offset());
+            for (k, (first, _)) in span {
+                u.entry(k).and_modify(|e| *e = (*e).min(first)).or_insert(first);
             }
         }
         let (producer, mut shutdown) = (producer.clone(), shutdown.clone());
-        let rows: Vec<(Store, outbox::OutboxRow)> = rows.into_iter().map(|(s, r)| (s.store, r)).collect();
         let task = tokio::spawn(async move { produce_outbox(&rows, &producer, &mut shutdown).await });
-        Delivery { task: Some(task), next, shares }
+        Delivery { task: Some(task), next, names }
     }
 
     /// Waits until the outputs are delivered: true, or false when a shutdown came first (what is
@@ -502,6 +505,17 @@ impl Delivery {
         }
     }
 
+    /// Waits for the outputs, then [`Delivery::complete`].
+    async fn finish(
+        mut self,
+        undelivered: &Undelivered,
+        to_commit: &mut BTreeMap<(String, i32), i64>,
+    ) -> Result<(), KafkaError> {
+        let delivered = self.delivered().await?;
+        self.complete(delivered, undelivered, to_commit);
+        Ok(())
+    }
+
     /// Marks the batch's offsets for the next commit to Kafka, once its outputs are delivered.
     fn complete(self, delivered: bool, undelivered: &Undelivered, to_commit: &mut BTreeMap<(String, i32), i64>) {
         if !delivered {
@@ -509,7 +523,7 @@ impl Delivery {
             return;
         }
         undelivered.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        for name in &self.shares {
+        for name in &self.names {
             failpoint(name, "after-produce");
         }
         for (k, o) in self.next {

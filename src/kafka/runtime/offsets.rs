@@ -134,9 +134,9 @@ impl ConsumerContext for OffsetsFromStore {
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 // The next owner learns what was emitted from the offsets committed now (ADR 7):
-                // below the outputs still in flight, if a batch's are. Asynchronously: this runs on the loop's thread, and a
-                // revocation during a broker outage must not hold it (nor the HTTP server sharing the
-                // runtime) for a request timeout. If the commit is lost, the next owner sends some
+                // below the outputs still in flight, if a batch's are. Asynchronously: this runs on
+                // the loop's thread, and a revocation during a broker outage must not hold it (nor
+                // the HTTP server sharing the runtime) for a request timeout. If the commit is lost, the next owner sends some
                 // outputs again: same event ids and, for the keys handlers issue, the same keys.
                 tracing::info!(group = %self.group, partitions = tpl.count(), "partitions revoked");
                 self.report(None);

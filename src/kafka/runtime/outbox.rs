@@ -17,28 +17,34 @@ pub struct OutboxEntry {
     pub payload: Vec<u8>,
 }
 
+/// Appends `bytes` with its length before it (u32, big-endian).
+fn put_prefixed(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// Splits a length-prefixed field (see [`put_prefixed`]) off the front: (field, rest).
+fn take_prefixed(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    let n = u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+    let field = bytes.get(4..4 + n)?;
+    Some((field, &bytes[4 + n..]))
+}
+
 impl OutboxEntry {
     pub(super) fn encode(&self) -> Vec<u8> {
         let topic = self.topic.suffix().as_bytes();
         let mut out = Vec::with_capacity(8 + topic.len() + self.key.len() + self.payload.len());
-        out.extend_from_slice(&(topic.len() as u32).to_be_bytes());
-        out.extend_from_slice(topic);
-        out.extend_from_slice(&(self.key.len() as u32).to_be_bytes());
-        out.extend_from_slice(&self.key);
+        put_prefixed(&mut out, topic);
+        put_prefixed(&mut out, &self.key);
         out.extend_from_slice(&self.payload);
         out
     }
 
     pub(super) fn decode(bytes: &[u8]) -> Option<OutboxEntry> {
-        let take = |b: &[u8]| -> Option<(usize, usize)> {
-            let n = u32::from_be_bytes(b.get(..4)?.try_into().ok()?) as usize;
-            (b.len() >= 4 + n).then_some((4, 4 + n))
-        };
-        let (s, e) = take(bytes)?;
-        let topic = Topic::from_suffix(std::str::from_utf8(&bytes[s..e]).ok()?)?;
-        let rest = &bytes[e..];
-        let (s, e) = take(rest)?;
-        Some(OutboxEntry { topic, key: rest[s..e].to_vec(), payload: rest[e..].to_vec() })
+        let (topic, rest) = take_prefixed(bytes)?;
+        let topic = Topic::from_suffix(std::str::from_utf8(topic).ok()?)?;
+        let (key, payload) = take_prefixed(rest)?;
+        Some(OutboxEntry { topic, key: key.to_vec(), payload: payload.to_vec() })
     }
 }
 
@@ -66,22 +72,19 @@ impl OutboxRow {
         let mut out = Vec::new();
         out.extend_from_slice(&(entries.len() as u32).to_be_bytes());
         for e in entries {
-            let bytes = e.encode();
-            out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
-            out.extend_from_slice(&bytes);
+            put_prefixed(&mut out, &e.encode());
         }
         out
     }
 
     fn decode_entries(bytes: &[u8]) -> Option<Vec<OutboxEntry>> {
-        let read_u32 = |b: &[u8]| -> Option<usize> { Some(u32::from_be_bytes(b.get(..4)?.try_into().ok()?) as usize) };
-        let count = read_u32(bytes)?;
+        let count = u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
         let mut rest = &bytes[4..];
         let mut entries = Vec::with_capacity(count.min(100_000));
         for _ in 0..count {
-            let n = read_u32(rest)?;
-            entries.push(OutboxEntry::decode(rest.get(4..4 + n)?)?);
-            rest = &rest[4 + n..];
+            let (entry, after) = take_prefixed(rest)?;
+            entries.push(OutboxEntry::decode(entry)?);
+            rest = after;
         }
         rest.is_empty().then_some(entries)
     }
