@@ -146,6 +146,17 @@ fn token(agent: &str, perms: &[&str], roles: &[&str], sid: &str) -> String {
 
 /// A node with its gateway on a free loopback port, as `serve` runs one.
 async fn web_node(prefix: &str, dir: &std::path::Path, id: &str, master: &std::path::Path) -> Service {
+    web_node_with(prefix, dir, id, master, |_| {}).await
+}
+
+/// [`web_node`] with more settings (`configure` runs last).
+async fn web_node_with(
+    prefix: &str,
+    dir: &std::path::Path,
+    id: &str,
+    master: &std::path::Path,
+    configure: impl FnOnce(&mut secureforms::config::Settings),
+) -> Service {
     let secret = dir.join("jwt.secret");
     write_private(&secret, SECRET.as_bytes());
     let mut s = settings(prefix, dir);
@@ -153,6 +164,7 @@ async fn web_node(prefix: &str, dir: &std::path::Path, id: &str, master: &std::p
     s.master_key_file = Some(master.to_path_buf());
     s.http_listen = Some("127.0.0.1:0".into());
     s.agent_auth.jwt_secret_file = Some(secret);
+    configure(&mut s);
     let service = Service::start(s, brokers(), system_clock()).await.expect("node starts");
     service.wait_ready(WAIT).await.expect("ready");
     service
@@ -407,24 +419,16 @@ async fn nodes_forward_over_https_and_only_to_an_owner_whose_certificate_they_tr
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     let master = master_key_file(dirs[0].path());
     let (ca, cert, key) = cluster_pki(dirs[0].path());
-    let tls_node = |i: usize, id: &'static str, trusts_the_ca: bool| {
-        let (dir, master, ca, cert, key, prefix) =
-            (dirs[i].path().to_path_buf(), master.clone(), ca.clone(), cert.clone(), key.clone(), prefix.clone());
-        async move {
-            let mut s = settings(&prefix, &dir);
-            s.node_id = id.into();
-            s.master_key_file = Some(master);
-            s.http_listen = Some("127.0.0.1:0".into());
+    let tls = |trusts_the_ca: bool| {
+        let (ca, cert, key) = (ca.clone(), cert.clone(), key.clone());
+        move |s: &mut secureforms::config::Settings| {
             s.tls_cert = Some(cert);
             s.tls_key = Some(key);
             s.cluster_ca_file = trusts_the_ca.then_some(ca);
-            let service = Service::start(s, brokers(), system_clock()).await.expect("node starts");
-            service.wait_ready(WAIT).await.expect("ready");
-            service
         }
     };
-    let mut a = tls_node(0, "node-a", true).await;
-    let mut b = tls_node(1, "node-b", false).await;
+    let mut a = web_node_with(&prefix, dirs[0].path(), "node-a", &master, tls(true)).await;
+    let mut b = web_node_with(&prefix, dirs[1].path(), "node-b", &master, tls(false)).await;
     let nodes = [&a, &b];
     settled(&nodes).await;
     let view = secureforms::handlers::directory::DirectoryView::new(a.directory.clone());
