@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::bin;
+use common::{bin, free_port};
 
 fn run(args: &[&str]) -> Output {
     Command::new(bin()).args(args).env_remove("SECUREFORMS_CONFIG").output().expect("run secureforms")
@@ -487,7 +487,7 @@ fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String, Strin
 fn serve_waits_for_brokers_that_do_not_answer_answering_503_meanwhile_and_serves_once_they_come() {
     let dir = tempfile::tempdir().unwrap();
     // A port nothing listens on: the brokers are "away".
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo.toml");
     let mut child = Command::new(bin())
         .args(["serve", "--config"])

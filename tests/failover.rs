@@ -30,10 +30,6 @@ fn http_client() -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(45)).build().unwrap()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// One `serve` process: its node id, data directory and ports stay across restarts.
 struct Node {
     id: String,

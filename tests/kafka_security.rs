@@ -32,10 +32,6 @@ impl Drop for SecureKafka {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// The broker as docker/compose.yaml runs it (docker/kafka-sasl-ssl.sh: its own CA, SCRAM users
 /// formatted in), from the jars scripts/install-kafka.sh fetched.
 fn start_secure_kafka(dir: &Path, service_password: &str) -> SecureKafka {

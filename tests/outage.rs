@@ -54,7 +54,7 @@ use rdkafka::message::Message;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_longer_than_the_delivery_timeout_is_ridden_out_without_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let broker_settings = secureforms::config::Settings {
         data_dir: dir.path().join("broker"),
         embedded_broker: broker_kind(),
@@ -186,7 +186,7 @@ async fn the_broker_stopped_and_restarted_under_load_costs_visitors_a_retry_at_m
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let broker_settings = secureforms::config::Settings {
         data_dir: dir.path().join("broker"),
         embedded_broker: broker_kind(),

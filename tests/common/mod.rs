@@ -53,6 +53,31 @@ pub fn broker_dir() -> PathBuf {
     }
 }
 
+/// A port for a process a test starts (a broker, `serve`) and may restart on it. Taken below the
+/// kernel's ephemeral range when it has room there, so no outgoing connection and no `bind(0)`
+/// elsewhere can take it while the process restarts; free when chosen; and never handed out twice
+/// in this process (a port from `bind(0)`, released at once, was handed out again: two nodes of one
+/// failover test got the same one).
+pub fn free_port() -> u16 {
+    static TAKEN: Mutex<std::collections::BTreeSet<u16>> = Mutex::new(std::collections::BTreeSet::new());
+    let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let mut taken = TAKEN.lock().unwrap();
+    loop {
+        let port = if ephemeral_low > 11_000 {
+            rand::random_range(10_000..ephemeral_low)
+        } else {
+            std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+        };
+        if !taken.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            taken.insert(port);
+            return port;
+        }
+    }
+}
+
 fn broker() -> &'static (String, Option<Child>, Option<tempfile::TempDir>) {
     static BROKER: OnceLock<(String, Option<Child>, Option<tempfile::TempDir>)> = OnceLock::new();
     BROKER.get_or_init(|| {
@@ -62,7 +87,7 @@ fn broker() -> &'static (String, Option<Child>, Option<tempfile::TempDir>) {
         let bin = secureforms::broker::find_binary(None)
             .expect("tansu installed (scripts/install-broker.sh) or SF_TEST_BROKERS set");
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         // PR_SET_PDEATHSIG fires when the spawning *thread* ends, and test threads end with
         // their test: spawn from a thread that lives as long as the process.
