@@ -81,6 +81,10 @@ pub struct BenchReport {
     pub passthrough_broker_cpu_us: Option<f64>,
     pub tokenizer_broker_cpu_us: Option<f64>,
     pub ratio: f64,
+    /// The tokenizer's per-batch work with no broker (decode, MAC check, apply, encode, sled commit
+    /// and flush, output MAC), one thread: the ceiling of the tokenizer phase on this machine.
+    pub tokenizer_alone_per_sec: f64,
+    pub tokenizer_alone_cpu_us: f64,
     pub latency_rate: u32,
     pub latency_samples: usize,
     pub latency_p50_ms: f64,
@@ -359,6 +363,62 @@ async fn tokenizer(
     let _ = stop_tx.send(true);
     task.await??;
     Ok((events.len() as f64 / (end - start).as_secs_f64(), used))
+}
+
+/// The tokenizer's per-batch work alone, with no broker: the runtime's own step (decode, MAC check,
+/// apply, encode, sled commit and flush) on signed records as the consumer hands them over, in
+/// batches of the consumer's size, plus the MAC the producer puts on each output. One thread, as
+/// the loop runs. The Kafka phase cannot run faster than this; on a machine whose cores the broker
+/// and the load share, it runs slower.
+async fn tokenizer_alone(
+    k: &KafkaSettings,
+    dir: &std::path::Path,
+    events: &[(uuid::Uuid, Event)],
+) -> anyhow::Result<(f64, f64)> {
+    use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
+    let signer = bench_signer();
+    let topic = k.names.name(Topic::Submissions);
+    let partitions = Topic::Submissions.spec().partitions as usize;
+    let messages = events
+        .iter()
+        .enumerate()
+        .map(|(i, (_, e))| {
+            let payload = Codec::get().encode(e)?;
+            let key = e.record_key().into_bytes();
+            let mac = signer.sign(&key, &payload);
+            let headers = OwnedHeaders::new()
+                .insert(Header { key: secureforms::crypto::mac::HEADER, value: Some(mac.as_bytes()) });
+            let (partition, offset) = ((i % partitions) as i32, (i / partitions) as i64);
+            Ok(OwnedMessage::new(
+                Some(payload),
+                Some(key),
+                topic.clone(),
+                rdkafka::Timestamp::NotAvailable,
+                partition,
+                offset,
+                Some(headers),
+            ))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let store = Store::open(&dir.join("tokenizer-alone"))?;
+    let mut handler = bench_tokenizer();
+    let metrics = secureforms::metrics::Metrics::new();
+    let cpu = cpu_mark(None);
+    let start = Instant::now();
+    for chunk in messages.chunks(k.max_batch) {
+        let batch: Vec<&OwnedMessage> = chunk.iter().collect();
+        let now = system_clock()();
+        let outputs =
+            runtime::apply_and_commit(k, &store, &mut handler, "bench-alone", &batch, now, &metrics, Some(&signer))
+                .await?;
+        anyhow::ensure!(outputs.len() == batch.len(), "every submission gives one FormReady");
+        for out in &outputs {
+            std::hint::black_box(signer.sign(&out.key, &out.payload));
+        }
+    }
+    let elapsed = start.elapsed();
+    let (cpu_us, _) = cpu_per_record(cpu, cpu_mark(None), events.len());
+    Ok((events.len() as f64 / elapsed.as_secs_f64(), cpu_us))
 }
 
 async fn latency(k: &KafkaSettings, dir: &std::path::Path, rate: u32, secs: u64) -> anyhow::Result<Vec<f64>> {
@@ -834,18 +894,28 @@ async fn run_bench(settings: &Settings, brokers: &str, opts: &BenchOptions) -> a
         passthrough(&fresh(settings, brokers, "warm-pass"), &warm, None).await?;
         tokenizer(&fresh(settings, brokers, "warm-tok"), &dir.path().join("warm"), &warm, None).await?;
     }
+    phase("passthrough");
     let (pass, pass_cpu) = passthrough(&fresh(settings, brokers, "pass"), &events, opts.broker_pid).await?;
+    phase("tokenizer");
     let (tok, tok_cpu) =
         tokenizer(&fresh(settings, brokers, "tok"), dir.path(), &submissions(opts.records), opts.broker_pid).await?;
+    phase("tokenizer-alone");
+    let (alone, alone_cpu) =
+        tokenizer_alone(&fresh(settings, brokers, "alone"), dir.path(), &submissions(opts.records)).await?;
+    phase("latency");
     let mut lat = latency(&fresh(settings, brokers, "lat"), dir.path(), opts.latency_rate, opts.latency_secs).await?;
     lat.sort_by(|a, b| a.total_cmp(b));
+    phase("retrieve");
     let (mut ret, retrieve_ok) = retrieve_latency(brokers, dir.path(), opts.retrieve_rate, opts.retrieve_secs).await?;
     ret.sort_by(|a, b| a.total_cmp(b));
+    phase("purge");
     let (expired, small, large) = (PURGE_EXPIRED, PURGE_SMALL, PURGE_SMALL * 10);
     let purge_small_ms = purge_scan(dir.path(), small, expired)?;
     let purge_large_ms = purge_scan(dir.path(), large, expired)?;
+    phase("cluster");
     let cluster =
         if opts.cluster_forms > 0 { Some(cluster_phase(brokers, dir.path(), opts.cluster_forms).await?) } else { None };
+    phase("report");
     let broker_kind = secureforms::kafka::admin::Admin::new(&fresh(settings, brokers, "kind"))?.broker_kind().await?;
     Ok(BenchReport {
         brokers: brokers.to_string(),
@@ -861,6 +931,8 @@ async fn run_bench(settings: &Settings, brokers: &str, opts: &BenchOptions) -> a
         passthrough_broker_cpu_us: pass_cpu.1,
         tokenizer_broker_cpu_us: tok_cpu.1,
         ratio: tok / pass,
+        tokenizer_alone_per_sec: alone,
+        tokenizer_alone_cpu_us: alone_cpu,
         latency_rate: opts.latency_rate,
         latency_samples: lat.len(),
         latency_p50_ms: percentile(&lat, 0.50),
@@ -879,6 +951,13 @@ async fn run_bench(settings: &Settings, brokers: &str, opts: &BenchOptions) -> a
         purge_large_ms,
         cluster,
     })
+}
+
+/// Marks on stderr when a phase starts (wall clock, Unix ms), so a profile of the broker or of this
+/// process taken over the whole run can be cut into phases.
+fn phase(name: &str) {
+    let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    eprintln!("bench: phase {name} starts at {} (Unix ms)", at.as_millis());
 }
 
 const PURGE_EXPIRED: usize = 500;
@@ -961,6 +1040,7 @@ impl BenchReport {
              tokenizer   (consume -> vault durable -> FormReady -> offsets)    {:>9.0} records/s\n\
              ratio tokenizer / passthrough                                     {:>9.2}   (goal >= 0.90)\n\
              CPU per record, bench process / broker: passthrough {}, tokenizer {}\n\
+             tokenizer's batch work alone, no broker, one thread               {:>9.0} records/s ({:.0} us CPU per record; {:.2} of the passthrough)\n\
              latency FormSubmitted produced -> FormReady consumed, {} records/s, {} samples:\n\
              \x20 p50 {:.1} ms   p99 {:.1} ms   max {:.1} ms   (goal p99 <= 20 ms)\n\
              agent retrieve over HTTP (JWT, access rules, detokenize, audit durable), {} requests/s, {} requests, {} granted:\n\
@@ -977,6 +1057,9 @@ impl BenchReport {
             self.ratio,
             cpu(self.passthrough_cpu_us, self.passthrough_broker_cpu_us),
             cpu(self.tokenizer_cpu_us, self.tokenizer_broker_cpu_us),
+            self.tokenizer_alone_per_sec,
+            self.tokenizer_alone_cpu_us,
+            self.tokenizer_alone_per_sec / self.passthrough_per_sec,
             self.latency_rate,
             self.latency_samples,
             self.latency_p50_ms,
@@ -1105,7 +1188,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The service's allocator (src/main.rs), so the bench measures the runtime as `serve` runs it.
 /// The service's allocator (src/main.rs), so the bench measures the runtime as `serve` runs it.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -63,7 +63,17 @@ macro_rules! events {
                 match self { $( Event::$variant(e) => &e.header, )* }
             }
 
+            /// The Avro body of this event, written straight from its fields by a writer of its
+            /// kind's schema (no intermediate `Value`, no resolution pass).
+            pub(crate) fn write_avro(
+                &self,
+                writer: &apache_avro::writer::datum::GenericDatumWriter<'_>,
+            ) -> Result<Vec<u8>, apache_avro::Error> {
+                match self { $( Event::$variant(e) => writer.write_ser_to_vec(e), )* }
+            }
 
+            /// The event as an Avro `Value` (the codec's tests compare this path with `write_avro`).
+            #[cfg(test)]
             pub(crate) fn to_avro_value(&self) -> Result<apache_avro::types::Value, apache_avro::Error> {
                 match self { $( Event::$variant(e) => apache_avro::to_value(e), )* }
             }

@@ -248,6 +248,26 @@ impl Ownership {
     }
 }
 
+/// The loop's own work on one batch, with no broker: decode and authenticate each record, apply it,
+/// encode its outputs, and commit state, outbox row and offsets to sled durably. Returns the outputs
+/// the batch staged; delivering them (and removing their outbox row) is the caller's. The bench
+/// measures this alone to show what the loop costs without Kafka (`benches/pipeline.rs`).
+#[allow(clippy::too_many_arguments)] // the loop's per-batch state, as the loop passes it
+pub async fn apply_and_commit<H: Handler + ?Sized>(
+    settings: &KafkaSettings,
+    store: &Store,
+    handler: &mut H,
+    group: &str,
+    batch: &[&rdkafka::message::OwnedMessage],
+    now_ms: i64,
+    metrics: &crate::metrics::Metrics,
+    verify_with: Option<&crate::crypto::mac::EventSigner>,
+) -> Result<Vec<OutboxEntry>, KafkaError> {
+    let row =
+        process_batch(settings, store, handler, group, batch, &HashMap::new(), now_ms, metrics, verify_with).await?;
+    Ok(row.map(|r| r.entries).unwrap_or_default())
+}
+
 /// Runs one handler in its own consumer group until `shutdown` turns true (see [`run_together`]).
 pub async fn run<H: Handler>(
     settings: KafkaSettings,
