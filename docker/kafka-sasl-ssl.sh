@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Apache Kafka with one client listener, SASL_SSL only (SCRAM-SHA-512 over TLS), as
+# Apache Kafka with one client listener, SASL_SSL only (SCRAM-SHA-512 over TLS), enforcing ACLs
+# (StandardAuthorizer; grant them with docker/kafka-acls.sh), as
 # docker/compose.yaml runs it in the apache/kafka image and tests/kafka_security.rs runs it from the
 # jars scripts/install-kafka.sh fetches. On first start it makes a CA and the broker's certificate
 # with keytool (every JRE has it) and formats the storage with the SCRAM users; then it runs the
@@ -71,6 +72,12 @@ listener.security.protocol.map=CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL
 sasl.enabled.mechanisms=SCRAM-SHA-512
 sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512
 listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="admin" password="$KAFKA_ADMIN_PASSWORD";
+# Every request is authorized: only the admin user (the broker itself) and the loopback-only
+# controller listener (PLAINTEXT, so its principal is ANONYMOUS) are super users; everyone else gets
+# what docker/kafka-acls.sh grants, and nothing without a grant.
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+super.users=User:admin;User:ANONYMOUS
+allow.everyone.if.no.acl.found=false
 ssl.keystore.type=PKCS12
 ssl.keystore.location=$certs/kafka.p12
 ssl.keystore.password=$pw

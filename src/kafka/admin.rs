@@ -39,11 +39,33 @@ impl Admin {
         let spec = [ResourceSpecifier::Broker(broker)];
         let described =
             self.client.describe_configs(&spec, &AdminOptions::new().request_timeout(Some(ADMIN_TIMEOUT))).await;
+        // A refusal for want of a grant is not "tansu". The whole request refused is an error.
+        // A refused resource cannot be told from tansu's answer: librdkafka's per-resource error is
+        // not passed on by rdkafka, and both come back with no entries. That case is warned about,
+        // with what to do.
+        let refused = |code: &rdkafka::types::RDKafkaErrorCode| {
+            use rdkafka::types::RDKafkaErrorCode as C;
+            matches!(code, C::ClusterAuthorizationFailed | C::TopicAuthorizationFailed)
+        };
         let kafka = match described {
-            Ok(results) => results
-                .into_iter()
-                .filter_map(Result::ok)
-                .any(|r| r.entries.iter().any(|e| e.name == "log.cleaner.enable")),
+            Ok(results) => {
+                let described: Vec<_> = results.into_iter().filter_map(Result::ok).collect();
+                if described.iter().all(|r| r.entries.is_empty()) {
+                    tracing::warn!(
+                        broker,
+                        "the broker described no configuration, so it is taken for tansu; if it is Apache Kafka, this user may not describe the cluster: grant it DescribeConfigs on the cluster (docker/kafka-acls.sh does), or set broker_kind (--broker-kind, SECUREFORMS_BROKER_KIND)"
+                    );
+                }
+                described.iter().any(|r| r.entries.iter().any(|e| e.name == "log.cleaner.enable"))
+            }
+            Err(rdkafka::error::KafkaError::AdminOp(code)) if refused(&code) => {
+                return Err(KafkaError::Topic {
+                    topic: "(cluster)".into(),
+                    message: format!(
+                        "describing the broker's configuration, which tells Apache Kafka from tansu, was refused ({code}): grant this user DescribeConfigs on the cluster (docker/kafka-acls.sh does), or set broker_kind (--broker-kind, SECUREFORMS_BROKER_KIND)"
+                    ),
+                });
+            }
             Err(error) => {
                 tracing::debug!(%error, "broker configs not described; taking the broker for tansu");
                 false
