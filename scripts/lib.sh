@@ -17,7 +17,37 @@ TANSU="$CARGO_HOME/bin/tansu"
 SCRIPTS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+  # free_port [AVOID...]: a loopback port nothing listens on, none of AVOID, taken below the kernel's
+  # ephemeral range (as tests/common's free_port), so no outgoing connection takes it before the
+  # broker binds it. A port from bind(0), released at once, can be handed out again.
+  python3 - "$@" <<'PY'
+import random, socket, sys
+avoid = {int(p) for p in sys.argv[1:]}
+try:
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+except (OSError, ValueError, IndexError):
+    low = 32768
+for _ in range(1000):
+    if low > 11000:
+        port = random.randrange(10000, low)
+    else:
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+    if port in avoid:
+        continue
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        continue
+    finally:
+        s.close()
+    print(port)
+    sys.exit(0)
+sys.exit("free_port: no free loopback port found")
+PY
 }
 
 # wait_for_port PORT SECONDS: polls until something listens, fails after the deadline.
@@ -64,7 +94,7 @@ start_kafka() {
   local dir=$1 port cport jars
   jars=$("$SCRIPTS_DIR/install-kafka.sh") || return 1
   port=$(free_port)
-  cport=$(free_port)
+  cport=$(free_port "$port")
   mkdir -p "$dir"
   write_kafka_config "$dir" "$port" "$cport"
   java -cp "$jars/*" -Dlog4j2.configurationFile="$dir/log4j2.properties" kafka.tools.StorageTool format \
