@@ -250,22 +250,15 @@ async fn the_service_and_the_cli_work_over_sasl_ssl_and_nobody_gets_in_without_t
         kafka
             .read_as("workspace", WORKSPACE_PASSWORD, &topic("agent-events"), "workspace")
             .expect("the workspace reads FormReady");
-        denied(
-            kafka.read_as("chatbus", CHATBUS_PASSWORD, &topic("agent-events"), "chatbus"),
-            "the chat bus reading agent events (retrieve keys)",
-        );
-        denied(
-            kafka.read_as("chatbus", CHATBUS_PASSWORD, &topic("form-links"), "someone-elses-group"),
-            "the chat bus in a group not its own",
-        );
-        denied(
-            kafka.read_as("workspace", WORKSPACE_PASSWORD, &topic("submissions"), "workspace"),
-            "the workspace reading sealed submissions",
-        );
-        denied(
-            kafka.read_as("workspace", WORKSPACE_PASSWORD, &topic("keys"), "workspace"),
-            "the workspace reading wrapped data keys",
-        );
+        let (chatbus, workspace) = (("chatbus", CHATBUS_PASSWORD), ("workspace", WORKSPACE_PASSWORD));
+        for ((user, pw), t, group, what) in [
+            (chatbus, "agent-events", "chatbus", "the chat bus reading agent events (retrieve keys)"),
+            (chatbus, "form-links", "someone-elses-group", "the chat bus in a group not its own"),
+            (workspace, "submissions", "workspace", "the workspace reading sealed submissions"),
+            (workspace, "keys", "workspace", "the workspace reading wrapped data keys"),
+        ] {
+            denied(kafka.read_as(user, pw, &topic(t), group), what);
+        }
     });
     for t in ["submissions", "agent-events", "keys", "form-links"] {
         denied(kafka.produce_as("chatbus", CHATBUS_PASSWORD, &topic(t)).await, &format!("the chat bus writing {t}"));
