@@ -16,6 +16,7 @@
 #   KAFKA_BIND (0.0.0.0)  KAFKA_PORT (9093)  KAFKA_CONTROLLER_PORT (9094)
 #   KAFKA_LOG4J (a log4j2 file; default: the image's, if present)
 #   KAFKA_HEAP (-Xms256m -Xmx512m)
+#   KAFKA_ONE_NODE (kafka-one-node.properties next to this script: the one-node settings)
 # Users and passwords are fixed when the storage is first formatted; change them afterwards with
 # kafka-configs.sh --alter --entity-type users (see docs/security.md).
 set -euo pipefail
@@ -30,6 +31,8 @@ port=${KAFKA_PORT:-9093}
 cport=${KAFKA_CONTROLLER_PORT:-9094}
 
 fail() { echo "kafka-sasl-ssl.sh: $*" >&2; exit 2; }
+one_node=${KAFKA_ONE_NODE:-$(dirname "$0")/kafka-one-node.properties}
+[ -s "$one_node" ] || fail "no one-node settings at $one_node (docker/kafka-one-node.properties); set KAFKA_ONE_NODE"
 [ -n "${KAFKA_ADMIN_PASSWORD:-}" ] || fail "set KAFKA_ADMIN_PASSWORD (the broker's own SCRAM user)"
 [ -n "${KAFKA_SECUREFORMS_PASSWORD:-}" ] || fail "set KAFKA_SECUREFORMS_PASSWORD (the secureforms nodes' SCRAM user)"
 command -v java >/dev/null || fail "java is not on PATH"
@@ -86,15 +89,8 @@ ssl.truststore.type=PKCS12
 ssl.truststore.location=$certs/kafka.p12
 ssl.truststore.password=$pw
 log.dirs=$data
-auto.create.topics.enable=false
-offsets.topic.replication.factor=1
-offsets.topic.num.partitions=6
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
-group.initial.rebalance.delay.ms=0
 EOF
+cat "$one_node" >>"$conf/server.properties"
 chmod 600 "$conf/server.properties"
 
 log4j=${KAFKA_LOG4J:-}

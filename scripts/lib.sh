@@ -129,24 +129,8 @@ controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
 listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
 log.dirs=$dir/data
-num.partitions=1
-auto.create.topics.enable=false
-# One node: internal topics cannot have more replicas than there are brokers.
-offsets.topic.replication.factor=1
-offsets.topic.num.partitions=6
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
-# Groups form at once (tests start consumers and expect them to get partitions promptly).
-group.initial.rebalance.delay.ms=0
-# Index files are preallocated at this size (sparse): 10 MiB by default, which makes hundreds of
-# test partitions look like gigabytes to the tests that scan the broker's raw bytes for canaries.
-log.index.size.max.bytes=131072
-# The log cleaner checks often, so compaction (keys topic, crypto-shredding) is observable in tests.
-log.cleaner.backoff.ms=1000
-log.retention.check.interval.ms=5000
 PROPS
+  cat "$SCRIPTS_DIR/../docker/kafka-one-node.properties" "$SCRIPTS_DIR/kafka/dev-broker.properties" >>"$dir/server.properties"
   cat >"$dir/log4j2.properties" <<PROPS
 status = warn
 appender.file.type = File

@@ -365,10 +365,12 @@ impl EmbeddedBroker {
     }
 }
 
-/// One-node KRaft settings: combined broker and controller on loopback, internal topics with one
-/// replica, groups that form at once, and a log cleaner that checks often (crypto-shredding on the
-/// compacted keys topic). The same settings as `scripts/lib.sh` uses for the tests.
+/// One-node KRaft settings: combined broker and controller on loopback, then the one-node settings
+/// every Kafka of this project shares and the development broker's (the same files `scripts/lib.sh`
+/// uses for the tests).
 fn kafka_server_properties(data: &Path, port: u16, cport: u16) -> String {
+    const ONE_NODE: &str = include_str!("../docker/kafka-one-node.properties");
+    const DEV: &str = include_str!("../scripts/kafka/dev-broker.properties");
     format!(
         "process.roles=broker,controller\n\
          node.id=1\n\
@@ -379,16 +381,7 @@ fn kafka_server_properties(data: &Path, port: u16, cport: u16) -> String {
          inter.broker.listener.name=PLAINTEXT\n\
          listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT\n\
          log.dirs={}\n\
-         auto.create.topics.enable=false\n\
-         offsets.topic.replication.factor=1\n\
-         offsets.topic.num.partitions=6\n\
-         transaction.state.log.replication.factor=1\n\
-         transaction.state.log.min.isr=1\n\
-         share.coordinator.state.topic.replication.factor=1\n\
-         share.coordinator.state.topic.min.isr=1\n\
-         group.initial.rebalance.delay.ms=0\n\
-         log.index.size.max.bytes=131072\n\
-         log.cleaner.backoff.ms=1000\n",
+         {ONE_NODE}{DEV}",
         data.display()
     )
 }
