@@ -270,38 +270,17 @@ async fn the_service_and_the_cli_work_over_sasl_ssl_and_nobody_gets_in_without_t
         );
     }
 
-    // The CLI, with the properties in its config file and the password in the environment.
-    let config = dir.path().join("cli.toml");
-    let mut toml = String::from("[kafka_properties]\n");
-    for (k, v) in secured(&kafka.ca, "secureforms", None) {
-        toml.push_str(&format!("{k:?} = {v:?}\n"));
-    }
-    std::fs::write(&config, toml).unwrap();
-    let cli = |pw: &str, args: &[&str]| {
-        Command::new(bin())
-            .args(args)
-            .args(["--brokers", &kafka.addr, "--topic-prefix", &prefix, "--broker-kind", "kafka", "--config"])
-            .arg(&config)
-            .env("SECUREFORMS_KAFKA_PASSWORD", pw)
-            .env_remove("SECUREFORMS_CONFIG")
-            .output()
-            .unwrap()
-    };
-    let o = cli(&password, &["tail", "form-links", "--max", "1", "--idle-exit", "30"]);
-    let out = String::from_utf8_lossy(&o.stdout).to_string();
-    assert!(o.status.success() && out.contains("FormIssued"), "{out}{}", String::from_utf8_lossy(&o.stderr));
-    // Telling Kafka from tansu needs the grant on the cluster: with it, the CLI learns the broker
-    // kind. Without it the broker's answer looks like tansu's (rdkafka drops the per-resource
-    // error), so the CLI says what to grant or set.
-    let list_as = |user: &str, pw: &str| {
+    // The CLI, as a user: its properties in a config file and the password in the environment.
+    let cli_as = |user: &str, pw: &str, args: &[&str]| {
+        let config = dir.path().join(format!("cli-{user}.toml"));
         let mut toml = String::from("[kafka_properties]\n");
         for (k, v) in secured(&kafka.ca, user, None) {
             toml.push_str(&format!("{k:?} = {v:?}\n"));
         }
-        let config = dir.path().join(format!("cli-{user}.toml"));
         std::fs::write(&config, toml).unwrap();
         Command::new(bin())
-            .args(["topics", "list", "--brokers", &kafka.addr, "--topic-prefix", &prefix, "--config"])
+            .args(args)
+            .args(["--brokers", &kafka.addr, "--topic-prefix", &prefix, "--config"])
             .arg(&config)
             .env("SECUREFORMS_KAFKA_PASSWORD", pw)
             .env_remove("SECUREFORMS_CONFIG")
@@ -309,10 +288,17 @@ async fn the_service_and_the_cli_work_over_sasl_ssl_and_nobody_gets_in_without_t
             .output()
             .unwrap()
     };
-    let o = list_as("secureforms", &password);
+    let cli = |pw: &str, args: &[&str]| cli_as("secureforms", pw, &[args, &["--broker-kind", "kafka"]].concat());
+    let o = cli(&password, &["tail", "form-links", "--max", "1", "--idle-exit", "30"]);
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success() && out.contains("FormIssued"), "{out}{}", String::from_utf8_lossy(&o.stderr));
+    // Telling Kafka from tansu needs the grant on the cluster: with it, the CLI learns the broker
+    // kind. Without it the broker's answer looks like tansu's (rdkafka drops the per-resource
+    // error), so the CLI says what to grant or set.
+    let o = cli_as("secureforms", &password, &["topics", "list"]);
     let out = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(o.status.success() && out.contains("broker: kafka"), "{out}{}", String::from_utf8_lossy(&o.stderr));
-    let o = list_as("workspace", WORKSPACE_PASSWORD);
+    let o = cli_as("workspace", WORKSPACE_PASSWORD, &["topics", "list"]);
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(err.contains("DescribeConfigs on the cluster") && err.contains("broker_kind"), "says what to grant: {err}");
 

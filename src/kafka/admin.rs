@@ -43,6 +43,7 @@ impl Admin {
         // A refused resource cannot be told from tansu's answer: librdkafka's per-resource error is
         // not passed on by rdkafka, and both come back with no entries. That case is warned about,
         // with what to do.
+        const GRANT_OR_SET: &str = "grant this user DescribeConfigs on the cluster (docker/kafka-acls.sh does), or set broker_kind (--broker-kind, SECUREFORMS_BROKER_KIND)";
         let refused = |code: &rdkafka::types::RDKafkaErrorCode| {
             use rdkafka::types::RDKafkaErrorCode as C;
             matches!(code, C::ClusterAuthorizationFailed | C::TopicAuthorizationFailed)
@@ -53,7 +54,7 @@ impl Admin {
                 if described.iter().all(|r| r.entries.is_empty()) {
                     tracing::warn!(
                         broker,
-                        "the broker described no configuration, so it is taken for tansu; if it is Apache Kafka, this user may not describe the cluster: grant it DescribeConfigs on the cluster (docker/kafka-acls.sh does), or set broker_kind (--broker-kind, SECUREFORMS_BROKER_KIND)"
+                        "the broker described no configuration, so it is taken for tansu; if it is Apache Kafka, this user may not describe the cluster: {GRANT_OR_SET}"
                     );
                 }
                 described.iter().any(|r| r.entries.iter().any(|e| e.name == "log.cleaner.enable"))
@@ -62,7 +63,7 @@ impl Admin {
                 return Err(KafkaError::Topic {
                     topic: "(cluster)".into(),
                     message: format!(
-                        "describing the broker's configuration, which tells Apache Kafka from tansu, was refused ({code}): grant this user DescribeConfigs on the cluster (docker/kafka-acls.sh does), or set broker_kind (--broker-kind, SECUREFORMS_BROKER_KIND)"
+                        "describing the broker's configuration, which tells Apache Kafka from tansu, was refused ({code}): {GRANT_OR_SET}"
                     ),
                 });
             }

@@ -136,8 +136,9 @@ impl ConsumerContext for OffsetsFromStore {
                 // The next owner learns what was emitted from the offsets committed now (ADR 7):
                 // below the outputs still in flight, if a batch's are. Asynchronously: this runs on
                 // the loop's thread, and a revocation during a broker outage must not hold it (nor
-                // the HTTP server sharing the runtime) for a request timeout. If the commit is lost, the next owner sends some
-                // outputs again: same event ids and, for the keys handlers issue, the same keys.
+                // the HTTP server sharing the runtime) for a request timeout. If the commit is lost,
+                // the next owner sends some outputs again: same event ids and, for the keys
+                // handlers issue, the same keys.
                 tracing::info!(group = %self.group, partitions = tpl.count(), "partitions revoked");
                 self.report(None);
                 let held = held_offsets(&self.shares, tpl, &self.undelivered);
