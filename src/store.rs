@@ -3,10 +3,18 @@
 //! in the same atomic batch as the state they belong to.
 //!
 //! A [`Tx`] stages writes in memory (reads see them), and [`Store::commit`] applies them in one sled
-//! transaction over every tree they touch, then flushes to disk.
+//! transaction over every tree they touch, then makes them durable.
+//!
+//! Durable means on the disk, not only in the kernel's page cache (ADR 25). sled 0.34 flushes its log
+//! with `sync_file_range` on Linux, which neither flushes the device's write cache nor records a
+//! grown file's size, and never syncs its config file, its blob files or their directory entries
+//! (sled issues #1351 and #1452): a power cut or a kernel crash could lose a flushed write. So every
+//! flush here is followed by `fdatasync` of sled's log file and a sync of any new blob file, and
+//! opening a store syncs its files and directories.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -23,6 +31,14 @@ pub enum StoreError {
     },
     #[error("state database error: {0}")]
     Sled(#[from] sled::Error),
+    #[error(
+        "cannot make the state database at {path} durable: {source}; check the disk (space, errors in the kernel log) and that the data directory is writable"
+    )]
+    Sync {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("corrupt state in tree {tree}: {detail}")]
     Corrupt { tree: String, detail: String },
 }
@@ -41,6 +57,66 @@ pub type TreeDump = BTreeMap<String, Vec<(Vec<u8>, Vec<u8>)>>;
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
+    /// Syncs what sled's flush leaves in the page cache; none for a temporary store.
+    disk: Option<Arc<Disk>>,
+}
+
+/// sled's files of one store, synced after each of its flushes.
+struct Disk {
+    dir: PathBuf,
+    /// sled's log (`<dir>/db`), opened again: `fdatasync` acts on the file, whichever descriptor.
+    log: std::fs::File,
+    /// The highest blob (named by its log sequence number) already synced.
+    blobs_synced: std::sync::Mutex<u64>,
+    syncs: std::sync::atomic::AtomicU64,
+}
+
+impl Disk {
+    fn open(dir: &Path) -> Result<Disk, StoreError> {
+        let err = |source| StoreError::Sync { path: dir.display().to_string(), source };
+        let log = std::fs::OpenOptions::new().read(true).open(dir.join("db")).map_err(err)?;
+        let disk = Disk { dir: dir.to_path_buf(), log, blobs_synced: std::sync::Mutex::new(0), syncs: 0.into() };
+        // What sled wrote when it created or opened the store: its config, and the entries of its
+        // files in their directories (up to the data directory's own entry).
+        std::fs::File::open(dir.join("conf")).and_then(|f| f.sync_all()).map_err(err)?;
+        for d in [Some(dir), dir.parent()].into_iter().flatten() {
+            sync_dir(d).map_err(err)?;
+        }
+        disk.sync().map_err(err)?;
+        Ok(disk)
+    }
+
+    /// Puts on the disk what sled's last flush wrote: the log's data (and its size, if it grew),
+    /// then any blob written since the last sync, and the blob directory's entries.
+    fn sync(&self) -> std::io::Result<()> {
+        self.log.sync_data()?;
+        let blobs = self.dir.join("blobs");
+        let mut synced = self.blobs_synced.lock().unwrap_or_else(|e| e.into_inner());
+        let mut newest = *synced;
+        for entry in std::fs::read_dir(&blobs)? {
+            let entry = entry?;
+            let Some(lsn) = entry.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) else { continue };
+            if lsn > *synced {
+                match std::fs::File::open(entry.path()) {
+                    Ok(f) => f.sync_all()?,
+                    // Collected by sled meanwhile: nothing to keep.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
+                newest = newest.max(lsn);
+            }
+        }
+        if newest > *synced {
+            sync_dir(&blobs)?;
+            *synced = newest;
+        }
+        self.syncs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 impl Store {
@@ -49,12 +125,19 @@ impl Store {
             .path(path)
             .open()
             .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
-        Ok(Store { db })
+        db.flush()?;
+        let disk = Disk::open(path)?;
+        Ok(Store { db, disk: Some(Arc::new(disk)) })
     }
 
     /// A throwaway store for tests.
     pub fn temporary() -> Result<Store, StoreError> {
-        Ok(Store { db: sled::Config::new().temporary(true).open()? })
+        Ok(Store { db: sled::Config::new().temporary(true).open()?, disk: None })
+    }
+
+    /// How many times this store's files were synced to the disk (each flush syncs them once).
+    pub fn disk_syncs(&self) -> u64 {
+        self.disk.as_ref().map_or(0, |d| d.syncs.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     pub fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
@@ -94,8 +177,7 @@ impl Store {
                 TransactionError::Storage(e) => StoreError::Sled(e),
                 TransactionError::Abort(()) => unreachable!("the closure never aborts"),
             })?;
-        self.db.flush_async().await?;
-        Ok(())
+        self.flush().await
     }
 
     /// Writes outside a consumer batch (e.g. removing delivered outbox entries); durable at the next
@@ -116,9 +198,27 @@ impl Store {
         Ok(self.db.generate_id()?)
     }
 
+    /// Makes every write so far durable: sled's flush, then the sync it leaves out (module docs).
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.db.flush_async().await?;
-        Ok(())
+        let Some(disk) = self.disk.clone() else { return Ok(()) };
+        let path = disk.dir.display().to_string();
+        match tokio::task::spawn_blocking(move || disk.sync()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(source)) => Err(StoreError::Sync { path, source }),
+            Err(stopped) => Err(StoreError::Sync { path, source: std::io::Error::other(stopped.to_string()) }),
+        }
+    }
+
+    /// [`Store::flush`] for a thread outside the async runtime.
+    pub fn flush_blocking(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        match &self.disk {
+            Some(disk) => {
+                disk.sync().map_err(|source| StoreError::Sync { path: disk.dir.display().to_string(), source })
+            }
+            None => Ok(()),
+        }
     }
 
     /// Every tree name and its content, for replay comparisons and inspection tools.
@@ -217,6 +317,52 @@ mod tests {
         assert_eq!(tx.get("a", b"k").unwrap(), None);
         store.commit(tx).await.unwrap();
         assert_eq!(store.tree("a").unwrap().get(b"k").unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn every_commit_and_flush_syncs_sleds_files_to_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let store = Store::open(&path).unwrap();
+        let at_open = store.disk_syncs();
+        assert_eq!(at_open, 1, "opening syncs what sled wrote while opening");
+        for i in 0..3u8 {
+            let mut tx = store.begin();
+            tx.insert("t", vec![i], vec![i; 64]);
+            store.commit(tx).await.unwrap();
+        }
+        assert_eq!(store.disk_syncs(), at_open + 3, "each commit syncs once");
+        store.flush().await.unwrap();
+        assert_eq!(store.disk_syncs(), at_open + 4);
+        // An empty batch writes nothing and syncs nothing.
+        store.commit(store.begin()).await.unwrap();
+        assert_eq!(store.disk_syncs(), at_open + 4);
+        assert_eq!(Store::temporary().unwrap().disk_syncs(), 0, "a temporary store has no files to sync");
+    }
+
+    #[tokio::test]
+    async fn a_value_sled_keeps_as_a_blob_file_is_synced_and_reads_back_after_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let big = vec![7u8; 1 << 20];
+        {
+            let store = Store::open(&path).unwrap();
+            let mut tx = store.begin();
+            tx.insert("t", b"big".to_vec(), big.clone());
+            store.commit(tx).await.unwrap();
+            let disk = store.disk.as_ref().unwrap();
+            assert!(*disk.blobs_synced.lock().unwrap() > 0, "sled kept a 1 MiB value as a blob; its file was synced");
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.tree("t").unwrap().get(b"big").unwrap().unwrap().as_ref(), big.as_slice());
+    }
+
+    #[test]
+    fn a_store_whose_log_cannot_be_opened_says_what_to_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Disk::open(dir.path()).err().expect("no sled log in an empty directory");
+        let text = err.to_string();
+        assert!(text.contains("cannot make the state database") && text.contains("check the disk"), "{text}");
     }
 
     #[tokio::test]
