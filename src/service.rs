@@ -44,6 +44,8 @@ pub enum TaskError {
     Http(#[from] crate::http::HttpError),
     #[error(transparent)]
     Readiness(#[from] crate::ops::readiness::ReadinessError),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +56,8 @@ pub enum ServiceError {
     Kafka(#[from] KafkaError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error("handler {0} stopped unexpectedly: {1}")]
@@ -312,7 +316,8 @@ impl Service {
         let keys_loaded = load_ring(&ring, &stores["keys"])?;
         let off_record = Arc::new(OffRecordStore::new());
         let chain = crate::audit::AuditChain::new(&integrity, &settings.node_id);
-        let (audit, audit_writer) = crate::audit::AuditLog::open(stores["audit"].clone(), Some(chain))?;
+        let (audit, audit_writer) =
+            crate::audit::AuditLog::open(stores["audit"].clone(), &store_dir(&settings, "audit.journal"), Some(chain))?;
         let detokenizer = Arc::new(
             Detokenizer::new(
                 stores["tokenizer"].clone(),

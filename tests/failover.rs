@@ -17,6 +17,8 @@ use secureforms::events::{Codec, Event};
 use secureforms::topics::Topic;
 
 const WAIT: Duration = Duration::from_secs(90);
+/// The nodes' shared secret for agent tokens (HS256).
+const AGENT_SECRET: &str = "failover-test-secret-for-agent-tokens-0123456789";
 
 /// Why the kill -9 fail-over runs on Apache Kafka only: tansu 0.6.0 does not expire the session of a
 /// member that died; its partitions stay with it until another member joins or leaves (seen with
@@ -89,6 +91,7 @@ impl Cluster {
             .env("SECUREFORMS_METRICS_LISTEN", format!("127.0.0.1:{}", node.ops))
             .env("SECUREFORMS_PUBLIC_URL", "http://127.0.0.1:8080")
             .env("SECUREFORMS_PURGE_INTERVAL_SECS", "0")
+            .env("SECUREFORMS_JWT_SECRET", AGENT_SECRET)
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .spawn()
@@ -498,4 +501,95 @@ async fn a_submit_retried_across_a_restart_is_never_stored_twice() {
         visits.insert(form.clone(), Visit { statuses: vec![200], submitted: true });
     }
     check(&c, &visits).await;
+}
+
+/// An agent token as the chat platform would sign it for the example config (audience
+/// "secureforms").
+fn agent_token(agent: &str, session: &str) -> String {
+    let claims = serde_json::json!({
+        "sub": agent,
+        "site": "acme",
+        "roles": ["agent"],
+        "permissions": ["use_secure_form"],
+        "sid": session,
+        "aud": "secureforms",
+        "exp": now_ms() / 1000 + 600,
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(AGENT_SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// A granted retrieval, then kill -9 at once: the node answered only once the grant and the key it
+/// spent were durable on its disk (the audit journal, ADR 25), so after the restart the same key is
+/// refused as spent, never granted twice, and the FormRetrieved that records the grant reaches
+/// agent-events, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_spent_just_before_a_kill_9_stays_spent_and_its_grant_is_relayed_once() {
+    let client = http_client();
+    let mut c = Cluster::new("killret", 1);
+    c.settled(&client).await;
+    let links = send_forms(&c.prefix, "kr", 1).await;
+    let (form, link) = links.iter().next().unwrap();
+    let v = visit(&client, &[c.base(0)], link, &luhn_pan(4242)).await;
+    assert!(v.submitted, "{v:?}; logs:\n{}", c.logs());
+    let mut ready = TopicReader::new(&c.prefix, Topic::AgentEvents).await;
+    let ready_of = |r: &[rdkafka::message::OwnedMessage]| {
+        r.iter().find_map(|m| match Codec::get().decode(m.payload()?) {
+            Ok(Event::FormReady(f)) if &f.form_id == form => Some((f.submission_id, f.retrieve_key)),
+            _ => None,
+        })
+    };
+    assert!(ready.read_until(WAIT, |r| ready_of(r).is_some()).await, "FormReady for {form}");
+    let (submission, key) = ready_of(&ready.records).unwrap();
+    let token = agent_token("alice", "s-alice");
+    let url = format!("{}/api/v1/submissions/{submission}/retrieve", c.base(0));
+    let retrieve = || client.post(&url).bearer_auth(&token).json(&serde_json::json!({ "key": key })).send();
+    // The node may still be catching up on this form's state: 503 until it has.
+    let deadline = Instant::now() + WAIT;
+    let granted = loop {
+        let r = retrieve().await.unwrap();
+        if r.status() != 503 {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "the retrieval is decided; logs:\n{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(granted.status(), 200, "{}", granted.text().await.unwrap_or_default());
+    c.kill(0);
+    c.start(0);
+    let deadline = Instant::now() + WAIT;
+    let again = loop {
+        assert!(Instant::now() < deadline, "the restarted node decides the second use; logs:\n{}", c.logs());
+        match retrieve().await {
+            Ok(r) if r.status() != 503 => break r,
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    let status = again.status().as_u16();
+    let body: serde_json::Value = again.json().await.unwrap();
+    assert_eq!((status, body["error"].as_str()), (403, Some("key_spent")), "{body}");
+    let mut audit = TopicReader::new(&c.prefix, Topic::AgentEvents).await;
+    let grants = |r: &[rdkafka::message::OwnedMessage]| -> BTreeSet<String> {
+        r.iter()
+            .filter_map(|m| match Codec::get().decode(m.payload()?) {
+                Ok(Event::FormRetrieved(e)) if e.submission_id == submission && e.outcome == "granted" => {
+                    Some(e.header.event_id)
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    assert!(audit.read_until(WAIT, |r| !grants(r).is_empty()).await, "the grant is relayed after the restart");
+    // Anything relayed twice would be here by now: the refusal after the restart was relayed too.
+    let refused = |r: &[rdkafka::message::OwnedMessage]| {
+        r.iter().any(|m| {
+            matches!(Codec::get().decode(m.payload().unwrap()), Ok(Event::FormRetrieved(e)) if e.submission_id == submission && e.reason == "key_spent")
+        })
+    };
+    assert!(audit.read_until(WAIT, refused).await, "the refusal is relayed");
+    assert_eq!(grants(&audit.records).len(), 1, "one grant, one record (the same event id if sent again)");
 }

@@ -10,9 +10,14 @@
 //! derived from the master key) over all of that and the record itself. `secureforms audit verify`
 //! ([`verify`]) reads `agent-events` and reports an edited record, a gap or a reset.
 //!
-//! Writes go through one writer task that takes everything queued, writes it, flushes once and
-//! then answers every waiting request (group commit). Only that task flushes the audit database:
-//! sled 0.34 deadlocked here when hundreds of requests flushed it concurrently.
+//! Writes go through one writer thread that takes everything queued, appends it to the journal
+//! ([`journal`]) with one `fdatasync`, applies it to the audit store, and then answers every waiting
+//! request (group commit). The journal, not a flush of the store, is what makes a write durable
+//! (ADR 25): when it is half full the writer syncs the store and starts the journal again, and
+//! opening the log replays what the journal holds into the store. Only the writer flushes the audit
+//! database: sled 0.34 deadlocked here when hundreds of requests flushed it concurrently.
+
+pub mod journal;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,15 +27,20 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use crate::events::{AuditLink, Codec, Event, FormRetrieved};
 use crate::kafka::{EventProducer, KafkaError};
 use crate::store::{Store, StoreError};
+use journal::{Journal, JournalError};
 
 pub mod trees {
     /// sequence (be u64) -> single-object encoded event, until delivered.
     pub const OUTBOX: &str = "audit.outbox";
     /// retrieve key hash -> empty: keys spent on this node.
     pub const SPENT: &str = "audit.spent";
-    /// `head` -> the last link of this node's chain (JSON: seq and mac).
+    /// `head` -> the last link of this node's chain (JSON: seq and mac); `delivered` -> the highest
+    /// outbox sequence delivered to Kafka (be u64), so a replayed journal does not send it again.
     pub const CHAIN: &str = "audit.chain";
 }
+
+/// The journal's size: about 8,000 audit records between two syncs of the audit store.
+pub const JOURNAL_BYTES: u64 = 8 << 20;
 
 const CHAIN_KEY_LABEL: &[u8] = b"secureforms-audit-chain-v1";
 
@@ -40,7 +50,7 @@ pub struct AuditChain {
     node_id: String,
 }
 
-#[derive(serde::Serialize, serde::Deserialize, Default)]
+#[derive(serde::Serialize, serde::Deserialize, Default, Clone)]
 struct Head {
     seq: i64,
     mac: String,
@@ -151,10 +161,76 @@ pub enum AuditError {
     Codec(#[from] crate::events::CodecError),
     #[error("the audit log could not be written: {0}")]
     Write(String),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
 }
 
 /// One queued write: the event, the key it spent, and who to tell once it is durable.
 type Write = (Event, Option<String>, oneshot::Sender<Result<(), String>>);
+
+/// What the writer thread is asked to do.
+enum Msg {
+    Write(Box<Write>),
+    /// Write what was queued before this, sync the store and end.
+    Stop,
+}
+
+/// One audit write as the journal holds it: everything the store gets from it.
+struct Entry {
+    /// Its outbox sequence.
+    id: u64,
+    spent: Option<String>,
+    /// The chain's head after it, if it is a linked FormRetrieved.
+    head: Option<Vec<u8>>,
+    /// The single-object encoded event.
+    event: Vec<u8>,
+}
+
+impl Entry {
+    fn encode(&self) -> Vec<u8> {
+        let spent = self.spent.as_deref().unwrap_or("").as_bytes();
+        let head = self.head.as_deref().unwrap_or(&[]);
+        let mut out = Vec::with_capacity(12 + spent.len() + head.len() + self.event.len());
+        out.extend_from_slice(&self.id.to_be_bytes());
+        out.extend_from_slice(&(spent.len() as u16).to_be_bytes());
+        out.extend_from_slice(spent);
+        out.extend_from_slice(&(head.len() as u16).to_be_bytes());
+        out.extend_from_slice(head);
+        out.extend_from_slice(&self.event);
+        out
+    }
+
+    fn decode(raw: &[u8]) -> Option<Entry> {
+        let id = u64::from_be_bytes(raw.get(..8)?.try_into().ok()?);
+        let (spent, rest) = take16(raw.get(8..)?)?;
+        let (head, event) = take16(rest)?;
+        Some(Entry {
+            id,
+            spent: (!spent.is_empty()).then(|| String::from_utf8_lossy(spent).into_owned()),
+            head: (!head.is_empty()).then(|| head.to_vec()),
+            event: event.to_vec(),
+        })
+    }
+
+    /// Applies it to the audit store (not flushed: the journal holds it until the next sync).
+    fn apply(&self, log: &AuditLog, delivered: Option<u64>) -> Result<(), StoreError> {
+        if let Some(h) = &self.spent {
+            log.spent.insert(h.as_bytes(), &[][..])?;
+        }
+        if let Some(head) = &self.head {
+            log.chain_head.insert(b"head", head.as_slice())?;
+        }
+        if delivered.is_none_or(|d| self.id > d) {
+            log.outbox.insert(self.id.to_be_bytes(), self.event.as_slice())?;
+        }
+        Ok(())
+    }
+}
+
+fn take16(raw: &[u8]) -> Option<(&[u8], &[u8])> {
+    let len = u16::from_be_bytes(raw.get(..2)?.try_into().ok()?) as usize;
+    Some((raw.get(2..2 + len)?, raw.get(2 + len..)?))
+}
 
 pub struct AuditLog {
     outbox: sled::Tree,
@@ -162,53 +238,54 @@ pub struct AuditLog {
     chain_head: sled::Tree,
     chain: Option<AuditChain>,
     wake: Notify,
-    writes: mpsc::Sender<Write>,
+    writes: mpsc::Sender<Msg>,
 }
 
 /// Most writes committed by one flush.
 const GROUP: usize = 512;
 
 impl AuditLog {
-    /// Opens the log. Run the returned writer (as a service task) for `record` to make progress.
-    pub fn open(store: Store, chain: Option<AuditChain>) -> Result<(Arc<AuditLog>, AuditWriter), StoreError> {
-        let (writes, queue) = mpsc::channel::<Write>(4096);
+    /// Opens the log, with its journal at `journal` (created if missing). What the journal holds
+    /// from before a crash is applied to the store and synced first. Run the returned writer (as a
+    /// service task) for `record` to make progress.
+    pub fn open(
+        store: Store,
+        journal: &std::path::Path,
+        chain: Option<AuditChain>,
+    ) -> Result<(Arc<AuditLog>, AuditWriter), AuditError> {
+        let (writes, queue) = mpsc::channel::<Msg>(4096);
         let log = Arc::new(AuditLog {
             outbox: store.tree(trees::OUTBOX)?,
             spent: store.tree(trees::SPENT)?,
             chain_head: store.tree(trees::CHAIN)?,
             chain,
             wake: Notify::new(),
-            writes,
+            writes: writes.clone(),
         });
-        Ok((log.clone(), AuditWriter { store, queue, log: Arc::downgrade(&log) }))
+        let (mut journal, found) = Journal::open(journal, JOURNAL_BYTES)?;
+        if !found.is_empty() {
+            let delivered = log.delivered()?;
+            for raw in &found {
+                let entry = Entry::decode(raw)
+                    .ok_or_else(|| AuditError::Write("an audit journal entry does not decode".into()))?;
+                entry.apply(&log, delivered)?;
+            }
+            tracing::info!(records = found.len(), "audit records replayed from the journal into the audit store");
+        }
+        store.flush_blocking()?;
+        journal.restart()?;
+        let head = log.head()?;
+        Ok((log.clone(), AuditWriter { store, queue, stopper: writes, log: Arc::downgrade(&log), journal, head }))
     }
 
-    async fn write_group(&self, store: &Store, group: &[Write]) -> Result<(), AuditError> {
-        let mut head: Option<Head> = None;
-        for (event, spent, _) in group {
-            let mut event = event.clone();
-            if let (Some(chain), Event::FormRetrieved(r)) = (&self.chain, &mut event) {
-                let current = match head.take() {
-                    Some(h) => h,
-                    None => self
-                        .chain_head
-                        .get(b"head")
-                        .map_err(StoreError::from)?
-                        .and_then(|v| serde_json::from_slice(&v).ok())
-                        .unwrap_or_default(),
-                };
-                let next = chain.link(r, &current)?;
-                let encoded = serde_json::to_vec(&next).map_err(|e| AuditError::Write(e.to_string()))?;
-                self.chain_head.insert(b"head", encoded).map_err(StoreError::from)?;
-                head = Some(next);
-            }
-            let bytes = Codec::get().encode(&event)?;
-            if let Some(h) = spent {
-                self.spent.insert(h.as_bytes(), &[][..]).map_err(StoreError::from)?;
-            }
-            self.outbox.insert(store.generate_id()?.to_be_bytes(), bytes).map_err(StoreError::from)?;
-        }
-        Ok(store.flush().await?)
+    fn head(&self) -> Result<Head, StoreError> {
+        Ok(self.chain_head.get(b"head")?.and_then(|v| serde_json::from_slice(&v).ok()).unwrap_or_default())
+    }
+
+    /// The highest outbox sequence delivered to Kafka, as far as the store knows (sequences start
+    /// at 0).
+    fn delivered(&self) -> Result<Option<u64>, StoreError> {
+        Ok(self.chain_head.get(b"delivered")?.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)))
     }
 
     /// Durably records `event` (and the key it spent, if any) before returning.
@@ -217,7 +294,10 @@ impl AuditLog {
         Codec::get().encode(event)?;
         let (done, durable) = oneshot::channel();
         let gone = || AuditError::Write("the audit writer stopped".into());
-        self.writes.send((event.clone(), spent_key_hash.map(str::to_string), done)).await.map_err(|_| gone())?;
+        self.writes
+            .send(Msg::Write(Box::new((event.clone(), spent_key_hash.map(str::to_string), done))))
+            .await
+            .map_err(|_| gone())?;
         durable.await.map_err(|_| gone())?.map_err(AuditError::Write)
     }
 
@@ -258,6 +338,8 @@ impl AuditLog {
             for ((k, _), r) in batch.iter().zip(results) {
                 match r {
                     Ok(()) => {
+                        // Delivered in order: the mark says everything up to here is.
+                        self.chain_head.insert(b"delivered", k).map_err(StoreError::from)?;
                         self.outbox.remove(k).map_err(StoreError::from)?;
                     }
                     Err(error) => {
@@ -278,39 +360,115 @@ impl AuditLog {
     }
 }
 
-/// The single task that writes and flushes the audit log (group commit).
+/// The single writer of the audit log (group commit), on a thread of its own: a request waits for
+/// its group's one journal write, never for a busy async worker.
 pub struct AuditWriter {
     store: Store,
-    queue: mpsc::Receiver<Write>,
+    queue: mpsc::Receiver<Msg>,
+    /// Tells the thread to stop (the log's own sender lives as long as the log).
+    stopper: mpsc::Sender<Msg>,
     log: std::sync::Weak<AuditLog>,
+    journal: Journal,
+    /// The chain's last link, as the journal and the store have it.
+    head: Head,
 }
 
 impl AuditWriter {
-    /// Commits queued writes in groups until `stop`, then commits what is still queued and ends.
-    pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<(), KafkaError> {
+    /// Commits queued writes in groups until `stop`, then commits what is still queued, syncs the
+    /// store (leaving the journal empty) and ends.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) -> Result<(), AuditError> {
+        let stopper = self.stopper.clone();
+        let (ended, thread_end) = oneshot::channel();
+        std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || {
+                let _ = ended.send(self.run_blocking());
+            })
+            .map_err(|e| AuditError::Write(format!("cannot start the audit writer thread: {e}")))?;
+        let mut thread_end = std::pin::pin!(thread_end);
+        tokio::select! {
+            r = &mut thread_end => return r.unwrap_or_else(|_| Err(AuditError::Write("the audit writer thread panicked".into()))),
+            _ = stop.changed() => {}
+        }
+        let _ = stopper.send(Msg::Stop).await;
+        thread_end.await.unwrap_or_else(|_| Err(AuditError::Write("the audit writer thread panicked".into())))
+    }
+
+    fn run_blocking(mut self) -> Result<(), AuditError> {
         loop {
-            let first = tokio::select! {
-                biased;
-                w = self.queue.recv() => match w { Some(w) => w, None => return Ok(()) },
-                _ = stop.changed() => {
+            let first = match self.queue.blocking_recv() {
+                Some(Msg::Write(w)) => *w,
+                Some(Msg::Stop) => {
+                    // Writes queued after this are still answered, then the queue is empty for good.
                     self.queue.close();
-                    match self.queue.recv().await { Some(w) => w, None => return Ok(()) }
+                    continue;
                 }
+                None => break,
             };
             let mut group = vec![first];
             while group.len() < GROUP {
                 match self.queue.try_recv() {
-                    Ok(w) => group.push(w),
+                    Ok(Msg::Write(w)) => group.push(*w),
+                    Ok(Msg::Stop) => self.queue.close(),
                     Err(_) => break,
                 }
             }
-            let Some(log) = self.log.upgrade() else { return Ok(()) };
-            let result = log.write_group(&self.store, &group).await.map_err(|e| e.to_string());
+            let Some(log) = self.log.upgrade() else { break };
+            let result = self.write_group(&log, &group).map_err(|e| e.to_string());
+            if let Err(error) = &result {
+                tracing::error!(%error, records = group.len(), "audit records not written; their requests are refused (check the data directory's disk)");
+            }
             for (_, _, done) in group {
                 let _ = done.send(result.clone());
             }
             log.wake.notify_one();
+            if self.journal.used() > self.journal.capacity() / 2
+                && let Err(error) = self.checkpoint()
+            {
+                tracing::error!(%error, "cannot sync the audit store; the journal keeps the records meanwhile (check the data directory's disk)");
+            }
         }
+        self.checkpoint()
+    }
+
+    /// The group in the journal (durable), then in the store.
+    fn write_group(&mut self, log: &AuditLog, group: &[Write]) -> Result<(), AuditError> {
+        let mut head = self.head.clone();
+        let mut entries = Vec::with_capacity(group.len());
+        for (event, spent, _) in group {
+            let mut event = event.clone();
+            let mut linked = None;
+            if let (Some(chain), Event::FormRetrieved(r)) = (&log.chain, &mut event) {
+                head = chain.link(r, &head)?;
+                linked = Some(serde_json::to_vec(&head).map_err(|e| AuditError::Write(e.to_string()))?);
+            }
+            entries.push(Entry {
+                id: self.store.generate_id()?,
+                spent: spent.clone(),
+                head: linked,
+                event: Codec::get().encode(&event)?,
+            });
+        }
+        let payloads: Vec<Vec<u8>> = entries.iter().map(Entry::encode).collect();
+        if !self.journal.fits(&payloads) {
+            self.checkpoint()?;
+        }
+        self.journal.append(&payloads)?;
+        self.head = head;
+        for e in &entries {
+            e.apply(log, None)?;
+        }
+        Ok(())
+    }
+
+    /// Syncs the store, then empties the journal: what it held is durable in the store.
+    fn checkpoint(&mut self) -> Result<(), AuditError> {
+        if self.journal.used() == 0 {
+            return Ok(());
+        }
+        self.store.flush_blocking()?;
+        self.journal.restart()?;
+        Ok(())
     }
 }
 
@@ -349,6 +507,102 @@ mod tests {
                 r
             })
             .collect()
+    }
+
+    fn retrieved(i: usize) -> Event {
+        Event::FormRetrieved(FormRetrieved {
+            header: EventHeader::new(EventKind::FormRetrieved, uuid::Uuid::new_v4(), 1_000, "acme", "c", "f"),
+            form_id: "f".into(),
+            submission_id: format!("s-{i}"),
+            agent_id: "alice".into(),
+            session_id: None,
+            outcome: "granted".into(),
+            reason: String::new(),
+            chain: None,
+        })
+    }
+
+    fn outbox_events(log: &AuditLog) -> Vec<(u64, FormRetrieved)> {
+        log.outbox
+            .iter()
+            .map(|r| {
+                let (k, v) = r.unwrap();
+                let Event::FormRetrieved(e) = Codec::get().decode(&v).unwrap() else { panic!("not a FormRetrieved") };
+                (u64::from_be_bytes(k.as_ref().try_into().unwrap()), e)
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn records_are_durable_linked_and_spent_and_a_stop_leaves_the_journal_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store_at, journal_at) = (dir.path().join("audit"), dir.path().join("audit.journal"));
+        let master = crate::crypto::MasterKey::from_base64(&crate::crypto::MasterKey::generate_base64()).unwrap();
+        let node_chain = || AuditChain::new(&crate::crypto::IntegrityKey::from_master(&master), "node-a");
+        {
+            let store = Store::open(&store_at).unwrap();
+            let (log, writer) = AuditLog::open(store, &journal_at, Some(node_chain())).unwrap();
+            let (stop, stopped) = watch::channel(false);
+            let task = tokio::spawn(writer.run(stopped));
+            let recorded = (0..20).map(|i| {
+                let log = log.clone();
+                async move { log.record(&retrieved(i), Some(&format!("hash-{i}"))).await }
+            });
+            for r in futures::future::join_all(recorded).await {
+                r.unwrap();
+            }
+            assert!(log.is_spent("hash-7"), "a key is spent once its record is durable");
+            let _ = stop.send(true);
+            task.await.unwrap().unwrap();
+            let err = log.record(&retrieved(99), None).await.unwrap_err();
+            assert!(err.to_string().contains("stopped"), "{err}");
+        }
+        let (_, left) = Journal::open(&journal_at, JOURNAL_BYTES).unwrap();
+        assert!(left.is_empty(), "a clean stop syncs the store and empties the journal");
+        let store = Store::open(&store_at).unwrap();
+        let (log, _writer) = AuditLog::open(store, &journal_at, Some(node_chain())).unwrap();
+        let events = outbox_events(&log);
+        assert_eq!(events.len(), 20);
+        assert!(events.windows(2).all(|w| w[0].0 < w[1].0), "outbox in the order recorded");
+        let seqs: Vec<i64> = events.iter().map(|(_, e)| e.chain.as_ref().unwrap().seq).collect();
+        assert_eq!(seqs, (1..=20).collect::<Vec<_>>(), "one chain, no gap");
+        let report = verify(&node_chain(), events.into_iter().map(|(_, e)| e));
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert_eq!(log.head().unwrap().seq, 20);
+    }
+
+    #[tokio::test]
+    async fn the_journal_of_a_crashed_node_is_replayed_and_what_was_delivered_is_not_sent_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store_at, journal_at) = (dir.path().join("audit"), dir.path().join("audit.journal"));
+        let encode = |id: u64, spent: Option<&str>, seq: i64| {
+            let head = Head { seq, mac: format!("mac-{seq}") };
+            Entry {
+                id,
+                spent: spent.map(str::to_string),
+                head: Some(serde_json::to_vec(&head).unwrap()),
+                event: Codec::get().encode(&retrieved(id as usize)).unwrap(),
+            }
+            .encode()
+        };
+        {
+            // What a node that died after answering leaves: records in the journal, the store
+            // never synced, and the relay's mark at the first record.
+            let store = Store::open(&store_at).unwrap();
+            store.tree(trees::CHAIN).unwrap().insert(b"delivered", &5u64.to_be_bytes()[..]).unwrap();
+            store.flush_blocking().unwrap();
+            let (mut j, _) = Journal::open(&journal_at, JOURNAL_BYTES).unwrap();
+            j.append(&[encode(5, Some("k5"), 1), encode(6, Some("k6"), 2), encode(7, None, 3)]).unwrap();
+        }
+        let store = Store::open(&store_at).unwrap();
+        let (log, _writer) = AuditLog::open(store.clone(), &journal_at, None).unwrap();
+        assert!(log.is_spent("k5") && log.is_spent("k6"), "spent keys come back from the journal");
+        let ids: Vec<u64> = outbox_events(&log).into_iter().map(|(id, _)| id).collect();
+        assert_eq!(ids, vec![6, 7], "record 5 was delivered before the crash; 6 and 7 go out");
+        assert_eq!(log.head().unwrap().seq, 3, "the chain continues after the last replayed link");
+        let (_, left) = Journal::open(&journal_at, JOURNAL_BYTES).unwrap();
+        assert!(left.is_empty(), "replayed, synced, and the journal started again");
+        assert!(Entry::decode(&[1, 2, 3]).is_none(), "a short entry does not decode");
     }
 
     #[test]
