@@ -133,6 +133,19 @@ impl Journal {
     }
 }
 
+#[cfg(test)]
+impl Journal {
+    /// The disk refuses writes from now on (tests of the writer's error path).
+    pub(super) fn fail_writes(&mut self) {
+        self.file = File::open(&self.path).expect("the journal opens read-only");
+    }
+
+    /// The disk takes writes again.
+    pub(super) fn heal(&mut self) {
+        self.file = OpenOptions::new().read(true).write(true).open(&self.path).expect("the journal opens");
+    }
+}
+
 fn framed_len(payloads: &[Vec<u8>]) -> u64 {
     payloads.iter().map(|p| ENTRY_HEAD + p.len() as u64).sum()
 }

@@ -571,6 +571,28 @@ mod tests {
         assert_eq!(log.head().unwrap().seq, 20);
     }
 
+    #[test]
+    fn a_write_the_disk_refuses_spends_nothing_links_nothing_and_the_next_one_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("audit")).unwrap();
+        let (log, mut writer) = AuditLog::open(store, &dir.path().join("audit.journal"), Some(chain())).unwrap();
+        let group = |i: usize| {
+            let (done, _) = oneshot::channel();
+            vec![(retrieved(i), Some(format!("hash-{i}")), done)]
+        };
+        writer.journal.fail_writes();
+        let err = writer.write_group(&log, &group(1)).unwrap_err();
+        assert!(err.to_string().contains("check the disk"), "{err}");
+        assert!(!log.is_spent("hash-1"), "not durable, so not spent: the agent may use the key again");
+        assert_eq!(log.pending(), 0, "nothing to relay");
+        writer.journal.heal();
+        writer.write_group(&log, &group(1)).unwrap();
+        assert!(log.is_spent("hash-1"));
+        let events = outbox_events(&log);
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].1.chain.as_ref().unwrap().seq, 1, "the refused write took no place in the chain: no gap");
+    }
+
     #[tokio::test]
     async fn the_journal_of_a_crashed_node_is_replayed_and_what_was_delivered_is_not_sent_again() {
         let dir = tempfile::tempdir().unwrap();
