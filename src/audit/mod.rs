@@ -227,6 +227,12 @@ impl Entry {
     }
 }
 
+/// Applies appended entries to the audit store (not flushed: the journal holds them until the
+/// next checkpoint), where the relay and a restarted node find them.
+fn apply_group(log: &AuditLog, entries: &[Entry]) -> Result<(), StoreError> {
+    entries.iter().try_for_each(|e| e.apply(log, None))
+}
+
 fn take16(raw: &[u8]) -> Option<(&[u8], &[u8])> {
     let len = u16::from_be_bytes(raw.get(..2)?.try_into().ok()?) as usize;
     Some((raw.get(2..2 + len)?, raw.get(2 + len..)?))
@@ -414,12 +420,19 @@ impl AuditWriter {
                 }
             }
             let Some(log) = self.log.upgrade() else { break };
-            let result = self.write_group(&log, &group).map_err(|e| e.to_string());
+            let appended = self.append_group(&log, &group);
+            let result = appended.as_ref().map(|_| ()).map_err(|e| e.to_string());
             if let Err(error) = &result {
                 tracing::error!(%error, records = group.len(), "audit records not written; their requests are refused (check the data directory's disk)");
             }
+            // Durable, and the keys spent are marked: answered now; the rest goes to the store after.
             for (_, _, done) in group {
                 let _ = done.send(result.clone());
+            }
+            if let Ok(entries) = appended
+                && let Err(error) = apply_group(&log, &entries)
+            {
+                tracing::error!(%error, records = entries.len(), "audit records are durable in the journal but not in the audit store; they reach Kafka after a restart of this node (check the data directory's disk)");
             }
             log.wake.notify_one();
             if self.journal.used() > self.journal.capacity() / 2
@@ -431,8 +444,9 @@ impl AuditWriter {
         self.checkpoint()
     }
 
-    /// The group in the journal (durable), then in the store.
-    fn write_group(&mut self, log: &AuditLog, group: &[Write]) -> Result<(), AuditError> {
+    /// The group in the journal: durable once this returns. [`apply_group`] then puts it in the
+    /// store.
+    fn append_group(&mut self, log: &AuditLog, group: &[Write]) -> Result<Vec<Entry>, AuditError> {
         let mut head = self.head.clone();
         let mut entries = Vec::with_capacity(group.len());
         for (event, spent, _) in group {
@@ -456,12 +470,15 @@ impl AuditWriter {
         self.journal.append(&payloads)?;
         self.head = head;
         for e in &entries {
-            e.apply(log, None)?;
+            if let Some(h) = &e.spent {
+                log.spent.insert(h.as_bytes(), &[][..]).map_err(StoreError::from)?;
+            }
         }
-        Ok(())
+        Ok(entries)
     }
 
-    /// Syncs the store, then empties the journal: what it held is durable in the store.
+    /// Syncs the store, then empties the journal: what it held is durable in the store (the
+    /// writer applies each group before it takes the next).
     fn checkpoint(&mut self) -> Result<(), AuditError> {
         if self.journal.used() == 0 {
             return Ok(());
@@ -581,12 +598,13 @@ mod tests {
             vec![(retrieved(i), Some(format!("hash-{i}")), done)]
         };
         writer.journal.fail_writes();
-        let err = writer.write_group(&log, &group(1)).unwrap_err();
+        let Err(err) = writer.append_group(&log, &group(1)) else { panic!("the disk refused the write") };
         assert!(err.to_string().contains("check the disk"), "{err}");
         assert!(!log.is_spent("hash-1"), "not durable, so not spent: the agent may use the key again");
         assert_eq!(log.pending(), 0, "nothing to relay");
         writer.journal.heal();
-        writer.write_group(&log, &group(1)).unwrap();
+        let entries = writer.append_group(&log, &group(1)).unwrap();
+        apply_group(&log, &entries).unwrap();
         assert!(log.is_spent("hash-1"));
         let events = outbox_events(&log);
         assert_eq!(events.len(), 1);
