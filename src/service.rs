@@ -62,6 +62,8 @@ pub enum ServiceError {
     Key(#[from] KeyError),
     #[error("handler {0} stopped unexpectedly: {1}")]
     HandlerStopped(&'static str, String),
+    #[error("cannot start the consumers' runtime: {0}; check the process's thread limit (ulimit -u)")]
+    Runtime(String),
     #[error(transparent)]
     Submit(#[from] crate::node::SubmitError),
     #[error(transparent)]
@@ -204,6 +206,57 @@ pub struct Service {
     shadow: bool,
     /// A node that serves (gateway and workers), not a passing process (replay, operations).
     serving: bool,
+    /// Where the consumers run: below the request path's CPU priority.
+    batch: BatchRuntime,
+}
+
+/// The runtime the consumers run on (ADR 26). Its threads, and the Kafka client threads and
+/// blocking tasks they start, run [`BATCH_NICE`] steps below the rest of the process. A node
+/// applying a burst of batches (a tokenizer catching up after an outage, a replay) still gives the
+/// CPU to a waiting HTTP request (an agent's retrieval, a visitor's submit) first.
+struct BatchRuntime(Option<tokio::runtime::Runtime>);
+
+/// How far below the request path the consumers' threads run (nice steps; CPU weight about 1 to 3).
+pub const BATCH_NICE: i32 = 5;
+
+impl BatchRuntime {
+    fn start() -> Result<BatchRuntime, ServiceError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .thread_name("sf-batch")
+            .on_thread_start(lower_this_threads_priority)
+            .enable_all()
+            .build()
+            .map_err(|e| ServiceError::Runtime(e.to_string()))?;
+        Ok(BatchRuntime(Some(rt)))
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0.as_ref().expect("the batch runtime lives as long as the service").handle()
+    }
+}
+
+impl Drop for BatchRuntime {
+    fn drop(&mut self) {
+        // Its tasks have ended (or are abandoned with the service); nothing here may block.
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Lowers the calling thread's CPU priority by [`BATCH_NICE`] (on Linux the nice value is per
+/// thread, and threads it starts inherit it). Lowering needs no privilege; failing only means
+/// equal priority, so it is logged, not fatal.
+fn lower_this_threads_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: plain syscalls on the calling thread's own id.
+        let tid = unsafe { libc::gettid() } as libc::id_t;
+        let now = unsafe { libc::getpriority(libc::PRIO_PROCESS, tid) };
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, (now + BATCH_NICE).min(19)) } != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "cannot lower a consumer thread's priority; it runs at the request path's");
+        }
+    }
 }
 
 /// The consumer group of the conversation-keyed handlers (`<group_prefix>-owners`): its members own
@@ -386,6 +439,7 @@ impl Service {
             tasks: JoinSet::new(),
             shadow: options.shadow,
             serving: options.node_tasks && !options.shadow,
+            batch: BatchRuntime::start()?,
         };
         let (mut together, mut alone) = (Vec::new(), Vec::new());
         for h in handlers {
@@ -534,9 +588,12 @@ impl Service {
             static_membership: self.serving && n.kafka.kind == Some(crate::kafka::BrokerKind::Kafka),
         };
         let (k, p, r) = (n.kafka.clone(), n.producer.clone(), stop.clone());
-        self.tasks.spawn(async move {
-            (name, runtime::run_together(k, p, members, group, ownership, ctx, r).await.map_err(TaskError::from))
-        });
+        self.tasks.spawn_on(
+            async move {
+                (name, runtime::run_together(k, p, members, group, ownership, ctx, r).await.map_err(TaskError::from))
+            },
+            self.batch.handle(),
+        );
     }
 
     /// Waits until `shutdown` resolves or a task fails, then stops everything.
@@ -643,4 +700,33 @@ pub async fn serve(settings: Settings, clock: Clock, shutdown: impl Future<Outpu
         b.stop().await;
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The calling thread's nice value.
+    #[cfg(target_os = "linux")]
+    fn nice() -> i32 {
+        // SAFETY: plain syscalls on the calling thread's own id.
+        unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_consumers_run_below_the_request_path_and_so_does_their_blocking_work() {
+        let mine = nice();
+        let batch = BatchRuntime::start().unwrap();
+        let on_batch = |f: fn() -> i32| batch.handle().block_on(batch.handle().spawn(async move { f() })).unwrap();
+        let worker = on_batch(nice);
+        let blocking = batch.handle().block_on(batch.handle().spawn_blocking(nice)).unwrap();
+        let expected = (mine + BATCH_NICE).min(19);
+        assert_eq!((worker, blocking), (expected, expected), "this thread runs at {mine}");
+        // A thread the consumers' code starts (as librdkafka does for its clients) inherits it.
+        let started = on_batch(|| std::thread::spawn(nice).join().unwrap());
+        assert_eq!(started, expected);
+        assert_eq!(nice(), mine, "the rest of the process keeps its priority");
+        drop(batch);
+    }
 }
