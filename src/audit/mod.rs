@@ -281,7 +281,7 @@ impl AuditLog {
         store.flush_blocking()?;
         journal.restart()?;
         let head = log.head()?;
-        Ok((log.clone(), AuditWriter { store, queue, stopper: writes, log: Arc::downgrade(&log), journal, head }))
+        Ok((log.clone(), AuditWriter { store, queue, stopper: Some(writes), log: Arc::downgrade(&log), journal, head }))
     }
 
     fn head(&self) -> Result<Head, StoreError> {
@@ -371,8 +371,9 @@ impl AuditLog {
 pub struct AuditWriter {
     store: Store,
     queue: mpsc::Receiver<Msg>,
-    /// Tells the thread to stop (the log's own sender lives as long as the log).
-    stopper: mpsc::Sender<Msg>,
+    /// Tells the thread to stop. Held by `run`, not by the thread: once the log and `run` are both
+    /// gone, the queue closes and the thread ends, releasing the store.
+    stopper: Option<mpsc::Sender<Msg>>,
     log: std::sync::Weak<AuditLog>,
     journal: Journal,
     /// The chain's last link, as the journal and the store have it.
@@ -382,8 +383,8 @@ pub struct AuditWriter {
 impl AuditWriter {
     /// Commits queued writes in groups until `stop`, then commits what is still queued, syncs the
     /// store (leaving the journal empty) and ends.
-    pub async fn run(self, mut stop: watch::Receiver<bool>) -> Result<(), AuditError> {
-        let stopper = self.stopper.clone();
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<(), AuditError> {
+        let stopper = self.stopper.take().expect("a writer runs once");
         let (ended, thread_end) = oneshot::channel();
         std::thread::Builder::new()
             .name("audit-writer".into())
@@ -609,6 +610,30 @@ mod tests {
         let events = outbox_events(&log);
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].1.chain.as_ref().unwrap().seq, 1, "the refused write took no place in the chain: no gap");
+    }
+
+    #[tokio::test]
+    async fn a_writer_abandoned_with_its_log_ends_and_lets_the_store_open_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store_at, journal_at) = (dir.path().join("audit"), dir.path().join("audit.journal"));
+        let (log, writer) = AuditLog::open(Store::open(&store_at).unwrap(), &journal_at, None).unwrap();
+        let (_stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(writer.run(stopped));
+        log.record(&retrieved(1), Some("hash-1")).await.unwrap();
+        // A service dropped without being stopped: its tasks aborted, its node gone.
+        task.abort();
+        let _ = task.await;
+        drop(log);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let store = loop {
+            match Store::open(&store_at) {
+                Ok(store) => break store,
+                Err(e) => assert!(std::time::Instant::now() < deadline, "the writer thread still holds the store: {e}"),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        let (log, _writer) = AuditLog::open(store, &journal_at, None).unwrap();
+        assert!(log.is_spent("hash-1"), "what it wrote before it ended is there");
     }
 
     #[tokio::test]
