@@ -150,8 +150,24 @@ impl Store {
 
     /// Applies every staged write atomically and makes it durable.
     pub async fn commit(&self, tx: Tx<'_>) -> Result<(), StoreError> {
+        if self.apply(tx)? {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Applies every staged write atomically, without waiting for the disk: durable at the next
+    /// flush or commit of this store, or within sled's flush interval (500 ms). For a batch whose
+    /// effects nobody outside can see (no outputs): after a crash, its state and the offsets it
+    /// advanced are lost together, and its records are read and applied again.
+    pub fn commit_lazy(&self, tx: Tx<'_>) -> Result<(), StoreError> {
+        self.apply(tx).map(|_| ())
+    }
+
+    /// The staged writes in one sled transaction; whether there were any.
+    fn apply(&self, tx: Tx<'_>) -> Result<bool, StoreError> {
         if tx.writes.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         let mut names: Vec<&str> = tx.writes.keys().map(|(t, _)| t.as_str()).collect();
         names.dedup();
@@ -177,7 +193,7 @@ impl Store {
                 TransactionError::Storage(e) => StoreError::Sled(e),
                 TransactionError::Abort(()) => unreachable!("the closure never aborts"),
             })?;
-        self.flush().await
+        Ok(true)
     }
 
     /// Writes outside a consumer batch (e.g. removing delivered outbox entries); durable at the next
@@ -338,6 +354,30 @@ mod tests {
         store.commit(store.begin()).await.unwrap();
         assert_eq!(store.disk_syncs(), at_open + 4);
         assert_eq!(Store::temporary().unwrap().disk_syncs(), 0, "a temporary store has no files to sync");
+    }
+
+    #[tokio::test]
+    async fn a_lazy_commit_is_visible_at_once_and_durable_with_the_next_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        {
+            let store = Store::open(&path).unwrap();
+            let before = store.disk_syncs();
+            let mut tx = store.begin();
+            tx.insert("t", b"lazy".to_vec(), b"1".to_vec());
+            tx.insert("u", b"lazy".to_vec(), b"2".to_vec());
+            store.commit_lazy(tx).unwrap();
+            assert_eq!(store.disk_syncs(), before, "nothing waits for the disk");
+            assert_eq!(store.tree("u").unwrap().get(b"lazy").unwrap().unwrap().as_ref(), b"2");
+            let mut tx = store.begin();
+            tx.insert("t", b"synced".to_vec(), b"3".to_vec());
+            store.commit(tx).await.unwrap();
+            assert_eq!(store.disk_syncs(), before + 1);
+        }
+        let store = Store::open(&path).unwrap();
+        for (tree, key) in [("t", &b"lazy"[..]), ("u", b"lazy"), ("t", b"synced")] {
+            assert!(store.tree(tree).unwrap().get(key).unwrap().is_some(), "{tree}/{key:?} kept");
+        }
     }
 
     #[tokio::test]

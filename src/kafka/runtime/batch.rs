@@ -75,7 +75,15 @@ pub(super) async fn process_batch<H: Handler + ?Sized>(
         Some(OutboxRow { key, entries: outbox })
     };
     failpoint(handler.name(), "before-commit");
-    store.commit(tx).await?;
+    if row.is_some() {
+        // Its outputs leave the node once this returns: the state that caused them is on the disk
+        // first (ADR 4, 25).
+        store.commit(tx).await?;
+    } else {
+        // Nothing leaves the node: state and offsets commit together, and a crash that loses them
+        // only means the records are applied again from the topic (ADR 25).
+        store.commit_lazy(tx)?;
+    }
     Ok(row)
 }
 
