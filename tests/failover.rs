@@ -532,19 +532,7 @@ async fn a_key_spent_just_before_a_kill_9_stays_spent_and_its_grant_is_relayed_o
     let client = http_client();
     let mut c = Cluster::new("killret", 1);
     c.settled(&client).await;
-    let links = send_forms(&c.prefix, "kr", 1).await;
-    let (form, link) = links.iter().next().unwrap();
-    let v = visit(&client, &[c.base(0)], link, &luhn_pan(4242)).await;
-    assert!(v.submitted, "{v:?}; logs:\n{}", c.logs());
-    let mut ready = TopicReader::new(&c.prefix, Topic::AgentEvents).await;
-    let ready_of = |r: &[rdkafka::message::OwnedMessage]| {
-        r.iter().find_map(|m| match Codec::get().decode(m.payload()?) {
-            Ok(Event::FormReady(f)) if &f.form_id == form => Some((f.submission_id, f.retrieve_key)),
-            _ => None,
-        })
-    };
-    assert!(ready.read_until(WAIT, |r| ready_of(r).is_some()).await, "FormReady for {form}");
-    let (submission, key) = ready_of(&ready.records).unwrap();
+    let (_, submission, key) = submitted_through_node_0(&c, &client, "kr").await;
     let token = agent_token("alice", "s-alice");
     let url = format!("{}/api/v1/submissions/{submission}/retrieve", c.base(0));
     let retrieve = || client.post(&url).bearer_auth(&token).json(&serde_json::json!({ "key": key })).send();
@@ -592,4 +580,87 @@ async fn a_key_spent_just_before_a_kill_9_stays_spent_and_its_grant_is_relayed_o
     };
     assert!(audit.read_until(WAIT, refused).await, "the refusal is relayed");
     assert_eq!(grants(&audit.records).len(), 1, "one grant, one record (the same event id if sent again)");
+}
+
+/// One form sent to alice, opened and submitted through node 0: its conversation, and its
+/// FormReady's submission id and retrieve key.
+async fn submitted_through_node_0(c: &Cluster, client: &reqwest::Client, tag: &str) -> (String, String, String) {
+    let links = send_forms(&c.prefix, tag, 1).await;
+    let (form, link) = links.iter().next().unwrap();
+    let v = visit(client, &[c.base(0)], link, &luhn_pan(4242)).await;
+    assert!(v.submitted, "{v:?}; logs:\n{}", c.logs());
+    let mut ready = TopicReader::new(&c.prefix, Topic::AgentEvents).await;
+    let ready_of = |r: &[rdkafka::message::OwnedMessage]| {
+        r.iter().find_map(|m| match Codec::get().decode(m.payload()?) {
+            Ok(Event::FormReady(f)) if &f.form_id == form => {
+                Some((f.header.conversation_id, f.submission_id, f.retrieve_key))
+            }
+            _ => None,
+        })
+    };
+    assert!(ready.read_until(WAIT, |r| ready_of(r).is_some()).await, "FormReady for {form}");
+    ready_of(&ready.records).unwrap()
+}
+
+/// The chat bus closes a conversation and the node applies it (a batch that emits nothing, so it is
+/// committed without waiting for the disk, ADR 25); kill -9 right after. The restarted node applies
+/// the close again from the topic before it answers: the form's retrieval is refused as
+/// `conversation_closed` (503 meanwhile), never granted from the state before the close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_closed_just_before_a_kill_9_stays_closed() {
+    let client = http_client();
+    let mut c = Cluster::new("killclose", 1);
+    c.settled(&client).await;
+    let (conversation, submission, key) = submitted_through_node_0(&c, &client, "kc").await;
+    let token = agent_token("alice", "s-alice");
+    let url = format!("{}/api/v1/submissions/{submission}/retrieve", c.base(0));
+    let retrieve = |key: String| client.post(&url).bearer_auth(&token).json(&serde_json::json!({ "key": key })).send();
+    producer(&c.prefix)
+        .await
+        .send(&Event::ConversationClosed(secureforms::events::ConversationClosed {
+            header: secureforms::events::EventHeader::new(
+                secureforms::events::EventKind::ConversationClosed,
+                uuid::Uuid::new_v4(),
+                now_ms(),
+                "acme",
+                &conversation,
+                &conversation,
+            ),
+            closed_by: "agent".into(),
+            reason: "resolved".into(),
+        }))
+        .await
+        .unwrap();
+    // Watched with a wrong key, which spends nothing: invalid_key while the conversation is live,
+    // conversation_closed once the node has applied the close.
+    let (head, last) = key.split_at(1);
+    let wrong = format!("{}{last}", if head == "A" { "B" } else { "A" });
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = retrieve(wrong.clone()).await.unwrap();
+        let (status, body) = (r.status().as_u16(), r.json::<serde_json::Value>().await.unwrap_or_default());
+        if body["error"] == "conversation_closed" {
+            break;
+        }
+        assert!([403, 503].contains(&status) && body["error"] != "key_spent", "{status} {body}");
+        assert!(Instant::now() < deadline, "the node applies the close; logs:\n{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c.kill(0);
+    c.start(0);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        assert!(Instant::now() < deadline, "the restarted node decides; logs:\n{}", c.logs());
+        let Ok(r) = retrieve(key.clone()).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let (status, body) = (r.status().as_u16(), r.json::<serde_json::Value>().await.unwrap_or_default());
+        if status == 503 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        assert_eq!((status, body["error"].as_str()), (403, Some("conversation_closed")), "{body}");
+        break;
+    }
 }
