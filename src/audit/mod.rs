@@ -268,20 +268,27 @@ impl AuditLog {
             wake: Notify::new(),
             writes: writes.clone(),
         });
-        let (mut journal, found) = Journal::open(journal, JOURNAL_BYTES)?;
+        let (mut journal_file, found) = Journal::open(journal, JOURNAL_BYTES)?;
         if !found.is_empty() {
             let delivered = log.delivered()?;
             for raw in &found {
-                let entry = Entry::decode(raw)
-                    .ok_or_else(|| AuditError::Write("an audit journal entry does not decode".into()))?;
+                let entry = Entry::decode(raw).ok_or_else(|| {
+                    AuditError::Write(format!(
+                        "an entry of the audit journal {} passed its checksum but does not decode (written by another version?); start the version that wrote it, or restore state/audit and state/audit.journal together from a backup",
+                        journal.display()
+                    ))
+                })?;
                 entry.apply(&log, delivered)?;
             }
             tracing::info!(records = found.len(), "audit records replayed from the journal into the audit store");
         }
         store.flush_blocking()?;
-        journal.restart()?;
+        journal_file.restart()?;
         let head = log.head()?;
-        Ok((log.clone(), AuditWriter { store, queue, stopper: Some(writes), log: Arc::downgrade(&log), journal, head }))
+        Ok((
+            log.clone(),
+            AuditWriter { store, queue, stopper: Some(writes), log: Arc::downgrade(&log), journal: journal_file, head },
+        ))
     }
 
     fn head(&self) -> Result<Head, StoreError> {
@@ -634,6 +641,19 @@ mod tests {
         };
         let (log, _writer) = AuditLog::open(store, &journal_at, None).unwrap();
         assert!(log.is_spent("hash-1"), "what it wrote before it ended is there");
+    }
+
+    #[test]
+    fn a_journal_entry_that_does_not_decode_stops_the_log_with_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal_at = dir.path().join("audit.journal");
+        let (mut j, _) = Journal::open(&journal_at, JOURNAL_BYTES).unwrap();
+        j.append(&[vec![1, 2, 3]]).unwrap();
+        drop(j);
+        let store = Store::open(&dir.path().join("audit")).unwrap();
+        let Err(err) = AuditLog::open(store, &journal_at, None) else { panic!("an undecodable entry is not skipped") };
+        let text = err.to_string();
+        assert!(text.contains("does not decode") && text.contains("from a backup"), "{text}");
     }
 
     #[tokio::test]
