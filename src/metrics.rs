@@ -59,6 +59,10 @@ pub struct Metrics {
     /// Requests that waited for this node to catch up with what the requester could have seen, per
     /// outcome (`caught_up`, `timed_out`).
     pub catch_up: Family<[(&'static str, String); 1], Counter>,
+    /// Seconds each audit group took to reach the disk (the journal's write and `fdatasync`).
+    pub audit_journal_write: Histogram,
+    /// Times the audit store was synced so the journal could start again.
+    pub audit_checkpoints: Counter,
     /// 1 while the node serves: caught up once, every handler holds partitions, brokers answer.
     pub ready_gauge: Gauge,
     ready: AtomicBool,
@@ -92,6 +96,9 @@ impl Metrics {
             catch_up: Family::default(),
             consumer_rejoins: Family::default(),
             producer_resets: Counter::default(),
+            // 50 us .. ~1.6 s: a disk sync takes about 0.1 ms.
+            audit_journal_write: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
+            audit_checkpoints: Counter::default(),
             ready_gauge: Gauge::default(),
             ready: AtomicBool::new(false),
             registry: Registry::default(),
@@ -134,6 +141,16 @@ impl Metrics {
             m.consumer_rejoins.clone(),
         );
         registry.register("producer_resets", "Producers replaced after a fatal error", m.producer_resets.clone());
+        registry.register(
+            "audit_journal_write_seconds",
+            "Time for each group of audit records to reach the disk (journal write and fdatasync)",
+            m.audit_journal_write.clone(),
+        );
+        registry.register(
+            "audit_checkpoints",
+            "Audit store syncs that let the audit journal start again",
+            m.audit_checkpoints.clone(),
+        );
         registry.register(
             "ready",
             "1 while the node serves: caught up, every handler holds partitions, brokers answer",

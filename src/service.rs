@@ -371,6 +371,7 @@ impl Service {
         let chain = crate::audit::AuditChain::new(&integrity, &settings.node_id);
         let (audit, audit_writer) =
             crate::audit::AuditLog::open(stores["audit"].clone(), &store_dir(&settings, "audit.journal"), Some(chain))?;
+        let audit_writer = audit_writer.with_metrics(metrics.clone());
         let detokenizer = Arc::new(
             Detokenizer::new(
                 stores["tokenizer"].clone(),

@@ -439,6 +439,8 @@ async fn metrics_counters_move_during_a_run_and_readyz_says_ready() {
     assert!(total(&after, "secureforms_events_produced_total", &[("topic", &format!("{prefix}submissions"))]) >= 1.0);
     assert!(total(&after, "secureforms_events_produced_total", &[("topic", &format!("{prefix}keys"))]) >= 1.0);
     assert!(total(&after, "secureforms_retrievals_total", &[("outcome", "denied")]) >= 1.0);
+    // The refused retrieval's audit record went through the journal.
+    assert!(total(&after, "secureforms_audit_journal_write_seconds_count", &[]) >= 1.0);
     assert!(
         total(
             &after,

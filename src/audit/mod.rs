@@ -287,7 +287,15 @@ impl AuditLog {
         let head = log.head()?;
         Ok((
             log.clone(),
-            AuditWriter { store, queue, stopper: Some(writes), log: Arc::downgrade(&log), journal: journal_file, head },
+            AuditWriter {
+                store,
+                queue,
+                stopper: Some(writes),
+                log: Arc::downgrade(&log),
+                journal: journal_file,
+                head,
+                metrics: None,
+            },
         ))
     }
 
@@ -385,9 +393,16 @@ pub struct AuditWriter {
     journal: Journal,
     /// The chain's last link, as the journal and the store have it.
     head: Head,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl AuditWriter {
+    /// Reports the journal's write times and checkpoints in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> AuditWriter {
+        self.metrics = Some(metrics);
+        self
+    }
+
     /// Commits queued writes in groups until `stop`, then commits what is still queued, syncs the
     /// store (leaving the journal empty) and ends.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<(), AuditError> {
@@ -475,7 +490,11 @@ impl AuditWriter {
         if !self.journal.fits(&payloads) {
             self.checkpoint()?;
         }
+        let started = std::time::Instant::now();
         self.journal.append(&payloads)?;
+        if let Some(m) = &self.metrics {
+            m.audit_journal_write.observe(started.elapsed().as_secs_f64());
+        }
         self.head = head;
         for e in &entries {
             if let Some(h) = &e.spent {
@@ -493,6 +512,9 @@ impl AuditWriter {
         }
         self.store.flush_blocking()?;
         self.journal.restart()?;
+        if let Some(m) = &self.metrics {
+            m.audit_checkpoints.inc();
+        }
         Ok(())
     }
 }
@@ -641,6 +663,47 @@ mod tests {
         };
         let (log, _writer) = AuditLog::open(store, &journal_at, None).unwrap();
         assert!(log.is_spent("hash-1"), "what it wrote before it ended is there");
+    }
+
+    #[tokio::test]
+    async fn a_half_full_journal_syncs_the_store_and_starts_again_and_nothing_is_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store_at, journal_at) = (dir.path().join("audit"), dir.path().join("audit.journal"));
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        // Records until the journal has been started again at least once, then one more chunk.
+        let mut n = 0;
+        {
+            let (log, writer) = AuditLog::open(Store::open(&store_at).unwrap(), &journal_at, Some(chain())).unwrap();
+            let (stop, stopped) = watch::channel(false);
+            let task = tokio::spawn(writer.with_metrics(metrics.clone()).run(stopped));
+            let mut after_checkpoint = 0;
+            while after_checkpoint < 2 {
+                assert!(n < 200_000, "no checkpoint after {n} records");
+                let recorded = (n..n + 500).map(|i| {
+                    let log = log.clone();
+                    async move { log.record(&retrieved(i), None).await }
+                });
+                for r in futures::future::join_all(recorded).await {
+                    r.unwrap();
+                }
+                n += 500;
+                if metrics.audit_checkpoints.get() >= 1 {
+                    after_checkpoint += 1;
+                }
+            }
+            let text = metrics.render();
+            let timed: f64 = text
+                .lines()
+                .find_map(|l| l.strip_prefix("secureforms_audit_journal_write_seconds_count "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0.0);
+            assert!(timed >= 1.0, "every group's write is timed:\n{text}");
+            let _ = stop.send(true);
+            task.await.unwrap().unwrap();
+        }
+        let (log, _writer) = AuditLog::open(Store::open(&store_at).unwrap(), &journal_at, None).unwrap();
+        let seqs: Vec<i64> = outbox_events(&log).iter().map(|(_, e)| e.chain.as_ref().unwrap().seq).collect();
+        assert_eq!(seqs, (1..=n as i64).collect::<Vec<_>>(), "every record, once, in order, across the checkpoints");
     }
 
     #[test]
