@@ -210,10 +210,10 @@ pub struct Service {
     batch: BatchRuntime,
 }
 
-/// The runtime the consumers run on (ADR 26). Its threads, and the Kafka client threads and
-/// blocking tasks they start, run [`BATCH_NICE`] steps below the rest of the process. A node
-/// applying a burst of batches (a tokenizer catching up after an outage, a replay) still gives the
-/// CPU to a waiting HTTP request (an agent's retrieval, a visitor's submit) first.
+/// The runtime the consumers and the purge worker run on (ADR 26). Its threads, and the Kafka
+/// client threads and blocking tasks they start, run [`BATCH_NICE`] steps below the rest of the
+/// process. A node applying a burst of batches (a tokenizer catching up after an outage, a replay)
+/// still gives the CPU to a waiting HTTP request (an agent's retrieval, a visitor's submit) first.
 struct BatchRuntime(Option<tokio::runtime::Runtime>);
 
 /// How far below the request path the consumers' threads run (nice steps; CPU weight about 1 to 3).
@@ -524,10 +524,12 @@ impl Service {
             });
         }
         if node.settings.purge_interval_secs > 0 {
+            // Batch work, nobody waiting on it: below the request path with the consumers (ADR 26).
             let (node, stop) = (node.clone(), stop_rx.clone());
-            self.tasks.spawn(async move {
-                ("purge worker", crate::ops::purge::worker(node, stop).await.map_err(TaskError::from))
-            });
+            self.tasks.spawn_on(
+                async move { ("purge worker", crate::ops::purge::worker(node, stop).await.map_err(TaskError::from)) },
+                self.batch.handle(),
+            );
         }
         // Bound already when `serve` started them before the brokers answered; else bound here.
         let listeners = match listeners {
