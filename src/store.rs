@@ -72,6 +72,10 @@ struct Disk {
 }
 
 impl Disk {
+    fn error(&self, source: std::io::Error) -> StoreError {
+        StoreError::Sync { path: self.dir.display().to_string(), source }
+    }
+
     fn open(dir: &Path) -> Result<Disk, StoreError> {
         let err = |source| StoreError::Sync { path: dir.display().to_string(), source };
         let log = std::fs::OpenOptions::new().read(true).open(dir.join("db")).map_err(err)?;
@@ -219,20 +223,16 @@ impl Store {
         self.db.flush_async().await?;
         let Some(disk) = self.disk.clone() else { return Ok(()) };
         let path = disk.dir.display().to_string();
-        match tokio::task::spawn_blocking(move || disk.sync()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(source)) => Err(StoreError::Sync { path, source }),
-            Err(stopped) => Err(StoreError::Sync { path, source: std::io::Error::other(stopped.to_string()) }),
-        }
+        tokio::task::spawn_blocking(move || disk.sync().map_err(|source| disk.error(source)))
+            .await
+            .map_err(|stopped| StoreError::Sync { path, source: std::io::Error::other(stopped.to_string()) })?
     }
 
     /// [`Store::flush`] for a thread outside the async runtime.
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         match &self.disk {
-            Some(disk) => {
-                disk.sync().map_err(|source| StoreError::Sync { path: disk.dir.display().to_string(), source })
-            }
+            Some(disk) => disk.sync().map_err(|source| disk.error(source)),
             None => Ok(()),
         }
     }

@@ -212,11 +212,18 @@ impl Entry {
         })
     }
 
-    /// Applies it to the audit store (not flushed: the journal holds it until the next sync).
-    fn apply(&self, log: &AuditLog, delivered: Option<u64>) -> Result<(), StoreError> {
+    /// Marks the key it spent in the audit store (not flushed: the journal holds it until the
+    /// next sync).
+    fn mark_spent(&self, log: &AuditLog) -> Result<(), StoreError> {
         if let Some(h) = &self.spent {
             log.spent.insert(h.as_bytes(), &[][..])?;
         }
+        Ok(())
+    }
+
+    /// Puts its outbox row (unless `delivered` says Kafka has it) and the chain head it leaves in
+    /// the audit store, not flushed either.
+    fn store(&self, log: &AuditLog, delivered: Option<u64>) -> Result<(), StoreError> {
         if let Some(head) = &self.head {
             log.chain_head.insert(b"head", head.as_slice())?;
         }
@@ -227,10 +234,11 @@ impl Entry {
     }
 }
 
-/// Applies appended entries to the audit store (not flushed: the journal holds them until the
-/// next checkpoint), where the relay and a restarted node find them.
+/// Puts appended entries, whose spent keys are marked already, in the audit store (not flushed:
+/// the journal holds them until the next checkpoint), where the relay and a restarted node find
+/// them.
 fn apply_group(log: &AuditLog, entries: &[Entry]) -> Result<(), StoreError> {
-    entries.iter().try_for_each(|e| e.apply(log, None))
+    entries.iter().try_for_each(|e| e.store(log, None))
 }
 
 fn take16(raw: &[u8]) -> Option<(&[u8], &[u8])> {
@@ -278,7 +286,8 @@ impl AuditLog {
                         journal.display()
                     ))
                 })?;
-                entry.apply(&log, delivered)?;
+                entry.mark_spent(&log)?;
+                entry.store(&log, delivered)?;
             }
             tracing::info!(records = found.len(), "audit records replayed from the journal into the audit store");
         }
@@ -414,13 +423,14 @@ impl AuditWriter {
                 let _ = ended.send(self.run_blocking());
             })
             .map_err(|e| AuditError::Write(format!("cannot start the audit writer thread: {e}")))?;
+        let panicked = |_| Err(AuditError::Write("the audit writer thread panicked".into()));
         let mut thread_end = std::pin::pin!(thread_end);
         tokio::select! {
-            r = &mut thread_end => return r.unwrap_or_else(|_| Err(AuditError::Write("the audit writer thread panicked".into()))),
+            r = &mut thread_end => return r.unwrap_or_else(panicked),
             _ = stop.changed() => {}
         }
         let _ = stopper.send(Msg::Stop).await;
-        thread_end.await.unwrap_or_else(|_| Err(AuditError::Write("the audit writer thread panicked".into())))
+        thread_end.await.unwrap_or_else(panicked)
     }
 
     fn run_blocking(mut self) -> Result<(), AuditError> {
@@ -496,11 +506,7 @@ impl AuditWriter {
             m.audit_journal_write.observe(started.elapsed().as_secs_f64());
         }
         self.head = head;
-        for e in &entries {
-            if let Some(h) = &e.spent {
-                log.spent.insert(h.as_bytes(), &[][..]).map_err(StoreError::from)?;
-            }
-        }
+        entries.iter().try_for_each(|e| e.mark_spent(log))?;
         Ok(entries)
     }
 
