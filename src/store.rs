@@ -29,6 +29,10 @@ pub enum StoreError {
         #[source]
         source: sled::Error,
     },
+    #[error(
+        "the state database at {path} is still locked by another process after {waited:?}; stop the other `secureforms serve` or `secureforms replay` using this data directory, then start again"
+    )]
+    InUse { path: String, waited: std::time::Duration },
     #[error("state database error: {0}")]
     Sled(#[from] sled::Error),
     #[error(
@@ -123,8 +127,46 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// How long [`Store::open`] waits for a store's lock to be released: sled 0.34 releases it from its
+/// flusher thread after the `Db` is dropped (sled issue #1234), and a node being replaced may still
+/// be stopping.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits until nobody holds the lock sled takes on `<path>/db` (an exclusive `flock`), or `wait`
+/// has passed. The probe's own lock is released at once, before sled takes it.
+fn wait_for_lock(path: &Path, wait: std::time::Duration) -> Result<(), StoreError> {
+    let started = std::time::Instant::now();
+    let file = match std::fs::File::open(path.join("db")) {
+        Ok(file) => file,
+        // A new store: nobody holds it. Any other failure is sled's to report, with its cause.
+        Err(_) => return Ok(()),
+    };
+    let mut pause = std::time::Duration::from_millis(2);
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(()),
+            Err(std::fs::TryLockError::WouldBlock) if started.elapsed() < wait => {
+                std::thread::sleep(pause.min(wait.saturating_sub(started.elapsed())));
+                pause = (pause * 2).min(std::time::Duration::from_millis(100));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::InUse { path: path.display().to_string(), waited: wait });
+            }
+            Err(std::fs::TryLockError::Error(_)) => return Ok(()),
+        }
+    }
+}
+
 impl Store {
+    /// Opens (or creates) the store at `path`, waiting up to [`LOCK_WAIT`] for a previous holder
+    /// of its lock to let go.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Store::open_within(path, LOCK_WAIT)
+    }
+
+    /// [`Store::open`], waiting at most `wait` for the store's lock.
+    pub fn open_within(path: &Path, wait: std::time::Duration) -> Result<Store, StoreError> {
+        wait_for_lock(path, wait)?;
         let db = sled::Config::new()
             .path(path)
             .open()
@@ -378,6 +420,41 @@ mod tests {
         for (tree, key) in [("t", &b"lazy"[..]), ("u", b"lazy"), ("t", b"synced")] {
             assert!(store.tree(tree).unwrap().get(key).unwrap().is_some(), "{tree}/{key:?} kept");
         }
+    }
+
+    #[test]
+    fn a_store_reopened_at_once_waits_for_sled_to_let_go_of_its_lock() {
+        // sled releases its lock from a background thread after the Db is dropped; reopening at
+        // once used to fail now and then with "could not acquire lock".
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        for i in 0..30u8 {
+            let store = Store::open(&path).unwrap_or_else(|e| panic!("reopening #{i}: {e}"));
+            store.tree("t").unwrap().insert([i], vec![i]).unwrap();
+            store.flush_blocking().unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.tree("t").unwrap().len(), 30);
+    }
+
+    #[test]
+    fn a_store_another_process_keeps_locked_is_refused_with_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        drop(Store::open(&path).unwrap());
+        // Another holder of sled's lock, as a second node on the same data directory would be.
+        let holder = std::fs::File::open(path.join("db")).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while holder.try_lock().is_err() {
+            assert!(std::time::Instant::now() < deadline, "the dropped store never released its lock");
+            std::thread::yield_now();
+        }
+        let err = Store::open_within(&path, std::time::Duration::from_millis(50)).err().expect("the lock is held");
+        assert!(matches!(err, StoreError::InUse { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(text.contains("still locked by another process") && text.contains("stop the other"), "{text}");
+        holder.unlock().unwrap();
+        Store::open_within(&path, std::time::Duration::ZERO).expect("free once the holder lets go");
     }
 
     #[tokio::test]

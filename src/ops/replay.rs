@@ -70,7 +70,7 @@ fn ensure_not_in_use(settings: &Settings, handlers: &[&'static str]) -> Result<(
     for h in handlers {
         let dir = store_dir(settings, h);
         if dir.exists()
-            && let Err(e) = Store::open(&dir)
+            && let Err(e) = Store::open_within(&dir, std::time::Duration::ZERO)
         {
             return Err(OpsError::Invalid(format!(
                 "cannot open the {h} store at {} ({e}); is `secureforms serve` running on this data dir? Stop it first: replay rebuilds the node's own state",
