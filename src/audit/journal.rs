@@ -37,6 +37,10 @@ pub enum JournalError {
     Damaged { path: String },
     #[error("{entries} audit records of {bytes} bytes do not fit in the journal's {capacity} bytes")]
     TooLarge { entries: usize, bytes: u64, capacity: u64 },
+    #[error(
+        "the audit journal at {path} failed a write and takes no more until it is started again (after the audit store is synced); check the disk (space, errors in the kernel log)"
+    )]
+    Failed { path: String },
 }
 
 pub struct Journal {
@@ -46,6 +50,13 @@ pub struct Journal {
     /// Where the next entry goes.
     end: u64,
     capacity: u64,
+    /// A write or its sync failed: what it wrote may still reach the disk (after a failed
+    /// `fdatasync` the kernel may write the pages back later, or drop them), so no entry may follow
+    /// it in this generation. Cleared by [`Journal::restart`].
+    failed: bool,
+    /// Tests: the next syncs fail after the write went through.
+    #[cfg(test)]
+    fail_syncs: bool,
 }
 
 impl Journal {
@@ -81,7 +92,17 @@ impl Journal {
         let generation =
             read_header(&bytes).ok_or_else(|| JournalError::Damaged { path: path.display().to_string() })?;
         let (entries, end) = read_entries(&bytes, generation);
-        Ok((Journal { file, path: path.to_path_buf(), generation, end, capacity }, entries))
+        let journal = Journal {
+            file,
+            path: path.to_path_buf(),
+            generation,
+            end,
+            capacity,
+            failed: false,
+            #[cfg(test)]
+            fail_syncs: false,
+        };
+        Ok((journal, entries))
     }
 
     /// Bytes the entries of this generation take.
@@ -93,13 +114,27 @@ impl Journal {
         self.capacity - HEADER
     }
 
+    /// Whether a write failed since the last [`Journal::restart`]: appends are refused until then.
+    pub fn failed(&self) -> bool {
+        self.failed
+    }
+
     /// Whether `payloads` fit after what is there.
     pub fn fits(&self, payloads: &[Vec<u8>]) -> bool {
         self.end + framed_len(payloads) <= self.capacity
     }
 
     /// Writes `payloads` after the last entry and makes them durable (one write, one `fdatasync`).
+    ///
+    /// If the write or its sync fails, the entries were never acknowledged, yet their bytes may be
+    /// in the page cache and reach the disk later: a restart would then replay them, and the next
+    /// append, written over them, could leave one of them whole after its own end. So the range is
+    /// overwritten with zeros at once (best effort), and the journal takes no more appends until
+    /// [`Journal::restart`] starts a generation in which none of those bytes count.
     pub fn append(&mut self, payloads: &[Vec<u8>]) -> Result<(), JournalError> {
+        if self.failed {
+            return Err(JournalError::Failed { path: self.path.display().to_string() });
+        }
         if !self.fits(payloads) {
             return Err(JournalError::TooLarge {
                 entries: payloads.len(),
@@ -114,11 +149,21 @@ impl Journal {
             buf.extend_from_slice(&entry_crc(self.generation, p).to_le_bytes());
             buf.extend_from_slice(p);
         }
-        let io = |source| JournalError::Io { path: self.path.display().to_string(), source };
-        self.file.write_all_at(&buf, self.end).map_err(io)?;
-        self.file.sync_data().map_err(io)?;
+        if let Err(source) = self.file.write_all_at(&buf, self.end).and_then(|()| self.sync()) {
+            self.failed = true;
+            let _ = self.file.write_all_at(&vec![0u8; buf.len()], self.end);
+            return Err(JournalError::Io { path: self.path.display().to_string(), source });
+        }
         self.end += buf.len() as u64;
         Ok(())
+    }
+
+    fn sync(&self) -> std::io::Result<()> {
+        #[cfg(test)]
+        if self.fail_syncs {
+            return Err(std::io::Error::other("injected: fdatasync failed"));
+        }
+        self.file.sync_data()
     }
 
     /// Starts the next generation: every entry written so far stops counting. Call it only once
@@ -129,6 +174,7 @@ impl Journal {
             .map_err(|source| JournalError::Io { path: self.path.display().to_string(), source })?;
         self.generation = next;
         self.end = HEADER;
+        self.failed = false;
         Ok(())
     }
 }
@@ -143,6 +189,12 @@ impl Journal {
     /// The disk takes writes again.
     pub(super) fn heal(&mut self) {
         self.file = OpenOptions::new().read(true).write(true).open(&self.path).expect("the journal opens");
+        self.fail_syncs = false;
+    }
+
+    /// Writes go through but their `fdatasync` fails from now on.
+    pub(super) fn fail_syncs(&mut self) {
+        self.fail_syncs = true;
     }
 }
 
@@ -258,6 +310,35 @@ mod tests {
         let (_, found) = Journal::open(&path, 4096).unwrap();
         assert_eq!(found.len(), 3);
         assert_eq!(found[2], payloads(1, 4)[0]);
+    }
+
+    #[test]
+    fn a_failed_sync_leaves_nothing_to_replay_and_nothing_is_appended_until_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let (mut j, _) = Journal::open(&path, 4096).unwrap();
+        j.append(&payloads(1, 1)).unwrap();
+        // A group of two whose write reached the page cache but whose sync failed: never
+        // acknowledged, so never to be replayed.
+        let refused = vec![vec![2u8; 20], vec![3u8; 30]];
+        j.fail_syncs();
+        let err = j.append(&refused).unwrap_err();
+        assert!(err.to_string().contains("check the disk"), "{err}");
+        j.heal();
+        // A crash now: what a restart reads.
+        let (_, found) = Journal::open(&path, 4096).unwrap();
+        assert_eq!(found, payloads(1, 1), "the refused group's bytes were overwritten");
+        // Until a restart, nothing more is written: an entry the size of the refused group's first
+        // would end where its second starts, and leave it whole to be read after it.
+        let same_size = vec![vec![4u8; 20]];
+        assert!(matches!(j.append(&same_size), Err(JournalError::Failed { .. })));
+        assert!(j.failed());
+        j.restart().unwrap();
+        assert!(!j.failed());
+        j.append(&same_size).unwrap();
+        drop(j);
+        let (_, found) = Journal::open(&path, 4096).unwrap();
+        assert_eq!(found, same_size, "only what was acknowledged, in the new generation");
     }
 
     #[test]

@@ -497,7 +497,7 @@ impl AuditWriter {
             });
         }
         let payloads: Vec<Vec<u8>> = entries.iter().map(Entry::encode).collect();
-        if !self.journal.fits(&payloads) {
+        if !self.journal.fits(&payloads) || self.journal.failed() {
             self.checkpoint()?;
         }
         let started = std::time::Instant::now();
@@ -512,8 +512,9 @@ impl AuditWriter {
 
     /// Syncs the store, then empties the journal: what it held is durable in the store (the
     /// writer applies each group before it takes the next).
+    /// After a failed journal write, this is what lets the journal take writes again.
     fn checkpoint(&mut self) -> Result<(), AuditError> {
-        if self.journal.used() == 0 {
+        if self.journal.used() == 0 && !self.journal.failed() {
             return Ok(());
         }
         self.store.flush_blocking()?;
@@ -645,6 +646,44 @@ mod tests {
         let events = outbox_events(&log);
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].1.chain.as_ref().unwrap().seq, 1, "the refused write took no place in the chain: no gap");
+    }
+
+    #[test]
+    fn records_whose_sync_failed_are_never_replayed_and_the_journal_starts_again_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store_at, journal_at) = (dir.path().join("audit"), dir.path().join("audit.journal"));
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let group = |ids: &[usize]| {
+            ids.iter()
+                .map(|&i| {
+                    let (done, _) = oneshot::channel();
+                    (retrieved(i), Some(format!("hash-{i}")), done)
+                })
+                .collect::<Vec<Write>>()
+        };
+        {
+            let store = Store::open(&store_at).unwrap();
+            let (log, writer) = AuditLog::open(store, &journal_at, Some(chain())).unwrap();
+            let mut writer = writer.with_metrics(metrics.clone());
+            // The write reaches the page cache, its fdatasync fails: the two requests are refused.
+            writer.journal.fail_syncs();
+            let err = writer.append_group(&log, &group(&[1, 11])).err().expect("the sync failed");
+            assert!(err.to_string().contains("check the disk"), "{err}");
+            writer.journal.heal();
+            assert!(!log.is_spent("hash-1") && !log.is_spent("hash-11"));
+            // The next group is the size of the refused group's first record: written over it, in
+            // the same generation, it would end where the refused second record starts.
+            let entries = writer.append_group(&log, &group(&[2])).unwrap();
+            apply_group(&log, &entries).unwrap();
+            assert_eq!(metrics.audit_checkpoints.get(), 1, "the store was synced and the journal started again first");
+            // The node dies here, without a clean stop.
+        }
+        let (log, _writer) = AuditLog::open(Store::open(&store_at).unwrap(), &journal_at, Some(chain())).unwrap();
+        assert!(log.is_spent("hash-2"));
+        assert!(!log.is_spent("hash-1") && !log.is_spent("hash-11"), "refused records are not replayed");
+        let events = outbox_events(&log);
+        assert_eq!(events.len(), 1, "one audit record: the one acknowledged");
+        assert_eq!(events[0].1.chain.as_ref().unwrap().seq, 1);
     }
 
     #[tokio::test]
