@@ -22,8 +22,8 @@ const HEADER_LEN: usize = 10;
 pub enum CodecError {
     #[error("record is {0} bytes, shorter than the 10-byte single-object header")]
     TooShort(usize),
-    #[error("record does not start with the Avro single-object marker C3 01 (got {0:02X?})")]
-    BadMagic([u8; 2]),
+    #[error("record does not start with the Avro single-object marker C3 01 (got {got:02X?}){hint}")]
+    BadMagic { got: [u8; 2], hint: String },
     #[error("no known schema has fingerprint {0}; produce with a schema listed by `secureforms schemas`")]
     UnknownSchema(String),
     #[error("record body does not match schema {schema}: {source}")]
@@ -201,7 +201,7 @@ impl Codec {
             return Err(CodecError::TooShort(bytes.len()));
         }
         if bytes[..2] != MAGIC {
-            return Err(CodecError::BadMagic([bytes[0], bytes[1]]));
+            return Err(CodecError::BadMagic { got: [bytes[0], bytes[1]], hint: framing_hint(bytes) });
         }
         let mut fp = [0u8; 8];
         fp.copy_from_slice(&bytes[2..HEADER_LEN]);
@@ -228,6 +228,23 @@ impl Codec {
             return Err(CodecError::TypeMismatch { expected: kind.name(), found: event.header().event_type.clone() });
         }
         Ok(event)
+    }
+}
+
+/// What a record that is not single-object encoded looks like, to say what its producer should
+/// change: the framings other Kafka clients use most.
+fn framing_hint(bytes: &[u8]) -> String {
+    const FIX: &str = "events are Avro single-object encoded (C3 01, the schema's CRC-64-AVRO fingerprint, the body; ADR 2): produce with a single-object encoder (Java: BinaryMessageEncoder; others: the framing by hand) and a schema from `secureforms schemas`";
+    match bytes {
+        [0, a, b, c, d, ..] => format!(
+            "; it looks like Confluent Schema Registry framing (magic byte 0, schema id {}), which this service does not read; {FIX}",
+            u32::from_be_bytes([*a, *b, *c, *d])
+        ),
+        [b'O', b'b', b'j', 1, ..] => {
+            format!("; it looks like an Avro object container file; send one datum per record: {FIX}")
+        }
+        [b'{' | b'[', ..] => format!("; it looks like JSON; {FIX}"),
+        _ => String::new(),
     }
 }
 
@@ -405,7 +422,22 @@ mod tests {
     fn framing_errors_say_what_is_wrong() {
         let codec = Codec::get();
         assert!(matches!(codec.decode(b"short"), Err(CodecError::TooShort(5))));
-        assert!(matches!(codec.decode(b"{\"json\": \"not avro\"}"), Err(CodecError::BadMagic(_))));
+        let json = codec.decode(b"{\"json\": \"not avro\"}").unwrap_err();
+        assert!(matches!(json, CodecError::BadMagic { .. }));
+        assert!(
+            json.to_string().contains("looks like JSON") && json.to_string().contains("secureforms schemas"),
+            "{json}"
+        );
+        // Confluent's serializers frame a datum as magic 0, a 4-byte schema id, the body.
+        let confluent = codec.decode(&[0, 0, 0, 0, 42, 2, 4, 6, 8, 10, 12]).unwrap_err();
+        assert!(
+            confluent.to_string().contains("Confluent Schema Registry framing (magic byte 0, schema id 42)"),
+            "{confluent}"
+        );
+        let container = codec.decode(b"Obj\x01 and then a header").unwrap_err();
+        assert!(container.to_string().contains("object container file"), "{container}");
+        let other = codec.decode(&[0xC3, 0x02, 0, 0, 0, 0, 0, 0, 0, 0]).unwrap_err();
+        assert_eq!(other.to_string(), "record does not start with the Avro single-object marker C3 01 (got [C3, 02])");
         let mut unknown = MAGIC.to_vec();
         unknown.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8, 0]);
         let e = codec.decode(&unknown).unwrap_err();
