@@ -14,6 +14,10 @@ use apache_avro::writer::datum::GenericDatumWriter;
 
 use super::{Event, EventKind, HISTORY};
 
+/// The most a decoded string, bytes field or collection may take. Kafka refuses records over 1 MiB
+/// by default (`max.message.bytes`); this leaves room for brokers set higher.
+pub const MAX_DECODED_BYTES: usize = 16 << 20;
+
 /// The two marker bytes that open every single-object encoded record.
 pub const MAGIC: [u8; 2] = [0xC3, 0x01];
 const HEADER_LEN: usize = 10;
@@ -105,7 +109,13 @@ impl Codec {
     /// caught by the unit tests, not an input error.
     pub fn get() -> &'static Codec {
         static CODEC: OnceLock<Codec> = OnceLock::new();
-        CODEC.get_or_init(|| Codec::build().expect("embedded schemas parse (checked by unit tests)"))
+        CODEC.get_or_init(|| {
+            // Before anything is decoded: a length or item count a record claims is refused above
+            // this, instead of being allocated (apache-avro allows 512 MiB by default, so a record
+            // of a few bytes could make a consumer allocate and zero that much).
+            apache_avro::util::max_allocation_bytes(MAX_DECODED_BYTES);
+            Codec::build().expect("embedded schemas parse (checked by unit tests)")
+        })
     }
 
     fn build() -> Result<Codec, Box<dyn std::error::Error>> {
@@ -416,6 +426,25 @@ mod tests {
         assert_eq!(sent.visitor_ref, None);
         assert_eq!(sent.form_id, "f-1");
         assert_eq!(sent.header.occurred_at, 1_700_000_000_000);
+    }
+
+    #[test]
+    fn a_record_claiming_a_huge_length_is_refused_without_allocating_it() {
+        let codec = Codec::get();
+        let entry = codec.entries().iter().find(|e| e.kind == EventKind::FormSent && e.current).unwrap();
+        // The header's first field, a string, claims 400 MB; the record ends there.
+        let claimed: i64 = 400_000_000;
+        let mut body = Vec::new();
+        let mut n = ((claimed << 1) ^ (claimed >> 63)) as u64;
+        while n >= 0x80 {
+            body.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        body.push(n as u8);
+        let err = codec.decode(&frame(entry, &body)).unwrap_err();
+        assert!(matches!(err, CodecError::Body { .. }), "{err:?}");
+        let text = format!("{err} {:?}", std::error::Error::source(&err));
+        assert!(text.contains("400000000") && text.contains(&MAX_DECODED_BYTES.to_string()), "{text}");
     }
 
     #[test]
