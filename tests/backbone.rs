@@ -149,6 +149,64 @@ async fn bad_records_are_dead_lettered_with_a_reason_and_the_next_good_one_is_pr
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_too_large_to_copy_into_a_dead_letter_is_named_there_and_the_loop_goes_on() {
+    // A record just under the broker's limit (1 MiB by default): a letter carrying it whole would
+    // be over the producer's limit (1,000,000 bytes), could never be delivered, and would hold the
+    // consumer on this record for ever.
+    let prefix = unique_prefix("dlq-big");
+    let dir = tempfile::tempdir().unwrap();
+    let (stop, handle) = start_service(settings(&prefix, dir.path()));
+    let mut big_settings = kafka(&prefix);
+    big_settings.properties.insert("message.max.bytes".into(), "1048000".into());
+    let big_producer = secureforms::kafka::EventProducer::new(&big_settings).unwrap();
+    let producer = producer(&prefix).await;
+    let first = form_sent("acme", "conv-big", "f-before", "agent-1", "agent", "card-payment");
+    produce_when_ready(&producer, &first).await;
+
+    let big = vec![b'x'; 1_040_000];
+    big_producer.send_raw(Topic::ChatEvents, b"conv-big", &big).await.expect("the broker takes it");
+    let after = form_sent("acme", "conv-big", "f-after", "agent-1", "agent", "card-payment");
+    producer.send(&after).await.unwrap();
+
+    let mut links = TopicReader::new(&prefix, Topic::FormLinks).await;
+    assert!(links.read_until(WAIT, |r| r.len() >= 2).await, "the record after the big one was processed");
+    let forms: BTreeSet<_> = links.events().iter().map(|e| e.header().correlation_id.clone()).collect();
+    assert_eq!(forms, BTreeSet::from(["f-before".to_string(), "f-after".to_string()]));
+
+    let mut dlq = TopicReader::new(&prefix, Topic::DeadLetters).await;
+    assert!(dlq.read_until(WAIT, |r| !r.is_empty()).await, "a dead letter");
+    let Event::DeadLetter(letter) = dlq.events().remove(0) else { panic!("not a dead letter") };
+    assert!(letter.payload.is_empty(), "the record's bytes are not copied");
+    assert_eq!(letter.source_topic, format!("{prefix}chat-events"));
+    assert!(
+        letter.reason.contains("1040008 bytes")
+            && letter
+                .reason
+                .contains(&format!("{prefix}chat-events/{}@{}", letter.source_partition, letter.source_offset)),
+        "the letter says how large the record is and where it stays: {}",
+        letter.reason
+    );
+    assert!(letter.reason.contains("C3 01"), "and why it was refused: {}", letter.reason);
+    // A re-drive has nothing to send back for it, and says so.
+    let o = std::process::Command::new(bin())
+        .args(["dlq", "redrive", "--brokers", &brokers(), "--topic-prefix", &prefix])
+        .env("SECUREFORMS_GROUP_PREFIX", prefix.trim_end_matches('.'))
+        .env_remove("SECUREFORMS_CONFIG")
+        .output()
+        .unwrap();
+    let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.contains("too large to copy into its letter")
+            && out.contains("re-drove 0 dead letter(s), 1 left")
+            && out.matches("too large to copy").count() == 1,
+        "{out}"
+    );
+    stop.send(()).unwrap();
+    handle.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_form_sent_from_the_chat_bus_is_answered_once() {
     let prefix = unique_prefix("dup");
     let dir = tempfile::tempdir().unwrap();

@@ -93,7 +93,10 @@ pub async fn run(global: &GlobalArgs, cmd: DlqCommand) -> anyhow::Result<()> {
                 ends.insert(p, high);
             }
             let mut done: std::collections::BTreeMap<i32, i64> = std::collections::BTreeMap::new();
-            let (mut sent, mut skipped) = (0, 0);
+            let (mut sent, mut skipped, mut repeats) = (0, 0, 0);
+            // Every consumer group that could not take a record dead-letters it: one re-drive of
+            // the record reaches them all.
+            let mut seen = std::collections::HashSet::new();
             let deadline = std::time::Instant::now() + Duration::from_secs(120);
             loop {
                 let finished = |done: &std::collections::BTreeMap<i32, i64>| {
@@ -138,6 +141,15 @@ pub async fn run(global: &GlobalArgs, cmd: DlqCommand) -> anyhow::Result<()> {
                     && source_topic.as_ref().is_none_or(|t| *t == letter.source_topic);
                 if !wanted {
                     skipped += 1;
+                } else if !seen.insert((letter.source_topic.clone(), letter.source_partition, letter.source_offset)) {
+                    repeats += 1;
+                } else if letter.payload.is_empty() && letter.reason.contains(crate::kafka::runtime::NOT_COPIED) {
+                    // Nothing to send back: the record was too large to copy into the letter.
+                    println!(
+                        "left {}/{}@{}: the record was too large to copy into its letter; fix its producer and produce it again",
+                        letter.source_topic, letter.source_partition, letter.source_offset
+                    );
+                    skipped += 1;
                 } else if dry_run {
                     println!(
                         "would re-drive {}/{}@{} ({})",
@@ -161,10 +173,11 @@ pub async fn run(global: &GlobalArgs, cmd: DlqCommand) -> anyhow::Result<()> {
                 consumer.commit_message(&m, CommitMode::Sync).map_err(|e| kafka.client_error(e))?;
             }
             println!(
-                "{} {} dead letter(s), {} left as they are",
+                "{} {} dead letter(s), {} left as they are, {} of the same records from other consumer groups",
                 if dry_run { "would re-drive" } else { "re-drove" },
                 sent,
-                skipped
+                skipped,
+                repeats
             );
             Ok(())
         }

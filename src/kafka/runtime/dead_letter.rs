@@ -11,13 +11,50 @@ pub(super) fn record_mac(m: &OwnedMessage) -> Option<&[u8]> {
     m.headers()?.iter().find(|h| h.key == crate::crypto::mac::HEADER).and_then(|h| h.value)
 }
 
+/// The most of a record (key and value) a dead letter carries. A letter must stay well under the
+/// producer's `message.max.bytes` (1,000,000 by default), or it could never be delivered and the
+/// consumer would wait on it for ever: the broker takes records of up to 1 MiB by default, and a
+/// letter adds its own fields to the record's bytes.
+pub const LETTER_COPY_MAX: usize = 512 * 1024;
+
+/// The longest site or conversation id a letter's header repeats from its record.
+const HEADER_FIELD_MAX: usize = 1024;
+
+/// What the reason of a letter that does not carry its record says; `dlq redrive` leaves such
+/// letters alone.
+pub const NOT_COPIED: &str = "is not copied into this letter";
+
 /// The dead-letter record for a message. Its id is derived from where the message sits, so the same
 /// failure dead-letters once however often it is re-read. It keeps the record's MAC header, so a
-/// re-drive sends back exactly what came (never a new MAC).
+/// re-drive sends back exactly what came (never a new MAC). A record larger than
+/// [`LETTER_COPY_MAX`] is not copied: the letter says how large it is and where it stays.
 pub(super) fn dead_letter(m: &OwnedMessage, group: &str, kind: &str, reason: String) -> Event {
-    let site =
-        m.payload().and_then(|p| Codec::get().decode(p).ok()).map(|e| e.header().site_id.clone()).unwrap_or_default();
-    let key = m.key().map(|k| String::from_utf8_lossy(k).to_string()).unwrap_or_default();
+    let size = m.key().map_or(0, <[u8]>::len) + m.payload().map_or(0, <[u8]>::len);
+    let (copied, reason) = if size > LETTER_COPY_MAX {
+        tracing::warn!(
+            topic = m.topic(),
+            partition = m.partition(),
+            offset = m.offset(),
+            bytes = size,
+            "a record too large to copy into its dead letter was refused; the letter names where it stays (check its producer)"
+        );
+        let reason = format!(
+            "{reason}; the record ({size} bytes of key and value) {NOT_COPIED}, being over {LETTER_COPY_MAX} bytes: it stays at {}/{}@{} for the topic's retention",
+            m.topic(),
+            m.partition(),
+            m.offset()
+        );
+        (false, reason)
+    } else {
+        (true, reason)
+    };
+    // The letter's own header names the site and conversation when they are of a sane size; the
+    // record's bytes are what the letter keeps whole.
+    let short = |s: String| if s.len() <= HEADER_FIELD_MAX { s } else { String::new() };
+    let site = short(
+        m.payload().and_then(|p| Codec::get().decode(p).ok()).map(|e| e.header().site_id.clone()).unwrap_or_default(),
+    );
+    let key = short(m.key().map(|k| String::from_utf8_lossy(k).to_string()).unwrap_or_default());
     let id = uuid::Uuid::new_v5(
         &uuid::Uuid::NAMESPACE_OID,
         format!("dlq/{group}/{}/{}/{}", m.topic(), m.partition(), m.offset()).as_bytes(),
@@ -36,8 +73,8 @@ pub(super) fn dead_letter(m: &OwnedMessage, group: &str, kind: &str, reason: Str
         source_topic: m.topic().to_string(),
         source_partition: m.partition(),
         source_offset: m.offset(),
-        source_key: m.key().map(|k| k.to_vec()),
-        payload: m.payload().unwrap_or_default().to_vec(),
+        source_key: if copied { m.key().map(|k| k.to_vec()) } else { None },
+        payload: if copied { m.payload().unwrap_or_default().to_vec() } else { Vec::new() },
         error_kind: kind.to_string(),
         reason,
         consumer_group: group.to_string(),

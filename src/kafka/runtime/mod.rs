@@ -25,6 +25,7 @@
 
 mod batch;
 mod dead_letter;
+pub use dead_letter::{LETTER_COPY_MAX, NOT_COPIED};
 mod failpoint;
 mod offsets;
 mod outbox;

@@ -116,7 +116,11 @@ pub(super) async fn produce_outbox(
             let mut result = results.next().expect("one result per entry").map(|_| ());
             let mut backoff = Duration::from_millis(100);
             while let Err(error) = result {
-                tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "outbox delivery failed; retrying (check the brokers)");
+                if too_large(&error) {
+                    tracing::error!(%error, topic = ?entry.topic, bytes = entry.payload.len(), "an output is larger than the producer or the topic takes; retrying cannot help, and this consumer waits on it: raise message.max.bytes (kafka_properties) and the topic's max.message.bytes");
+                } else {
+                    tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "outbox delivery failed; retrying (check the brokers)");
+                }
                 if *shutdown.borrow() {
                     // Left in the outbox; produced at next start.
                     return Ok(false);
@@ -129,6 +133,20 @@ pub(super) async fn produce_outbox(
         store.remove_lazy(trees::OUTBOX, &row.key)?;
     }
     Ok(true)
+}
+
+/// Whether a delivery failed because the record is over a size limit, which no retry changes.
+fn too_large(error: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        error,
+        KafkaError::Delivery {
+            source: rdkafka::error::KafkaError::MessageProduction(
+                C::MessageSizeTooLarge | C::InvalidMessageSize | C::MessageBatchTooLarge
+            ),
+            ..
+        }
+    )
 }
 
 /// Produces whatever a previous run committed but did not deliver.
@@ -163,6 +181,16 @@ pub(super) async fn drain_outbox(store: &Store, producer: &EventProducer, group:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_size_limit_is_told_apart_from_what_a_retry_can_fix() {
+        use rdkafka::error::KafkaError as K;
+        use rdkafka::types::RDKafkaErrorCode as C;
+        let failed = |source| KafkaError::Delivery { topic: "t".into(), source };
+        assert!(too_large(&failed(K::MessageProduction(C::MessageSizeTooLarge))));
+        assert!(!too_large(&failed(K::MessageProduction(C::MessageTimedOut))));
+        assert!(!too_large(&failed(K::MessageProduction(C::NotEnoughReplicas))));
+    }
 
     #[test]
     fn outbox_entries_round_trip() {
