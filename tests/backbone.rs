@@ -207,6 +207,38 @@ async fn a_record_too_large_to_copy_into_a_dead_letter_is_named_there_and_the_lo
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_bus_event_with_an_id_too_large_to_answer_is_dead_lettered_and_the_loop_goes_on() {
+    // A well-formed FormSent whose form id is 600 kB: its FormIssued or FormRejected repeats the id
+    // (header and body), so it could never be delivered.
+    let prefix = unique_prefix("big-id");
+    let dir = tempfile::tempdir().unwrap();
+    let (stop, handle) = start_service(settings(&prefix, dir.path()));
+    let producer = producer(&prefix).await;
+    let first = form_sent("acme", "conv-id", "f-before", "agent-1", "agent", "card-payment");
+    produce_when_ready(&producer, &first).await;
+    let mut large = form_sent("acme", "conv-id", "f-large", "agent-1", "agent", "card-payment");
+    if let Event::FormSent(f) = &mut large {
+        f.form_id = "f".repeat(600_000);
+    }
+    producer.send(&large).await.unwrap();
+    let after = form_sent("acme", "conv-id", "f-after", "agent-1", "agent", "card-payment");
+    producer.send(&after).await.unwrap();
+
+    let mut links = TopicReader::new(&prefix, Topic::FormLinks).await;
+    assert!(links.read_until(WAIT, |r| r.len() >= 2).await, "the FormSent after the large one was answered");
+    let forms: BTreeSet<_> = links.events().iter().map(|e| e.header().correlation_id.clone()).collect();
+    assert_eq!(forms, BTreeSet::from(["f-before".to_string(), "f-after".to_string()]));
+    let mut dlq = TopicReader::new(&prefix, Topic::DeadLetters).await;
+    assert!(dlq.read_until(WAIT, |r| !r.is_empty()).await, "a dead letter");
+    let Event::DeadLetter(letter) = dlq.events().remove(0) else { panic!("not a dead letter") };
+    assert_eq!(letter.error_kind, "too_large");
+    assert!(letter.reason.contains("FormSent") && letter.reason.contains("65536"), "{}", letter.reason);
+    assert!(letter.payload.is_empty() && letter.reason.contains("is not copied"), "over 512 KiB: named, not copied");
+    stop.send(()).unwrap();
+    handle.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_form_sent_from_the_chat_bus_is_answered_once() {
     let prefix = unique_prefix("dup");
     let dir = tempfile::tempdir().unwrap();

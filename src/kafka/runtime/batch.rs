@@ -87,6 +87,11 @@ pub(super) async fn process_batch<H: Handler + ?Sized>(
     Ok(row)
 }
 
+/// The largest event from outside the service (the chat bus's) that is applied: ids and a few
+/// fields, a few hundred bytes in practice. The events that answer one repeat its ids, and must stay
+/// under the producer's `message.max.bytes`, or they could never be delivered.
+pub const INBOUND_EVENT_MAX: usize = 64 * 1024;
+
 fn apply_one<H: Handler + ?Sized>(
     handler: &mut H,
     tx: &mut Tx<'_>,
@@ -109,6 +114,26 @@ fn apply_one<H: Handler + ?Sized>(
             return Ok(vec![dead_letter(m, group, error.kind(), error.to_string())]);
         }
     };
+    let size = payload.len() + m.key().map_or(0, <[u8]>::len);
+    if !event.kind().service_only() && size > INBOUND_EVENT_MAX {
+        tracing::warn!(
+            event_type = event.kind().name(),
+            topic = m.topic(),
+            partition = m.partition(),
+            offset = m.offset(),
+            bytes = size,
+            "a chat-bus event too large to answer was sent to the dead-letter topic; check its producer"
+        );
+        return Ok(vec![dead_letter(
+            m,
+            group,
+            "too_large",
+            format!(
+                "{} of {size} bytes (key and value): events from outside this service are at most {INBOUND_EVENT_MAX} bytes, since what answers them repeats their ids and must fit in a record",
+                event.kind().name()
+            ),
+        )]);
+    }
     if let Some(signer) = verify_with
         && event.kind().service_only()
         && !signer.verify(m.key().unwrap_or_default(), payload, record_mac(m))
