@@ -49,6 +49,8 @@ pub struct Metrics {
     pub consumer_rejoins: Family<[(&'static str, String); 1], Counter>,
     /// Producers replaced after a fatal error.
     pub producer_resets: Counter,
+    /// Chat-bus records not on the partition murmur2 of their key gives.
+    pub chat_bus_misplaced: Counter,
     /// Partitions of the conversation-keyed topics this node owns, per consumer group.
     pub owned: Family<[(&'static str, String); 1], Gauge>,
     /// Requests this node sent to the node that owns their conversation, per route and outcome
@@ -96,6 +98,7 @@ impl Metrics {
             catch_up: Family::default(),
             consumer_rejoins: Family::default(),
             producer_resets: Counter::default(),
+            chat_bus_misplaced: Counter::default(),
             // 50 us .. ~1.6 s: a disk sync takes about 0.1 ms.
             audit_journal_write: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
             audit_checkpoints: Counter::default(),
@@ -141,6 +144,11 @@ impl Metrics {
             m.consumer_rejoins.clone(),
         );
         registry.register("producer_resets", "Producers replaced after a fatal error", m.producer_resets.clone());
+        registry.register(
+            "chat_bus_misplaced_records",
+            "Chat-bus records not on the partition murmur2 of their key (the conversation id) gives: the chat bus does not use the Java client's partitioner, and in a cluster their conversations are served by the wrong node",
+            m.chat_bus_misplaced.clone(),
+        );
         registry.register(
             "audit_journal_write_seconds",
             "Time for each group of audit records to reach the disk (journal write and fdatasync)",

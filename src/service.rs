@@ -589,6 +589,7 @@ impl Service {
             shadow: self.shadow,
             verify_with,
             static_membership: self.serving && n.kafka.kind == Some(crate::kafka::BrokerKind::Kafka),
+            conversation_partitions: ownership.is_some().then_some(n.partitions),
         };
         let (k, p, r) = (n.kafka.clone(), n.producer.clone(), stop.clone());
         self.tasks.spawn_on(

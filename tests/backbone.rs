@@ -239,6 +239,50 @@ async fn a_chat_bus_event_with_an_id_too_large_to_answer_is_dead_lettered_and_th
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_bus_record_off_its_murmur2_partition_is_counted_and_named_with_the_fix() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let _ = logs();
+    let prefix = unique_prefix("misplaced");
+    let dir = tempfile::tempdir().unwrap();
+    let (stop, handle) = start_service(settings(&prefix, dir.path()));
+    let producer = producer(&prefix).await;
+    let first = form_sent("acme", "conv-placed", "f-placed", "agent-1", "agent", "card-payment");
+    produce_when_ready(&producer, &first).await;
+    // A chat bus on another partitioner: the record lands next to where murmur2 puts it.
+    let partitions = Topic::ChatEvents.spec().partitions;
+    let home = secureforms::topics::partition_for(b"conv-elsewhere", partitions);
+    let elsewhere = (home + 1) % partitions;
+    let event = form_sent("acme", "conv-elsewhere", "f-elsewhere", "agent-1", "agent", "card-payment");
+    let payload = Codec::get().encode(&event).unwrap();
+    let raw: FutureProducer = kafka(&prefix).client_config().create().unwrap();
+    let topic = format!("{prefix}chat-events");
+    let record = FutureRecord::to(&topic).key("conv-elsewhere").payload(&payload).partition(elsewhere);
+    raw.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| e).unwrap();
+
+    let mut links = TopicReader::new(&prefix, Topic::FormLinks).await;
+    assert!(links.read_until(WAIT, |r| r.len() >= 2).await, "one node serves it all the same");
+    let deadline = std::time::Instant::now() + WAIT;
+    let warning = loop {
+        let text = String::from_utf8_lossy(&logs().lock().unwrap()).to_string();
+        if let Some(line) = text.lines().find(|l| l.contains("murmur2 of their key") && l.contains(&topic)) {
+            break line.to_string();
+        }
+        assert!(std::time::Instant::now() < deadline, "no warning about the misplaced record");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(warning.contains(&format!("partition={elsewhere}")), "{warning}");
+    assert!(warning.contains(&format!("expected_partition=Some({home})")), "{warning}");
+    assert!(warning.contains("partitioner=murmur2_random"), "it says what to change: {warning}");
+    assert_eq!(
+        String::from_utf8_lossy(&logs().lock().unwrap()).matches("murmur2 of their key").count(),
+        1,
+        "the record placed by murmur2 is not reported"
+    );
+    stop.send(()).unwrap();
+    handle.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_form_sent_from_the_chat_bus_is_answered_once() {
     let prefix = unique_prefix("dup");
     let dir = tempfile::tempdir().unwrap();

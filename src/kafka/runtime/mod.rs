@@ -119,6 +119,9 @@ pub struct RunContext {
     /// Apache Kafka: passing processes (replay, operations replicas) would leave a membership behind,
     /// and tansu 0.6.0 revokes a static member that returns (ADR 13, 22).
     pub static_membership: bool,
+    /// For the consumer of the conversation-keyed topics: their partition count, to check that the
+    /// chat bus placed each record where murmur2 of its key (the Java client's partitioner) puts it.
+    pub conversation_partitions: Option<i32>,
 }
 
 impl RunContext {
@@ -129,6 +132,7 @@ impl RunContext {
             shadow: false,
             verify_with,
             static_membership: false,
+            conversation_partitions: None,
         }
     }
 }
@@ -298,7 +302,8 @@ pub async fn run_together(
     ctx: RunContext,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), KafkaError> {
-    let RunContext { clock, metrics, shadow, verify_with, static_membership } = ctx;
+    let RunContext { clock, metrics, shadow, verify_with, static_membership, conversation_partitions } = ctx;
+    let mut misplaced = Misplaced::new(settings.names.name(Topic::ChatEvents), conversation_partitions);
     // Outputs of batches committed before a crash go out before anything new is read.
     for m in &members {
         drain_outbox(&m.store, &producer, &m.state).await?;
@@ -396,6 +401,7 @@ pub async fn run_together(
                 _ => break,
             }
         }
+        misplaced.check(&batch, &metrics);
         if shadow {
             for m in &batch {
                 emitted.insert((m.topic().to_string(), m.partition()), i64::MAX);
@@ -550,6 +556,48 @@ impl Delivery {
         for (k, o) in self.next {
             let e = to_commit.entry(k).or_insert(0);
             *e = (*e).max(o);
+        }
+    }
+}
+
+/// Chat-bus records that are not on the partition murmur2 of their key gives. The service and the
+/// chat bus must place a conversation on the same partition number of every topic (ADR 1, 22): a
+/// chat bus on another partitioner (librdkafka's default `consistent_random`, sarama's FNV-1a) works
+/// on one node, but in a cluster its conversations' state lands on a node that does not own them.
+/// Counted, and warned about at most once a minute with what to change.
+struct Misplaced {
+    topic: String,
+    partitions: Option<i32>,
+    since_warning: u64,
+    warned: Option<std::time::Instant>,
+}
+
+impl Misplaced {
+    fn new(topic: String, partitions: Option<i32>) -> Misplaced {
+        Misplaced { topic, partitions, since_warning: 0, warned: None }
+    }
+
+    fn check(&mut self, batch: &[rdkafka::message::OwnedMessage], metrics: &crate::metrics::Metrics) {
+        let Some(partitions) = self.partitions else { return };
+        for m in batch.iter().filter(|m| m.topic() == self.topic) {
+            let home = m.key().map(|k| crate::topics::partition_for(k, partitions));
+            if home == Some(m.partition()) {
+                continue;
+            }
+            metrics.chat_bus_misplaced.inc();
+            self.since_warning += 1;
+            if self.warned.is_none_or(|w| w.elapsed() >= Duration::from_secs(60)) {
+                tracing::warn!(
+                    topic = %self.topic,
+                    partition = m.partition(),
+                    offset = m.offset(),
+                    expected_partition = ?home,
+                    records = self.since_warning,
+                    "chat-bus records are not where murmur2 of their key (the conversation id) puts them; on one node this works, in a cluster their conversations are served by the wrong node: key every record by its conversation id and produce with the Java client's partitioner (librdkafka and its bindings: partitioner=murmur2_random)"
+                );
+                self.warned = Some(std::time::Instant::now());
+                self.since_warning = 0;
+            }
         }
     }
 }
