@@ -20,6 +20,21 @@ pub const LETTER_COPY_MAX: usize = 512 * 1024;
 /// The longest site or conversation id a letter's header repeats from its record.
 const HEADER_FIELD_MAX: usize = 1024;
 
+/// The longest reason a letter gives (the size note of a record not copied comes on top).
+const REASON_MAX: usize = 4096;
+
+fn shorten(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut cut = max;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str(" [...]");
+    }
+    text
+}
+
 /// What the reason of a letter that does not carry its record says; `dlq redrive` leaves such
 /// letters alone.
 pub const NOT_COPIED: &str = "is not copied into this letter";
@@ -29,6 +44,9 @@ pub const NOT_COPIED: &str = "is not copied into this letter";
 /// re-drive sends back exactly what came (never a new MAC). A record larger than
 /// [`LETTER_COPY_MAX`] is not copied: the letter says how large it is and where it stays.
 pub(super) fn dead_letter(m: &OwnedMessage, group: &str, kind: &str, reason: String) -> Event {
+    // An error's text can quote the record (a decoder naming the value it refused): kept short, so
+    // the letter stays within its bound.
+    let reason = shorten(reason, REASON_MAX);
     let size = m.key().map_or(0, <[u8]>::len) + m.payload().map_or(0, <[u8]>::len);
     let (copied, reason) = if size > LETTER_COPY_MAX {
         tracing::warn!(
@@ -79,6 +97,56 @@ pub(super) fn dead_letter(m: &OwnedMessage, group: &str, kind: &str, reason: Str
         reason,
         consumer_group: group.to_string(),
         redrive_count: 0,
-        source_mac: record_mac(m).map(|t| String::from_utf8_lossy(t).to_string()),
+        // A MAC is a few dozen bytes; a header claiming to be one and larger is not kept.
+        source_mac: record_mac(m)
+            .filter(|t| t.len() <= HEADER_FIELD_MAX)
+            .map(|t| String::from_utf8_lossy(t).to_string()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::message::{Header, OwnedHeaders, Timestamp};
+
+    fn message(key: Vec<u8>, payload: Vec<u8>, mac: Option<Vec<u8>>) -> OwnedMessage {
+        let headers = mac
+            .map(|v| OwnedHeaders::new().insert(Header { key: crate::crypto::mac::HEADER, value: Some(v.as_slice()) }));
+        OwnedMessage::new(Some(payload), Some(key), "t.chat-events".into(), Timestamp::NotAvailable, 3, 42, headers)
+    }
+
+    fn encoded_len(e: &Event) -> usize {
+        Codec::get().encode(e).unwrap().len()
+    }
+
+    #[test]
+    fn a_letter_stays_within_its_bound_whatever_the_record_and_the_error_say() {
+        // The worst a record within the copy limit can do: every part as large as it may be, a MAC
+        // header far too large, and an error that quotes a large part of the record.
+        let key = vec![b'k'; 1000];
+        let payload = vec![b'p'; LETTER_COPY_MAX - key.len()];
+        let quoted = format!("expected a string, got {:?}", "q".repeat(400_000));
+        let letter =
+            dead_letter(&message(key.clone(), payload.clone(), Some(vec![b'm'; 300_000])), "g", "decode", quoted);
+        let Event::DeadLetter(d) = &letter else { panic!("a dead letter") };
+        assert_eq!(d.payload, payload, "copied whole");
+        assert_eq!(d.source_key.as_deref(), Some(key.as_slice()));
+        assert_eq!(d.source_mac, None, "a 300 kB header is no MAC");
+        assert!(d.reason.len() <= REASON_MAX + 8 && d.reason.ends_with("[...]"), "{}", d.reason.len());
+        assert!(encoded_len(&letter) < LETTER_COPY_MAX + 16 * 1024, "{}", encoded_len(&letter));
+    }
+
+    #[test]
+    fn a_record_over_the_copy_limit_is_named_not_copied() {
+        let letter =
+            dead_letter(&message(b"conv".to_vec(), vec![b'p'; LETTER_COPY_MAX], None), "g", "decode", "bad".into());
+        let Event::DeadLetter(d) = &letter else { panic!("a dead letter") };
+        assert!(d.payload.is_empty() && d.source_key.is_none());
+        assert!(d.reason.starts_with("bad; the record (524292 bytes of key and value)"), "{}", d.reason);
+        assert!(d.reason.contains(NOT_COPIED) && d.reason.contains("t.chat-events/3@42"), "{}", d.reason);
+        assert!(encoded_len(&letter) < 4096);
+        // A key far too long for the letter's header: the header names no conversation.
+        let letter = dead_letter(&message(vec![b'k'; 5000], b"x".to_vec(), None), "g", "decode", "bad".into());
+        assert_eq!(letter.header().conversation_id, "");
+    }
 }
