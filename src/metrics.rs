@@ -49,7 +49,7 @@ pub struct Metrics {
     pub consumer_rejoins: Family<[(&'static str, String); 1], Counter>,
     /// Producers replaced after a fatal error.
     pub producer_resets: Counter,
-    /// Chat-bus records not on the partition murmur2 of their key gives.
+    /// Chat-bus records not on the partition murmur2 of their conversation id gives.
     pub chat_bus_misplaced: Counter,
     /// Partitions of the conversation-keyed topics this node owns, per consumer group.
     pub owned: Family<[(&'static str, String); 1], Gauge>,
@@ -146,7 +146,7 @@ impl Metrics {
         registry.register("producer_resets", "Producers replaced after a fatal error", m.producer_resets.clone());
         registry.register(
             "chat_bus_misplaced_records",
-            "Chat-bus records not on the partition murmur2 of their key (the conversation id) gives: the chat bus does not use the Java client's partitioner, and in a cluster their conversations are served by the wrong node",
+            "Chat-bus records not on the partition murmur2 of their conversation id gives (the chat bus does not use the Java client's partitioner); each is sent there before it is applied",
             m.chat_bus_misplaced.clone(),
         );
         registry.register(

@@ -239,7 +239,7 @@ async fn a_chat_bus_event_with_an_id_too_large_to_answer_is_dead_lettered_and_th
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_chat_bus_record_off_its_murmur2_partition_is_counted_and_named_with_the_fix() {
+async fn a_chat_bus_record_off_its_murmur2_partition_is_moved_there_answered_once_and_named_with_the_fix() {
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let _ = logs();
     let prefix = unique_prefix("misplaced");
@@ -260,24 +260,45 @@ async fn a_chat_bus_record_off_its_murmur2_partition_is_counted_and_named_with_t
     raw.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| e).unwrap();
 
     let mut links = TopicReader::new(&prefix, Topic::FormLinks).await;
-    assert!(links.read_until(WAIT, |r| r.len() >= 2).await, "one node serves it all the same");
+    assert!(links.read_until(WAIT, |r| r.len() >= 2).await, "it is answered");
+    let mut chat = TopicReader::new(&prefix, Topic::ChatEvents).await;
+    assert!(chat.read_until(WAIT, |r| r.len() >= 3).await, "the first, the misplaced one and its copy");
+    let copies: Vec<_> = chat.records.iter().filter(|m| m.payload() == Some(payload.as_slice())).collect();
+    let places: BTreeSet<i32> = copies.iter().map(|m| m.partition()).collect();
+    assert_eq!(
+        places,
+        BTreeSet::from([elsewhere, home]),
+        "the record, and its copy byte for byte on its conversation's partition"
+    );
+    assert!(copies.iter().all(|m| m.key() == Some(&b"conv-elsewhere"[..])));
     let deadline = std::time::Instant::now() + WAIT;
     let warning = loop {
         let text = String::from_utf8_lossy(&logs().lock().unwrap()).to_string();
-        if let Some(line) = text.lines().find(|l| l.contains("murmur2 of their key") && l.contains(&topic)) {
+        if let Some(line) = text.lines().find(|l| l.contains("murmur2 of their conversation id") && l.contains(&topic))
+        {
             break line.to_string();
         }
         assert!(std::time::Instant::now() < deadline, "no warning about the misplaced record");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(warning.contains(&format!("partition={elsewhere}")), "{warning}");
-    assert!(warning.contains(&format!("expected_partition=Some({home})")), "{warning}");
+    assert!(warning.contains(&format!("expected_partition={home}")) && warning.contains("moved=true"), "{warning}");
     assert!(warning.contains("partitioner=murmur2_random"), "it says what to change: {warning}");
     assert_eq!(
-        String::from_utf8_lossy(&logs().lock().unwrap()).matches("murmur2 of their key").count(),
+        String::from_utf8_lossy(&logs().lock().unwrap()).matches("murmur2 of their conversation id").count(),
         1,
         "the record placed by murmur2 is not reported"
     );
+    let answered = |r: &[rdkafka::message::OwnedMessage]| {
+        r.iter()
+            .filter(|m| {
+                m.payload()
+                    .and_then(|p| Codec::get().decode(p).ok())
+                    .is_some_and(|e| e.header().correlation_id == "f-elsewhere")
+            })
+            .count()
+    };
+    assert_eq!(answered(&links.records), 1, "answered once");
     stop.send(()).unwrap();
     handle.await.unwrap();
 }

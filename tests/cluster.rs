@@ -492,3 +492,90 @@ async fn nodes_forward_over_https_and_only_to_an_owner_whose_certificate_they_tr
     b.stop().await;
     a.stop().await;
 }
+
+/// A chat bus on another partitioner than the Java client's puts a conversation's FormSent on a
+/// partition another node owns. That node sends it on to the conversation's partition, so the owner
+/// answers it and holds who sent it: the visitor and the agent get through as with a well-placed
+/// record, and the FormSent is answered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_form_sent_on_the_wrong_partition_is_served_by_its_conversations_owner() {
+    use rdkafka::message::Message;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use secureforms::events::{Codec, FormIssued, FormReady};
+    use secureforms::topics::Topic;
+    use serde_json::{Value, json};
+
+    let prefix = unique_prefix("misplaced");
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let master = master_key_file(dirs[0].path());
+    let mut a = web_node(&prefix, dirs[0].path(), "node-a", &master).await;
+    let mut b = web_node(&prefix, dirs[1].path(), "node-b", &master).await;
+    let nodes = [&a, &b];
+    settled(&nodes).await;
+    let base = |i: usize| format!("http://{}", nodes[i].http_addr.unwrap());
+    let conv = (0..).map(|i| format!("conv-misplaced-{i}")).find(|c| owner_of(&nodes, c) == 0).unwrap();
+    let elsewhere = (0..a.partitions).find(|p| b.ownership.owns(*p)).expect("node b owns a partition");
+    let form = "form-misplaced";
+    let payload = Codec::get().encode(&form_sent("acme", &conv, form, "alice", "agent", "card-payment")).unwrap();
+    let raw: FutureProducer = kafka(&prefix).client_config().create().unwrap();
+    let topic = format!("{prefix}chat-events");
+    let record = FutureRecord::to(&topic).key(&conv).payload(&payload).partition(elsewhere);
+    raw.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| e).unwrap();
+
+    let mut links = TopicReader::new(&prefix, Topic::FormLinks).await;
+    let issued = |r: &[rdkafka::message::OwnedMessage]| {
+        r.iter()
+            .filter_map(|m| match m.payload().map(|p| Codec::get().decode(p)) {
+                Some(Ok(Event::FormIssued(i))) if i.form_id == form => Some(i),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    assert!(links.read_until(WAIT, |r| !issued(r).is_empty()).await, "FormIssued");
+    let FormIssued { link, .. } = issued(&links.records).remove(0);
+    let path = link.trim_start_matches("http://127.0.0.1:8080").to_string();
+    let (form_path, open_key) = path.split_once("?k=").unwrap();
+    let client = reqwest::Client::new();
+    let opened = client
+        .post(format!("{}{form_path}/open", base(1)))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("k={open_key}"))
+        .send()
+        .await
+        .unwrap();
+    let (status, page) = text(opened).await;
+    assert_eq!(status, 200, "the visitor opens the form: {page}");
+    let pan = luhn_pan(4242);
+    let submitted = client
+        .post(format!("{}{form_path}", base(1)))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(card_form_body(submit_key_in(&page).as_str(), pan.as_str()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(submitted.status().as_u16(), 200, "and submits it");
+
+    let mut ready = TopicReader::new(&prefix, Topic::AgentEvents).await;
+    let readied = |r: &[rdkafka::message::OwnedMessage]| {
+        r.iter().find_map(|m| match m.payload().map(|p| Codec::get().decode(p)) {
+            Some(Ok(Event::FormReady(f))) if f.form_id == form => Some(f),
+            _ => None,
+        })
+    };
+    assert!(ready.read_until(WAIT, |r| readied(r).is_some()).await, "FormReady");
+    let FormReady { submission_id, retrieve_key, .. } = readied(&ready.records).unwrap();
+    let r = client
+        .post(format!("{}/api/v1/submissions/{submission_id}/retrieve", base(1)))
+        .bearer_auth(token("alice", &["use_secure_form"], &["agent"], "s-alice"))
+        .json(&json!({ "key": retrieve_key }))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = (r.status().as_u16(), r.json::<Value>().await.unwrap_or(Value::Null));
+    assert_eq!(status, 200, "the sender retrieves it: {body}");
+    assert!(body.to_string().contains(&pan), "with the answers");
+    assert_eq!(issued(&links.records).len(), 1, "the FormSent was answered once");
+    assert!(a.node.metrics.chat_bus_misplaced.get() + b.node.metrics.chat_bus_misplaced.get() >= 1);
+    a.stop().await;
+    b.stop().await;
+}

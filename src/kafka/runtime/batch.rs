@@ -13,6 +13,7 @@ use super::{ApplyError, Handler, RecordMeta};
 use crate::events::{Codec, Event};
 use crate::kafka::{KafkaError, KafkaSettings};
 use crate::store::{Store, Tx, trees};
+use crate::topics::Topic;
 
 /// Applies a batch and commits it to sled. Returns the outbox row it wrote (None when the batch
 /// caused no outputs).
@@ -24,6 +25,7 @@ pub(super) async fn process_batch<H: Handler + ?Sized>(
     group: &str,
     batch: &[&OwnedMessage],
     emitted: &HashMap<(String, i32), i64>,
+    moved: &super::placement::Moved,
     now_ms: i64,
     metrics: &crate::metrics::Metrics,
     verify_with: Option<&crate::crypto::mac::EventSigner>,
@@ -40,6 +42,11 @@ pub(super) async fn process_batch<H: Handler + ?Sized>(
                 offset = m.offset(),
                 "already applied; skipped"
             );
+            continue;
+        }
+        if moved.contains(&(m.partition(), m.offset())) && settings.names.parse(m.topic()) == Some(Topic::ChatEvents) {
+            // Applied on its conversation's partition, from the copy sent there.
+            tx.insert(trees::OFFSETS, okey, (m.offset() + 1).to_be_bytes().to_vec());
             continue;
         }
         metrics.consumed(handler.name(), m.topic());

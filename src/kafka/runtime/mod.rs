@@ -29,6 +29,7 @@ pub use dead_letter::{LETTER_COPY_MAX, NOT_COPIED};
 mod failpoint;
 mod offsets;
 mod outbox;
+mod placement;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -268,8 +269,19 @@ pub async fn apply_and_commit<H: Handler + ?Sized>(
     metrics: &crate::metrics::Metrics,
     verify_with: Option<&crate::crypto::mac::EventSigner>,
 ) -> Result<Vec<OutboxEntry>, KafkaError> {
-    let row =
-        process_batch(settings, store, handler, group, batch, &HashMap::new(), now_ms, metrics, verify_with).await?;
+    let row = process_batch(
+        settings,
+        store,
+        handler,
+        group,
+        batch,
+        &HashMap::new(),
+        &Default::default(),
+        now_ms,
+        metrics,
+        verify_with,
+    )
+    .await?;
     Ok(row.map(|r| r.entries).unwrap_or_default())
 }
 
@@ -303,7 +315,7 @@ pub async fn run_together(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), KafkaError> {
     let RunContext { clock, metrics, shadow, verify_with, static_membership, conversation_partitions } = ctx;
-    let mut misplaced = Misplaced::new(settings.names.name(Topic::ChatEvents), conversation_partitions);
+    let mut placement = placement::Placement::new(settings.names.name(Topic::ChatEvents), conversation_partitions);
     // Outputs of batches committed before a crash go out before anything new is read.
     for m in &members {
         drain_outbox(&m.store, &producer, &m.state).await?;
@@ -401,7 +413,6 @@ pub async fn run_together(
                 _ => break,
             }
         }
-        misplaced.check(&batch, &metrics);
         if shadow {
             for m in &batch {
                 emitted.insert((m.topic().to_string(), m.partition()), i64::MAX);
@@ -409,6 +420,12 @@ pub async fn run_together(
         } else {
             learn_emitted_offsets(&consumer, &batch, &mut emitted);
         }
+        // Chat-bus records off their conversation's partition go there first (ADR 27); the
+        // members skip them here.
+        let Some(moved) = placement.place(&batch, &emitted, &producer, &metrics, &shutdown).await? else {
+            tracing::info!(%group, "stopping while a misplaced record was being moved; it is moved at the next start");
+            break;
+        };
         // Each member applies and commits its share.
         let (mut rows, mut names) = (Vec::with_capacity(members.len()), Vec::with_capacity(members.len()));
         for (member, share) in members.iter_mut().zip(&shares) {
@@ -424,6 +441,7 @@ pub async fn run_together(
                 &member.state,
                 &mine,
                 &emitted,
+                &moved,
                 clock(),
                 &metrics,
                 verify_with.as_deref(),
@@ -556,48 +574,6 @@ impl Delivery {
         for (k, o) in self.next {
             let e = to_commit.entry(k).or_insert(0);
             *e = (*e).max(o);
-        }
-    }
-}
-
-/// Chat-bus records that are not on the partition murmur2 of their key gives. The service and the
-/// chat bus must place a conversation on the same partition number of every topic (ADR 1, 22): a
-/// chat bus on another partitioner (librdkafka's default `consistent_random`, sarama's FNV-1a) works
-/// on one node, but in a cluster its conversations' state lands on a node that does not own them.
-/// Counted, and warned about at most once a minute with what to change.
-struct Misplaced {
-    topic: String,
-    partitions: Option<i32>,
-    since_warning: u64,
-    warned: Option<std::time::Instant>,
-}
-
-impl Misplaced {
-    fn new(topic: String, partitions: Option<i32>) -> Misplaced {
-        Misplaced { topic, partitions, since_warning: 0, warned: None }
-    }
-
-    fn check(&mut self, batch: &[rdkafka::message::OwnedMessage], metrics: &crate::metrics::Metrics) {
-        let Some(partitions) = self.partitions else { return };
-        for m in batch.iter().filter(|m| m.topic() == self.topic) {
-            let home = m.key().map(|k| crate::topics::partition_for(k, partitions));
-            if home == Some(m.partition()) {
-                continue;
-            }
-            metrics.chat_bus_misplaced.inc();
-            self.since_warning += 1;
-            if self.warned.is_none_or(|w| w.elapsed() >= Duration::from_secs(60)) {
-                tracing::warn!(
-                    topic = %self.topic,
-                    partition = m.partition(),
-                    offset = m.offset(),
-                    expected_partition = ?home,
-                    records = self.since_warning,
-                    "chat-bus records are not where murmur2 of their key (the conversation id) puts them; on one node this works, in a cluster their conversations are served by the wrong node: key every record by its conversation id and produce with the Java client's partitioner (librdkafka and its bindings: partitioner=murmur2_random)"
-                );
-                self.warned = Some(std::time::Instant::now());
-                self.since_warning = 0;
-            }
         }
     }
 }
