@@ -271,6 +271,32 @@ async fn a_chat_bus_record_off_its_murmur2_partition_is_moved_there_answered_onc
         "the record, and its copy byte for byte on its conversation's partition"
     );
     assert!(copies.iter().all(|m| m.key() == Some(&b"conv-elsewhere"[..])));
+    // A valid FormSent too large for any answer, on the wrong partition too, then a good one behind
+    // it: the large one is dead-lettered where it is (a copy would be over the producer's limit and
+    // hold the consumer for ever), the good one is moved and answered.
+    let mut large = form_sent("acme", "conv-elsewhere", "f-large", "agent-1", "agent", "card-payment");
+    if let Event::FormSent(f) = &mut large {
+        f.form_id = "f".repeat(1_030_000);
+    }
+    let large = Codec::get().encode(&large).unwrap();
+    let raw_large: FutureProducer =
+        kafka(&prefix).client_config().set("message.max.bytes", "1048000").create().unwrap();
+    let record = FutureRecord::to(&topic).key("conv-elsewhere").payload(&large).partition(elsewhere);
+    raw_large.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| e).unwrap();
+    let behind = Codec::get()
+        .encode(&form_sent("acme", "conv-elsewhere", "f-behind", "agent-1", "agent", "card-payment"))
+        .unwrap();
+    let record = FutureRecord::to(&topic).key("conv-elsewhere").payload(&behind).partition(elsewhere);
+    raw.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| e).unwrap();
+    let behind_answered = |r: &[rdkafka::message::OwnedMessage]| {
+        r.iter().any(|m| {
+            m.payload()
+                .and_then(|p| Codec::get().decode(p).ok())
+                .is_some_and(|e| e.header().correlation_id == "f-behind")
+        })
+    };
+    assert!(links.read_until(WAIT, behind_answered).await, "the FormSent behind the large one is answered");
+
     let deadline = std::time::Instant::now() + WAIT;
     let warning = loop {
         let text = String::from_utf8_lossy(&logs().lock().unwrap()).to_string();

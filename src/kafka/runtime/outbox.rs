@@ -136,7 +136,7 @@ pub(super) async fn produce_outbox(
 }
 
 /// Whether a delivery failed because the record is over a size limit, which no retry changes.
-fn too_large(error: &KafkaError) -> bool {
+pub(super) fn too_large(error: &KafkaError) -> bool {
     use rdkafka::types::RDKafkaErrorCode as C;
     matches!(
         error,

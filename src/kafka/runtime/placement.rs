@@ -19,6 +19,7 @@ use std::time::Duration;
 use rdkafka::message::{Message, OwnedMessage};
 use tokio::sync::watch;
 
+use super::outbox::too_large;
 use crate::events::Codec;
 use crate::kafka::{EventProducer, KafkaError};
 use crate::topics::Topic;
@@ -64,6 +65,10 @@ impl Placement {
         let topic = self.topic.clone();
         for m in batch.iter().filter(|m| m.topic() == topic) {
             let Some(payload) = m.payload() else { continue };
+            // Too large to be applied anywhere: dead-lettered where it is (batch.rs), never copied.
+            if payload.len() + m.key().map_or(0, <[u8]>::len) > super::batch::INBOUND_EVENT_MAX {
+                continue;
+            }
             // What does not decode is the members' to dead-letter, wherever it is.
             let Ok(event) = Codec::get().decode(payload) else { continue };
             let conversation = event.header().conversation_id.as_str();
@@ -134,6 +139,10 @@ impl Placement {
         loop {
             match producer.send_raw(Topic::ChatEvents, conversation.as_bytes(), payload).await {
                 Ok(_) => return Ok(Sent::Yes),
+                Err(error) if too_large(&error) => {
+                    tracing::error!(%error, partition = m.partition(), offset = m.offset(), "a misplaced chat-bus record could not be copied to its conversation's partition (over a size limit); it is applied where it is: check message.max.bytes (kafka_properties)");
+                    return Ok(Sent::Refused);
+                }
                 Err(error) if refused(&error) => {
                     tracing::error!(
                         %error,
@@ -158,7 +167,7 @@ impl Placement {
 
 enum Sent {
     Yes,
-    /// The brokers refuse this node writes to the topic: the record stays where it is.
+    /// The brokers refuse this node writes to the topic, or the record: it stays where it is.
     Refused,
     Stopping,
 }
