@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use rdkafka::message::{Message, OwnedMessage};
 
-use super::dead_letter::{dead_letter, record_mac};
+use super::dead_letter::{INBOUND_EVENT_MAX, dead_letter, record_mac};
 use super::failpoint::failpoint;
 use super::offsets::{offset_key, read_offset};
 use super::outbox::{OutboxEntry, OutboxRow};
@@ -93,11 +93,6 @@ pub(super) async fn process_batch<H: Handler + ?Sized>(
     }
     Ok(row)
 }
-
-/// The largest event from outside the service (the chat bus's) that is applied: ids and a few
-/// fields, a few hundred bytes in practice. The events that answer one repeat its ids, and must stay
-/// under the producer's `message.max.bytes`, or they could never be delivered.
-pub const INBOUND_EVENT_MAX: usize = 64 * 1024;
 
 fn apply_one<H: Handler + ?Sized>(
     handler: &mut H,

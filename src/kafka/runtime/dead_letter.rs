@@ -1,5 +1,6 @@
-//! Dead letters: a record that cannot be decoded, authenticated or applied becomes a DeadLetter with
-//! the reason and the original bytes (and MAC), never state.
+//! Dead letters, and the bounds on records from outside (ADR 27): a record that cannot be decoded,
+//! authenticated or applied becomes a DeadLetter with the reason and the original bytes (and MAC),
+//! never state.
 
 use rdkafka::message::{Message, OwnedMessage};
 
@@ -10,6 +11,11 @@ pub(super) fn record_mac(m: &OwnedMessage) -> Option<&[u8]> {
     use rdkafka::message::Headers;
     m.headers()?.iter().find(|h| h.key == crate::crypto::mac::HEADER).and_then(|h| h.value)
 }
+
+/// The largest event from outside the service (the chat bus's) that is applied: ids and a few
+/// fields, a few hundred bytes in practice. The events that answer one repeat its ids, and must stay
+/// under the producer's `message.max.bytes`, or they could never be delivered.
+pub const INBOUND_EVENT_MAX: usize = 64 * 1024;
 
 /// The most of a record (key and value) a dead letter carries. A letter must stay well under the
 /// producer's `message.max.bytes` (1,000,000 by default), or it could never be delivered and the
