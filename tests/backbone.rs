@@ -188,14 +188,7 @@ async fn a_record_too_large_to_copy_into_a_dead_letter_is_named_there_and_the_lo
     );
     assert!(letter.reason.contains("C3 01"), "and why it was refused: {}", letter.reason);
     // A re-drive has nothing to send back for it, and says so.
-    let o = std::process::Command::new(bin())
-        .args(["dlq", "redrive", "--brokers", &brokers(), "--topic-prefix", &prefix])
-        .env("SECUREFORMS_GROUP_PREFIX", prefix.trim_end_matches('.'))
-        .env_remove("SECUREFORMS_CONFIG")
-        .output()
-        .unwrap();
-    let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    assert!(o.status.success(), "{out}");
+    let out = redrive(&prefix, &[]);
     assert!(
         out.contains("too large to copy into its letter")
             && out.contains("re-drove 0 dead letter(s), 1 left")

@@ -15,19 +15,6 @@ use secureforms::topics::Topic;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn redrive(prefix: &str, extra: &[&str]) -> String {
-    let o = std::process::Command::new(bin())
-        .args(["dlq", "redrive", "--brokers", &brokers(), "--topic-prefix", prefix])
-        .args(extra)
-        .env("SECUREFORMS_GROUP_PREFIX", prefix.trim_end_matches('.'))
-        .env_remove("SECUREFORMS_CONFIG")
-        .output()
-        .unwrap();
-    let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    assert!(o.status.success(), "{out}");
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_re_driven_after_a_config_fix_is_applied_exactly_once() {
     let prefix = unique_prefix("redrive");

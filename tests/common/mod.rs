@@ -555,3 +555,18 @@ pub async fn submit_card(
         .await
         .expect("submitted")
 }
+
+/// Runs `secureforms dlq redrive` for the deployment `prefix`; asserts it succeeds and returns what
+/// it printed.
+pub fn redrive(prefix: &str, extra: &[&str]) -> String {
+    let o = std::process::Command::new(bin())
+        .args(["dlq", "redrive", "--brokers", &brokers(), "--topic-prefix", prefix])
+        .args(extra)
+        .env("SECUREFORMS_GROUP_PREFIX", prefix.trim_end_matches('.'))
+        .env_remove("SECUREFORMS_CONFIG")
+        .output()
+        .unwrap();
+    let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{out}");
+    out
+}
