@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use rdkafka::message::{Message, OwnedMessage};
 
-use super::dead_letter::{INBOUND_EVENT_MAX, dead_letter, record_mac};
+use super::dead_letter::{INBOUND_EVENT_MAX, dead_letter, record_mac, record_size};
 use super::failpoint::failpoint;
 use super::offsets::{offset_key, read_offset};
 use super::outbox::{OutboxEntry, OutboxRow};
@@ -44,13 +44,14 @@ pub(super) async fn process_batch<H: Handler + ?Sized>(
             );
             continue;
         }
-        if moved.contains(&(m.partition(), m.offset())) && settings.names.parse(m.topic()) == Some(Topic::ChatEvents) {
+        let topic = settings.names.parse(m.topic());
+        if topic == Some(Topic::ChatEvents) && moved.contains(&(m.partition(), m.offset())) {
             // Applied on its conversation's partition, from the copy sent there.
             tx.insert(trees::OFFSETS, okey, (m.offset() + 1).to_be_bytes().to_vec());
             continue;
         }
         metrics.consumed(handler.name(), m.topic());
-        let (outputs, replay) = match settings.names.parse(m.topic()) {
+        let (outputs, replay) = match topic {
             None => (
                 vec![dead_letter(m, group, "apply", format!("topic {} is not one this consumer knows", m.topic()))],
                 false,
@@ -116,7 +117,7 @@ fn apply_one<H: Handler + ?Sized>(
             return Ok(vec![dead_letter(m, group, error.kind(), error.to_string())]);
         }
     };
-    let size = payload.len() + m.key().map_or(0, <[u8]>::len);
+    let size = record_size(m);
     if !event.kind().service_only() && size > INBOUND_EVENT_MAX {
         tracing::warn!(
             event_type = event.kind().name(),

@@ -12,6 +12,11 @@ pub(super) fn record_mac(m: &OwnedMessage) -> Option<&[u8]> {
     m.headers()?.iter().find(|h| h.key == crate::crypto::mac::HEADER).and_then(|h| h.value)
 }
 
+/// The bytes of a record that the bounds below count: its key and its value.
+pub(super) fn record_size(m: &OwnedMessage) -> usize {
+    m.key().map_or(0, <[u8]>::len) + m.payload().map_or(0, <[u8]>::len)
+}
+
 /// The largest event from outside the service (the chat bus's) that is applied: ids and a few
 /// fields, a few hundred bytes in practice. The events that answer one repeat its ids, and must stay
 /// under the producer's `message.max.bytes`, or they could never be delivered.
@@ -53,7 +58,7 @@ pub(super) fn dead_letter(m: &OwnedMessage, group: &str, kind: &str, reason: Str
     // An error's text can quote the record (a decoder naming the value it refused): kept short, so
     // the letter stays within its bound.
     let reason = shorten(reason, REASON_MAX);
-    let size = m.key().map_or(0, <[u8]>::len) + m.payload().map_or(0, <[u8]>::len);
+    let size = record_size(m);
     let (copied, reason) = if size > LETTER_COPY_MAX {
         tracing::warn!(
             topic = m.topic(),

@@ -120,8 +120,9 @@ pub struct RunContext {
     /// Apache Kafka: passing processes (replay, operations replicas) would leave a membership behind,
     /// and tansu 0.6.0 revokes a static member that returns (ADR 13, 22).
     pub static_membership: bool,
-    /// For the consumer of the conversation-keyed topics: their partition count, to check that the
-    /// chat bus placed each record where murmur2 of its key (the Java client's partitioner) puts it.
+    /// For the consumer of the conversation-keyed topics: their partition count, to move each
+    /// chat-bus record to where murmur2 of its conversation id (the Java client's partitioner) puts
+    /// it (`placement`).
     pub conversation_partitions: Option<i32>,
 }
 

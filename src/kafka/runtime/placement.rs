@@ -19,6 +19,7 @@ use std::time::Duration;
 use rdkafka::message::{Message, OwnedMessage};
 use tokio::sync::watch;
 
+use super::dead_letter::{INBOUND_EVENT_MAX, record_size};
 use super::outbox::too_large;
 use crate::events::Codec;
 use crate::kafka::{EventProducer, KafkaError};
@@ -66,7 +67,7 @@ impl Placement {
         for m in batch.iter().filter(|m| m.topic() == topic) {
             let Some(payload) = m.payload() else { continue };
             // Too large to be applied anywhere: dead-lettered where it is (batch.rs), never copied.
-            if payload.len() + m.key().map_or(0, <[u8]>::len) > super::dead_letter::INBOUND_EVENT_MAX {
+            if record_size(m) > INBOUND_EVENT_MAX {
                 continue;
             }
             // What does not decode is the members' to dead-letter, wherever it is.
