@@ -7,7 +7,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use secureforms::events::{AgentSessionEnded, Event, EventHeader, EventKind};
+use rdkafka::message::{Message, OwnedMessage};
+use secureforms::events::{AgentSessionEnded, Codec, Event, EventHeader, EventKind};
 use secureforms::handlers::sessions::SessionsView;
 use secureforms::kafka::runtime::system_clock;
 use secureforms::service::Service;
@@ -196,6 +197,25 @@ fn owner_of(nodes: &[&Service], conversation: &str) -> usize {
     nodes.iter().position(|n| n.ownership.owns(p)).expect("an owner")
 }
 
+/// The FormIssued records for `form` among `records`, in order.
+fn issued_for(records: &[OwnedMessage], form: &str) -> Vec<secureforms::events::FormIssued> {
+    records
+        .iter()
+        .filter_map(|m| match m.payload().map(|p| Codec::get().decode(p)) {
+            Some(Ok(Event::FormIssued(i))) if i.form_id == form => Some(i),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The first FormReady for `form` among `records`.
+fn ready_for(records: &[OwnedMessage], form: &str) -> Option<secureforms::events::FormReady> {
+    records.iter().find_map(|m| match m.payload().map(|p| Codec::get().decode(p)) {
+        Some(Ok(Event::FormReady(f))) if f.form_id == form => Some(f),
+        _ => None,
+    })
+}
+
 async fn text(r: reqwest::Response) -> (u16, String) {
     (r.status().as_u16(), r.text().await.unwrap())
 }
@@ -207,8 +227,7 @@ async fn text(r: reqwest::Response) -> (u16, String) {
 /// node finds them. A request that claims to be forwarded without the deployment's key is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_answer_every_request_sent_to_a_node_that_does_not_own_it() {
-    use rdkafka::message::Message;
-    use secureforms::events::{Codec, FormIssued, FormReady};
+    use secureforms::events::{FormIssued, FormReady};
     use secureforms::topics::Topic;
     use serde_json::{Value, json};
 
@@ -244,14 +263,8 @@ async fn three_nodes_answer_every_request_sent_to_a_node_that_does_not_own_it() 
             nodes[owner].settings.node_id, nodes[entry].settings.node_id
         );
         chat.send(&form_sent("acme", &conv, &form, "alice", "agent", "card-payment")).await.unwrap();
-        let issued = |r: &[rdkafka::message::OwnedMessage]| {
-            r.iter().find_map(|m| match m.payload().map(|p| Codec::get().decode(p)) {
-                Some(Ok(Event::FormIssued(i))) if i.form_id == form => Some(i),
-                _ => None,
-            })
-        };
-        assert!(links.read_until(WAIT, |r| issued(r).is_some()).await, "FormIssued for {form}");
-        let FormIssued { link, .. } = issued(&links.records).unwrap();
+        assert!(links.read_until(WAIT, |r| !issued_for(r, &form).is_empty()).await, "FormIssued for {form}");
+        let FormIssued { link, .. } = issued_for(&links.records, &form).remove(0);
         let path = link.trim_start_matches("http://127.0.0.1:8080").to_string();
         let (form_path, open_key) = path.split_once("?k=").unwrap();
         assert!(open_key.ends_with(&format!(".{}", nodes[0].partition_of(&conv))), "the key names its partition");
@@ -282,14 +295,8 @@ async fn three_nodes_answer_every_request_sent_to_a_node_that_does_not_own_it() 
         assert_eq!(submitted.status().as_u16(), 200, "submit through a non-owner");
 
         // The FormReady key, as soon as the workspace has it, through a non-owner.
-        let readied = |r: &[rdkafka::message::OwnedMessage]| {
-            r.iter().find_map(|m| match m.payload().map(|p| Codec::get().decode(p)) {
-                Some(Ok(Event::FormReady(f))) if f.form_id == form => Some(f),
-                _ => None,
-            })
-        };
-        assert!(ready.read_until(WAIT, |r| readied(r).is_some()).await, "FormReady for {form}");
-        let FormReady { submission_id, retrieve_key, .. } = readied(&ready.records).unwrap();
+        assert!(ready.read_until(WAIT, |r| ready_for(r, &form).is_some()).await, "FormReady for {form}");
+        let FormReady { submission_id, retrieve_key, .. } = ready_for(&ready.records, &form).unwrap();
         let retrieve = |node: usize, key: String| {
             let (client, url, sender) =
                 (client.clone(), format!("{}/api/v1/submissions/{submission_id}/retrieve", base(node)), sender.clone());
@@ -411,7 +418,7 @@ fn cluster_pki(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf
 /// never from its own state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_forward_over_https_and_only_to_an_owner_whose_certificate_they_trust() {
-    use secureforms::events::{Codec, FormIssued};
+    use secureforms::events::FormIssued;
     use secureforms::topics::Topic;
 
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -454,14 +461,8 @@ async fn nodes_forward_over_https_and_only_to_an_owner_whose_certificate_they_tr
         let conv = (0..).map(|i| format!("conv-tls-{owner}-{i}")).find(|c| owner_of(nodes, c) == owner).unwrap();
         let form = format!("form-tls-{owner}");
         chat.send(&form_sent("acme", &conv, &form, "alice", "agent", "card-payment")).await.unwrap();
-        let issued = |r: &[rdkafka::message::OwnedMessage]| {
-            r.iter().find_map(|m| match rdkafka::message::Message::payload(m).map(|p| Codec::get().decode(p)) {
-                Some(Ok(Event::FormIssued(i))) if i.form_id == form => Some(i),
-                _ => None,
-            })
-        };
-        assert!(links.read_until(WAIT, |r| issued(r).is_some()).await, "FormIssued for {form}");
-        let FormIssued { link, .. } = issued(&links.records).unwrap();
+        assert!(links.read_until(WAIT, |r| !issued_for(r, &form).is_empty()).await, "FormIssued for {form}");
+        let FormIssued { link, .. } = issued_for(&links.records, &form).remove(0);
         link.trim_start_matches("http://127.0.0.1:8080").to_string()
     }
 
@@ -499,9 +500,8 @@ async fn nodes_forward_over_https_and_only_to_an_owner_whose_certificate_they_tr
 /// record, and the FormSent is answered once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_form_sent_on_the_wrong_partition_is_served_by_its_conversations_owner() {
-    use rdkafka::message::Message;
     use rdkafka::producer::{FutureProducer, FutureRecord};
-    use secureforms::events::{Codec, FormIssued, FormReady};
+    use secureforms::events::{FormIssued, FormReady};
     use secureforms::topics::Topic;
     use serde_json::{Value, json};
 
@@ -523,16 +523,8 @@ async fn a_form_sent_on_the_wrong_partition_is_served_by_its_conversations_owner
     raw.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| e).unwrap();
 
     let mut links = TopicReader::new(&prefix, Topic::FormLinks).await;
-    let issued = |r: &[rdkafka::message::OwnedMessage]| {
-        r.iter()
-            .filter_map(|m| match m.payload().map(|p| Codec::get().decode(p)) {
-                Some(Ok(Event::FormIssued(i))) if i.form_id == form => Some(i),
-                _ => None,
-            })
-            .collect::<Vec<_>>()
-    };
-    assert!(links.read_until(WAIT, |r| !issued(r).is_empty()).await, "FormIssued");
-    let FormIssued { link, .. } = issued(&links.records).remove(0);
+    assert!(links.read_until(WAIT, |r| !issued_for(r, form).is_empty()).await, "FormIssued");
+    let FormIssued { link, .. } = issued_for(&links.records, form).remove(0);
     let path = link.trim_start_matches("http://127.0.0.1:8080").to_string();
     let (form_path, open_key) = path.split_once("?k=").unwrap();
     let client = reqwest::Client::new();
@@ -556,14 +548,8 @@ async fn a_form_sent_on_the_wrong_partition_is_served_by_its_conversations_owner
     assert_eq!(submitted.status().as_u16(), 200, "and submits it");
 
     let mut ready = TopicReader::new(&prefix, Topic::AgentEvents).await;
-    let readied = |r: &[rdkafka::message::OwnedMessage]| {
-        r.iter().find_map(|m| match m.payload().map(|p| Codec::get().decode(p)) {
-            Some(Ok(Event::FormReady(f))) if f.form_id == form => Some(f),
-            _ => None,
-        })
-    };
-    assert!(ready.read_until(WAIT, |r| readied(r).is_some()).await, "FormReady");
-    let FormReady { submission_id, retrieve_key, .. } = readied(&ready.records).unwrap();
+    assert!(ready.read_until(WAIT, |r| ready_for(r, form).is_some()).await, "FormReady");
+    let FormReady { submission_id, retrieve_key, .. } = ready_for(&ready.records, form).unwrap();
     let r = client
         .post(format!("{}/api/v1/submissions/{submission_id}/retrieve", base(1)))
         .bearer_auth(token("alice", &["use_secure_form"], &["agent"], "s-alice"))
@@ -574,7 +560,7 @@ async fn a_form_sent_on_the_wrong_partition_is_served_by_its_conversations_owner
     let (status, body) = (r.status().as_u16(), r.json::<Value>().await.unwrap_or(Value::Null));
     assert_eq!(status, 200, "the sender retrieves it: {body}");
     assert!(body.to_string().contains(&pan), "with the answers");
-    assert_eq!(issued(&links.records).len(), 1, "the FormSent was answered once");
+    assert_eq!(issued_for(&links.records, form).len(), 1, "the FormSent was answered once");
     assert!(a.node.metrics.chat_bus_misplaced.get() + b.node.metrics.chat_bus_misplaced.get() >= 1);
     a.stop().await;
     b.stop().await;
